@@ -1,0 +1,16 @@
+"""pybitnet: fast, exact inference for BitNet b1.58 (ternary weight, int8 activation) language models."""
+
+from . import synthetic
+from .cache import KVCache
+from .config import PRESETS, ModelConfig, preset
+from .errors import CacheError, CheckpointError, ConfigError, GGUFError, InputError, PyBitNetError
+from .loaders import load
+from .model import Transformer
+from .weights import TernaryWeight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "synthetic", "Transformer", "ModelConfig", "PRESETS", "preset", "KVCache", "TernaryWeight",
+    "PyBitNetError", "ConfigError", "CheckpointError", "GGUFError", "CacheError", "InputError",
+]

@@ -1,0 +1,74 @@
+"""The KV cache: allocated once for (batch, max_len), written in place at given positions."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import CacheError
+
+
+class KVCache:
+    """Keys and values of every layer, (layers, B, Hkv, max_len, D) each, plus each row's length.
+
+    Rows may hold different lengths (a ragged batch after prefill): row b's next token goes to
+    position lengths[b]. Nothing is ever concatenated; asking for a position >= max_len is an error.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if batch_size <= 0 or max_len <= 0:
+            raise CacheError(f"a KV cache needs batch_size > 0 and max_len > 0, got {batch_size} and {max_len}")
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def check_room(self, end: int) -> None:
+        if end > self.max_len:
+            raise CacheError(
+                f"KV cache overflow: position {end - 1} requested but the cache holds max_len={self.max_len} "
+                f"positions; allocate a larger cache (model.new_cache(batch, max_len))"
+            )
+
+    def write_block(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (B, Hkv, T, D) -> positions [start, start+T) of every row."""
+        end = start + k.shape[2]
+        self.check_room(end)
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+
+    def write_positions(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (B, Hkv, 1, D) -> row b at positions[b]."""
+        self.check_room(int(positions.max()) + 1)
+        rows = torch.arange(self.batch_size, device=positions.device)
+        self.keys[layer, rows, :, positions] = k[:, :, 0]
+        self.values[layer, rows, :, positions] = v[:, :, 0]
+
+    def view(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` positions of one layer: (B, Hkv, length, D) views, no copy."""
+        return self.keys[layer, :, :, :length], self.values[layer, :, :, :length]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (a LongTensor of row indices), so finished sequences stop costing work."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.keys.device)
+        if rows.numel() == 0:
+            raise CacheError("select_rows needs at least one row to keep")
+        if int(rows.max()) >= self.batch_size or int(rows.min()) < 0:
+            raise CacheError(f"select_rows: row index out of range for batch size {self.batch_size}")
+        self.keys = self.keys.index_select(1, rows)
+        self.values = self.values.index_select(1, rows)
+        self.lengths = self.lengths.index_select(0, rows)
+
+    def reset(self) -> None:
+        self.lengths.zero_()

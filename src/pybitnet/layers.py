@@ -1,0 +1,200 @@
+"""Building blocks: BitLinear (fused ternary projections), RMSNorm, RoPE tables, attention, FFN."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .quant import quantize_activations
+from .weights import TernaryWeight
+
+
+class BitLinear(nn.Module):
+    """One or more ternary projections that share one input (fused QKV, fused gate/up).
+
+    y_j = (q · T_jᵀ) · β_j / s_x for each part j, with q, s_x the per-row int8 quantization of x
+    (FORMATS.md A.3). The parts are one GEMM over the concatenated weights, so the input is
+    quantized once and read once.
+    """
+
+    def __init__(self, parts: list[TernaryWeight], backend: str = kernels.AUTO):
+        super().__init__()
+        values = torch.cat([p.values for p in parts]) if len(parts) > 1 else parts[0].values
+        self.register_buffer("ternary_weights", values.to(torch.int8).contiguous())  # (N, K) int8
+        self.out_features = [p.shape[0] for p in parts]
+        self.in_features = values.shape[1]
+        self.betas = [float(p.beta) for p in parts]
+        self.backend = kernels.check_backend(backend)
+
+    def accumulate(self, x: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, K) -> (accumulators (M, N) integer-valued, act_scale (M, 1))."""
+        chosen = kernels.select_backend(
+            backend or self.backend, x.shape[0], x.dtype, x.device, self.in_features
+        )
+        q, act_scale = quantize_activations(x, as_int8=chosen == "int8")
+        return kernels.accumulate(q, self.ternary_weights, chosen), act_scale
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (..., K) -> one (..., N_j) tensor per part, in x's dtype."""
+        lead = x.shape[:-1]
+        acc, act_scale = self.accumulate(x.reshape(-1, self.in_features))
+        inv_scale = act_scale.reciprocal()  # (M, 1); acc / s_x * β == acc * (β / s_x)
+        outputs, start = [], 0
+        for n, beta in zip(self.out_features, self.betas):
+            part = acc[:, start : start + n] * (inv_scale * beta)  # (M, n)
+            outputs.append(part.to(x.dtype).reshape(*lead, n))
+            start += n
+        return outputs
+
+    def part(self, index: int) -> TernaryWeight:
+        start = sum(self.out_features[:index])
+        values = self.ternary_weights[start : start + self.out_features[index]]
+        return TernaryWeight(values, self.betas[index])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class RotaryTables:
+    """NeoX-style RoPE (pairs i, i + D/2) cos/sin tables, grown on demand (FORMATS.md A.2)."""
+
+    def __init__(self, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device, length: int):
+        self.head_dim, self.theta, self.dtype, self.device = head_dim, theta, dtype, device
+        self.cos = self.sin = torch.empty(0, head_dim, dtype=dtype, device=device)
+        self._build(length)
+
+    def _build(self, length: int) -> None:
+        # angles in float64, then rounded once to the model dtype
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+        angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (L, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (L, D)
+        self.cos = angles.cos().to(self.dtype).to(self.device)
+        self.sin = angles.sin().to(self.dtype).to(self.device)
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (...) long -> cos, sin (..., D)."""
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > self.cos.shape[0]:
+            self._build(max(need, 2 * self.cos.shape[0]))
+        return self.cos[positions], self.sin[positions]
+
+    def span(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (length, D) for positions start .. start+length-1."""
+        if start + length > self.cos.shape[0]:
+            self._build(max(start + length, 2 * self.cos.shape[0]))
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D); cos/sin broadcastable to (B, T, 1, D): x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class AttentionContext:
+    """Where a forward pass takes keys/values from and which ones each query may see.
+
+    full:    no cache; the block's own K/V, causal.
+    prefill: the block's K/V are written to the cache at [start, start+T) (same for all rows);
+             queries see cache[:start+T] causally.
+    decode:  T == 1; row b writes at positions[b] and sees cache[:positions[b]+1].
+    """
+
+    mode: str
+    cache: object | None = None  # KVCache
+    start: int = 0
+    positions: torch.Tensor | None = None  # (B,) decode positions
+    mask: torch.Tensor | None = None  # bool, broadcastable to (B, H, T, S); True = may attend
+
+
+def _sdpa(q, k, v, *, mask=None, causal=False, scale=None):
+    """q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D); GQA without repeating K/V in memory."""
+    if _HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def _probe_gqa() -> bool:
+    try:
+        q = torch.zeros(1, 2, 1, 2)
+        F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True)
+        return True
+    except TypeError:
+        return False
+
+
+_HAS_GQA = _probe_gqa()
+
+
+class Attention(nn.Module):
+    def __init__(self, qkv: BitLinear, o_proj: BitLinear, sub_norm: RMSNorm | None, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.qkv, self.o_proj, self.sub_norm = qkv, o_proj, sub_norm
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = 1.0 / math.sqrt(head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
+        bsz, seq, _ = x.shape  # (B, T, H)
+        q, k, v = self.qkv(x)
+        q = apply_rope(q.view(bsz, seq, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hq, T, D)
+        k = apply_rope(k.view(bsz, seq, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if ctx.mode == "full":
+            out = _sdpa(q, k, v, causal=seq > 1, scale=self.scale)
+        elif ctx.mode == "prefill":
+            ctx.cache.write_block(layer, ctx.start, k, v)
+            if ctx.start == 0:  # nothing earlier to see: the block's own K/V, plain causal
+                out = _sdpa(q, k, v, causal=seq > 1, scale=self.scale)
+            else:
+                keys, values = ctx.cache.view(layer, ctx.start + seq)
+                out = _sdpa(q, keys, values, mask=ctx.mask, scale=self.scale)
+        else:  # decode
+            ctx.cache.write_positions(layer, ctx.positions, k, v)
+            keys, values = ctx.cache.view(layer, int(ctx.positions.max()) + 1)
+            out = _sdpa(q, keys, values, mask=ctx.mask, scale=self.scale)
+        out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)  # (B, T, Hq*D)
+        if self.sub_norm is not None:
+            out = self.sub_norm(out)
+        return self.o_proj(out)[0]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, gate_up: BitLinear, down: BitLinear, sub_norm: RMSNorm | None, act: str):
+        super().__init__()
+        self.gate_up, self.down, self.sub_norm, self.act = gate_up, down, sub_norm, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x)  # (B, T, F) each
+        if self.act == "relu2":
+            z = torch.relu(gate).square_().mul_(up)
+        else:
+            z = F.silu(gate).mul_(up)
+        if self.sub_norm is not None:
+            z = self.sub_norm(z)
+        return self.down(z)[0]
+
+
+class Block(nn.Module):
+    def __init__(self, attn_norm: RMSNorm, attention: Attention, ffn_norm: RMSNorm, ffn: FeedForward):
+        super().__init__()
+        self.attn_norm, self.attention, self.ffn_norm, self.ffn = attn_norm, attention, ffn_norm, ffn
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
+        h = h + self.attention(self.attn_norm(h), cos, sin, ctx, layer)
+        return h + self.ffn(self.ffn_norm(h))

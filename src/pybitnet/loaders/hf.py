@@ -1,0 +1,239 @@
+"""Hugging Face checkpoints: config.json + *.safetensors (sharded or not), read memory-mapped.
+
+Reads packed uint8 ternaries with `weight_scale` (FORMATS.md A.4/A.5: multiplied for
+`autobitlinear`, divided for `bitlinear`) and float master weights (`-bf16` repos, 1bitLLM
+`BitnetForCausalLM`), which are ternarized once with absmean. Writes the packed layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError
+from ..quant.hf_pack import pack_hf, unpack_hf
+from ..quant.ternary import absmean_ternarize
+from ..weights import PROJECTIONS, TernaryWeight, Weights, check_weights, expected_shapes
+from .names import hf_to_internal, internal_to_hf
+
+# architectures -> whether they carry the two sub-norms
+ARCHITECTURES = {
+    "BitNetForCausalLM": True,  # microsoft/bitnet-b1.58-2B-4T (+ -bf16)
+    "BitnetForCausalLM": True,  # 1bitLLM reproductions (inner_attn_ln / ffn_layernorm)
+    "LlamaForCausalLM": False,  # HF1BitLLM Llama3-8B-1.58, Falcon3-*-1.58bit (bitnet quantization_config)
+}
+HF_ACTIVATIONS = {"relu2": "relu2", "silu": "silu", "swish": "silu"}
+
+
+def read_config(path: str | Path) -> dict:
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({err})") from None
+
+
+def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
+    archs = raw.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ConfigError(f"{source}: unknown architecture {archs or raw.get('model_type')!r}; "
+                          f"supported: {', '.join(ARCHITECTURES)}")
+    quant = raw.get("quantization_config") or {}
+    if arch == "LlamaForCausalLM" and quant.get("quant_method") != "bitnet":
+        raise ConfigError(f"{source}: LlamaForCausalLM without a bitnet quantization_config is not a BitNet model")
+    if quant.get("use_rms_norm"):
+        raise ConfigError(f"{source}: quantization_config.use_rms_norm=true is not supported")
+    act = raw.get("hidden_act", "silu")
+    if act not in HF_ACTIVATIONS:
+        raise ConfigError(f"{source}: unknown activation hidden_act={act!r}; supported: relu2, silu")
+    eos = raw.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    try:
+        return ModelConfig(
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=int(raw["hidden_size"]),
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=int(raw["num_attention_heads"]),
+            num_kv_heads=int(raw.get("num_key_value_heads") or raw["num_attention_heads"]),
+            head_dim=int(raw.get("head_dim") or 0),
+            hidden_act=HF_ACTIVATIONS[act],
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+            sub_norms=ARCHITECTURES[arch],
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            architecture=arch,
+            extra={"linear_class": quant.get("linear_class", "bitlinear"), "quant_method": quant.get("quant_method")},
+        )
+    except KeyError as err:
+        raise ConfigError(f"{source}: missing key {err.args[0]!r}") from None
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({path / f for f in weight_map.values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{path}: shard {f.name} named in the index is missing")
+    return files
+
+
+def load_hf_weights(path: str | Path) -> tuple[ModelConfig, Weights, dict]:
+    """Read an HF directory into (config, internal weights, info)."""
+    path = Path(path)
+    raw = read_config(path)
+    config = config_from_hf(raw, str(path / "config.json"))
+    inverse_scale = config.extra["linear_class"] != "autobitlinear"
+    shapes = expected_shapes(config.replace(tie_word_embeddings=False))
+    tensors: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for file in _shard_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for hf_name in handle.keys():
+                    if hf_name.endswith(".weight_scale"):
+                        scales[hf_name[: -len("_scale")]] = handle.get_tensor(hf_name)
+                        continue
+                    name = hf_to_internal(hf_name)
+                    if name is not None:
+                        tensors[name] = handle.get_tensor(hf_name)
+                        origin[name] = hf_name
+        except SafetensorError as err:
+            raise CheckpointError(f"{file}: cannot read safetensors file (truncated or corrupt?): {err}") from None
+    if "lm_head" in tensors and config.tie_word_embeddings and "tie_word_embeddings" not in raw:
+        config = config.replace(tie_word_embeddings=False)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head", None)
+
+    weights: Weights = {}
+    packed_count = 0
+    for name, tensor in tensors.items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in PROJECTIONS:
+            weights[name] = tensor if name in ("embed_tokens", "lm_head") else tensor.float()
+            continue
+        hf_name = origin[name]
+        out_features, in_features = shapes[name]
+        if tensor.dtype == torch.uint8:
+            expected = (-(-out_features // 4), in_features)
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(f"{path}: packed tensor {hf_name!r} has shape {list(tensor.shape)}, "
+                                      f"expected {list(expected)} for a ({out_features}, {in_features}) projection")
+            if hf_name not in scales:
+                raise CheckpointError(f"{path}: missing tensor {hf_name + '_scale'!r} for packed weight {hf_name!r}")
+            scale = float(scales[hf_name].float().reshape(-1)[0])
+            if scale == 0.0 or scale != scale:
+                raise CheckpointError(f"{path}: tensor {hf_name + '_scale'!r} holds {scale}, not a usable scale")
+            values = unpack_hf(tensor, out_features, hf_name)
+            weights[name] = TernaryWeight(values, 1.0 / scale if inverse_scale else scale)
+            packed_count += 1
+        elif tensor.dtype.is_floating_point:
+            if tuple(tensor.shape) != (out_features, in_features):
+                raise CheckpointError(f"{path}: tensor {hf_name!r} has shape {list(tensor.shape)}, "
+                                      f"expected {[out_features, in_features]}")
+            values, beta = absmean_ternarize(tensor)
+            weights[name] = TernaryWeight(values, beta)
+        else:
+            raise CheckpointError(f"{path}: tensor {hf_name!r} has unsupported dtype {tensor.dtype}")
+    check_weights(config, {k: v for k, v in weights.items()}, source=str(path))
+    info = {"format": "hf", "packed": packed_count > 0, "files": len(_shard_files(path)),
+            "embed_dtype": str(weights["embed_tokens"].dtype).replace("torch.", "")}
+    return config, weights, info
+
+
+def hf_config_dict(config: ModelConfig, linear_class: str = "autobitlinear", torch_dtype: str = "bfloat16") -> dict:
+    eos = list(config.eos_token_ids)
+    return {
+        "architectures": ["BitNetForCausalLM"],
+        "model_type": "bitnet",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": config.hidden_act,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "torch_dtype": torch_dtype,
+        "quantization_config": {"quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": "offline"},
+    }
+
+
+def save_hf(path: str | Path, config: ModelConfig, weights: Weights, *, linear_class: str = "autobitlinear",
+            embed_dtype: torch.dtype = torch.bfloat16, scale_dtype: torch.dtype = torch.float32,
+            max_shard_bytes: int | None = None) -> Path:
+    """Write the packed HF layout that transformers' BitNetForCausalLM loads (FORMATS.md A.4/A.5)."""
+    if config.sub_norms is False:
+        raise ConfigError("save_hf writes BitNetForCausalLM, which always has sub-norms")
+    if linear_class not in ("autobitlinear", "bitlinear"):
+        raise ConfigError(f"linear_class must be 'autobitlinear' or 'bitlinear', got {linear_class!r}")
+    check_weights(config, weights, source="save_hf")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in expected_shapes(config):
+        value = weights[name]
+        hf_name = internal_to_hf(name)
+        if isinstance(value, TernaryWeight):
+            tensors[hf_name] = pack_hf(value.values).contiguous()
+            scale = value.beta if linear_class == "autobitlinear" else 1.0 / value.beta
+            tensors[hf_name + "_scale"] = torch.tensor([scale], dtype=scale_dtype)
+        elif name in ("embed_tokens", "lm_head"):
+            tensors[hf_name] = value.to(embed_dtype).contiguous()
+        else:
+            tensors[hf_name] = value.float().contiguous()
+    dtype_name = str(embed_dtype).replace("torch.", "")
+    (path / "config.json").write_text(json.dumps(hf_config_dict(config, linear_class, dtype_name), indent=2))
+    shards = _split_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return path
+
+
+def _split_shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [tensors]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    return shards

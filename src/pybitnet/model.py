@@ -1,0 +1,328 @@
+"""Transformer: embedding -> blocks -> final norm -> logits, run full-sequence or step by step.
+
+    forward_full           all tokens of all rows through each layer at once (the hot path)
+    forward_step_by_step   one position at a time through a KV cache (the reference / decode path)
+    prefill, decode_step   a full-sequence pass that fills a cache, then one token per row
+No I/O and no sampling here: loaders build the weights, generate/evaluate consume the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .cache import KVCache
+from .config import ModelConfig
+from .errors import InputError
+from .layers import Attention, AttentionContext, BitLinear, Block, FeedForward, RMSNorm, RotaryTables
+from .weights import PROJECTIONS, TernaryWeight, Weights, check_weights
+
+# Longer sequences are prefilled in chunks of this many tokens, bounding activation memory.
+DEFAULT_CHUNK = 1024
+# The lm_head over a bf16/f16 embedding is computed in fp32 this many vocab rows at a time.
+LM_HEAD_ROWS = 4096
+
+
+class LMHead(nn.Module):
+    """logits = h @ Wᵀ, W kept in its checkpoint dtype; computed in the model dtype, never bf16-rounded."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (V, H)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (M, H) -> (M, V) in h's dtype."""
+        if self.weight.dtype == h.dtype:
+            return h @ self.weight.t()
+        vocab = self.weight.shape[0]
+        out = torch.empty(h.shape[0], vocab, dtype=h.dtype, device=h.device)  # (M, V)
+        for start in range(0, vocab, LM_HEAD_ROWS):  # upcast a slice at a time: no float copy of W
+            rows = self.weight[start : start + LM_HEAD_ROWS].to(h.dtype)
+            out[:, start : start + rows.shape[0]] = h @ rows.t()
+        return out
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, weights: Weights, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", backend: str = kernels.AUTO):
+        super().__init__()
+        check_weights(config, weights, source="weights")
+        self.config = config
+        self.dtype = dtype
+        device = torch.device(device)
+        backend = kernels.check_backend(backend)
+        eps = config.rms_norm_eps
+
+        def floats(name: str) -> torch.Tensor:
+            return weights[name].to(device=device, dtype=dtype)
+
+        def ternary(names: list[str]) -> BitLinear:
+            return BitLinear([_on(weights[n], device) for n in names], backend)
+
+        blocks = []
+        for i in range(config.num_layers):
+            p = f"layers.{i}."
+            attention = Attention(
+                ternary([p + "q_proj", p + "k_proj", p + "v_proj"]),
+                ternary([p + "o_proj"]),
+                RMSNorm(floats(p + "attn_sub_norm"), eps) if config.sub_norms else None,
+                config.num_heads, config.num_kv_heads, config.head_dim,
+            )
+            ffn = FeedForward(
+                ternary([p + "gate_proj", p + "up_proj"]),
+                ternary([p + "down_proj"]),
+                RMSNorm(floats(p + "ffn_sub_norm"), eps) if config.sub_norms else None,
+                config.hidden_act,
+            )
+            blocks.append(Block(RMSNorm(floats(p + "input_layernorm"), eps), attention,
+                                RMSNorm(floats(p + "post_attention_layernorm"), eps), ffn))
+        self.layers = nn.ModuleList(blocks)
+        self.norm = RMSNorm(floats("norm"), eps)
+        # The embedding stays in its checkpoint dtype (bf16 for 2B-4T) unless the model runs in a
+        # wider float that the exactness tests need; rows are upcast as they are looked up.
+        self.embed_tokens = nn.Parameter(_embedding_storage(weights["embed_tokens"], dtype, device), requires_grad=False)
+        head = weights["embed_tokens"] if config.tie_word_embeddings else weights["lm_head"]
+        if config.tie_word_embeddings:
+            self.lm_head = LMHead(self.embed_tokens)
+        else:
+            self.lm_head = LMHead(_embedding_storage(head, dtype, device))
+        self.rope = RotaryTables(config.head_dim, config.rope_theta, dtype, device,
+                                 min(config.max_position_embeddings, 8192))
+
+    @classmethod
+    def from_weights(cls, config: ModelConfig, weights: Weights, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu", backend: str = kernels.AUTO) -> "Transformer":
+        return cls(config, weights, dtype=dtype, device=device, backend=backend)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def set_backend(self, backend: str) -> None:
+        """Run every BitLinear with `backend` ('auto' picks per row count)."""
+        kernels.check_backend(backend)
+        for module in self.modules():
+            if isinstance(module, BitLinear):
+                module.backend = backend
+
+    # ------------------------------------------------------------------ full sequence
+    def forward_full(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                     logits: str | torch.Tensor = "all", chunk_size: int | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V) for "all", (B, V) for "last" (each row's last real token),
+        (B, len(index), V) for a LongTensor of positions. No cache is kept after the call.
+
+        attention_mask (B, T): 1 for real tokens, 0 for right padding; padded positions may hold any
+        value and never influence real ones. Sequences longer than `chunk_size` (default 1024) run
+        in chunks through a temporary KV cache, bounding activation memory.
+        """
+        tokens, lengths = self._check_tokens(tokens, attention_mask)
+        bsz, seq = tokens.shape
+        chunk = self._chunk_size(chunk_size, seq)
+        if chunk >= seq:
+            hidden = self._run(tokens, AttentionContext("full"), start=0)  # (B, T, H)
+        else:
+            cache = self.new_cache(bsz, seq)
+            hidden = torch.cat([self._run(tokens[:, s : s + chunk], self._prefill_context(cache, s, min(chunk, seq - s)), s)
+                                for s in range(0, seq, chunk)], dim=1)
+        return self._logits(hidden, lengths, logits)
+
+    def hidden_states(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                      chunk_size: int | None = None, cache: KVCache | None = None):
+        """Yield (start, final-normed hidden (B, C, H)) chunk by chunk: for scoring without a (T, V) tensor.
+
+        With `cache`, the tokens continue after what the cache holds (uniform length across rows).
+        """
+        tokens, _ = self._check_tokens(tokens, attention_mask)
+        bsz, seq = tokens.shape
+        chunk = self._chunk_size(chunk_size, seq)
+        offset = self._uniform_length(cache) if cache is not None else 0
+        if cache is None and chunk >= seq:
+            yield 0, self._run(tokens, AttentionContext("full"), start=0)
+            return
+        if cache is None:
+            cache = self.new_cache(bsz, seq)
+        for s in range(0, seq, chunk):
+            n = min(chunk, seq - s)
+            yield s, self._run(tokens[:, s : s + n], self._prefill_context(cache, offset + s, n), offset + s)
+        cache.lengths.fill_(offset + seq)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden (..., H) -> logits (..., V) in the model dtype."""
+        lead = hidden.shape[:-1]
+        return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).reshape(*lead, -1)
+
+    # ------------------------------------------------------------------ cache, prefill, decode
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+
+    def prefill(self, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None, *,
+                logits: str | torch.Tensor = "last", chunk_size: int | None = None) -> torch.Tensor:
+        """Run tokens (B, T) full-sequence, appending their K/V to `cache` (which must hold the same
+        length in every row), and return logits as in forward_full (default: each row's last real token).
+        Afterwards cache.lengths[b] counts row b's real tokens, so decoding continues right after them."""
+        tokens, lengths = self._check_tokens(tokens, attention_mask)
+        bsz, seq = tokens.shape
+        if bsz != cache.batch_size:
+            raise InputError(f"prefill: tokens have batch size {bsz} but the cache was made for {cache.batch_size}")
+        offset = self._uniform_length(cache)
+        cache.check_room(offset + seq)
+        chunk = self._chunk_size(chunk_size, seq)
+        hidden = torch.cat([self._run(tokens[:, s : s + chunk], self._prefill_context(cache, offset + s, min(chunk, seq - s)), offset + s)
+                            for s in range(0, seq, chunk)], dim=1)
+        cache.lengths.copy_(offset + lengths)
+        return self._logits(hidden, lengths, logits)
+
+    @torch.inference_mode()
+    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """token (B,) -> logits (B, V); row b's token goes to position cache.lengths[b]."""
+        token = torch.as_tensor(token, device=self.device)
+        if token.dim() == 2 and token.shape[1] == 1:
+            token = token[:, 0]
+        if token.dim() != 1 or token.shape[0] != cache.batch_size:
+            raise InputError(f"decode_step expects one token per cache row, shape ({cache.batch_size},), got {tuple(token.shape)}")
+        self._check_ids(token)
+        positions = cache.lengths.clone()  # (B,)
+        cache.check_room(int(positions.max()) + 1)
+        mask = None
+        if bool((positions != positions[0]).any()):  # ragged rows: each sees only its own past
+            keys = torch.arange(int(positions.max()) + 1, device=self.device)
+            mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        ctx = AttentionContext("decode", cache=cache, positions=positions, mask=mask)
+        h = self._embed(token[:, None])  # (B, 1, H)
+        cos, sin = self.rope.at(positions[:, None])  # (B, 1, D)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, ctx, i)
+        cache.lengths += 1
+        return self.project(self.norm(h[:, 0]))
+
+    @torch.inference_mode()
+    def forward_step_by_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Same contract as forward_full(logits="all"), one position at a time through a KV cache."""
+        tokens, _ = self._check_tokens(tokens, attention_mask)
+        bsz, seq = tokens.shape
+        cache = self.new_cache(bsz, seq)
+        out = torch.empty(bsz, seq, self.config.vocab_size, dtype=self.dtype, device=self.device)
+        for t in range(seq):
+            out[:, t] = self.decode_step(tokens[:, t], cache)
+        return out
+
+    # ------------------------------------------------------------------ weights out
+    def export_weights(self) -> Weights:
+        """The weight set this model was built from: int8 ternaries + β and float tensors."""
+        w: Weights = {"embed_tokens": self.embed_tokens.detach(), "norm": self.norm.weight.detach()}
+        if not self.config.tie_word_embeddings:
+            w["lm_head"] = self.lm_head.weight.detach()
+        for i, block in enumerate(self.layers):
+            p = f"layers.{i}."
+            w[p + "input_layernorm"] = block.attn_norm.weight.detach()
+            w[p + "post_attention_layernorm"] = block.ffn_norm.weight.detach()
+            if block.attention.sub_norm is not None:
+                w[p + "attn_sub_norm"] = block.attention.sub_norm.weight.detach()
+                w[p + "ffn_sub_norm"] = block.ffn.sub_norm.weight.detach()
+            fused = [(block.attention.qkv, 0), (block.attention.qkv, 1), (block.attention.qkv, 2),
+                     (block.attention.o_proj, 0), (block.ffn.gate_up, 0), (block.ffn.gate_up, 1), (block.ffn.down, 0)]
+            for name, (linear, part) in zip(PROJECTIONS, fused):
+                w[p + name] = linear.part(part)
+        return w
+
+    # ------------------------------------------------------------------ internals
+    @torch.inference_mode()
+    def _run(self, tokens: torch.Tensor, ctx: AttentionContext, start: int) -> torch.Tensor:
+        """tokens (B, T) at positions [start, start+T) -> final-normed hidden (B, T, H)."""
+        h = self._embed(tokens)
+        cos, sin = self.rope.span(start, tokens.shape[1])  # (T, D)
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, ctx, i)
+        return self.norm(h)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens[tokens].to(self.dtype)
+
+    def _prefill_context(self, cache: KVCache, start: int, length: int) -> AttentionContext:
+        mask = None
+        if start > 0:  # a chunk after the first: query start+i sees keys 0..start+i
+            keys = torch.arange(start + length, device=self.device)
+            queries = torch.arange(start, start + length, device=self.device)
+            mask = keys[None, :] <= queries[:, None]  # (T, S)
+        return AttentionContext("prefill", cache=cache, start=start, mask=mask)
+
+    def _logits(self, hidden: torch.Tensor, lengths: torch.Tensor, which: str | torch.Tensor) -> torch.Tensor:
+        if isinstance(which, str):
+            if which == "all":
+                return self.project(hidden)
+            if which == "last":
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                return self.project(hidden[rows, lengths - 1])  # (B, V)
+            raise InputError(f"logits must be 'all', 'last' or a LongTensor of positions, got {which!r}")
+        index = torch.as_tensor(which, dtype=torch.long, device=hidden.device)
+        if index.dim() != 1 or (index.numel() and (int(index.max()) >= hidden.shape[1] or int(index.min()) < -hidden.shape[1])):
+            raise InputError(f"logits index must be a 1-D LongTensor of positions < {hidden.shape[1]}")
+        return self.project(hidden[:, index])
+
+    def _chunk_size(self, chunk_size: int | None, seq: int) -> int:
+        if chunk_size is None:
+            return DEFAULT_CHUNK
+        if chunk_size <= 0:
+            raise InputError(f"chunk_size must be positive, got {chunk_size}")
+        return chunk_size
+
+    @staticmethod
+    def _uniform_length(cache: KVCache) -> int:
+        first = int(cache.lengths[0])
+        if bool((cache.lengths != first).any()):
+            raise InputError("prefill into a cache whose rows hold different lengths is not supported; decode instead")
+        return first
+
+    def _check_ids(self, tokens: torch.Tensor) -> None:
+        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise InputError(f"token ids must be an integer tensor, got {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise InputError(
+                f"token id out of range: ids must lie in [0, {self.config.vocab_size}), got "
+                f"min {int(tokens.min())}, max {int(tokens.max())}"
+            )
+
+    def _check_tokens(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate (B, T) ids and a right-padded mask; return (tokens, real length per row (B,))."""
+        tokens = torch.as_tensor(tokens, device=self.device)
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.dim() != 2:
+            raise InputError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise InputError(f"empty input: tokens have shape {tuple(tokens.shape)}")
+        self._check_ids(tokens)
+        tokens = tokens.long()
+        bsz, seq = tokens.shape
+        if attention_mask is None:
+            return tokens, torch.full((bsz,), seq, dtype=torch.long, device=self.device)
+        mask = torch.as_tensor(attention_mask, device=self.device)
+        if mask.dim() == 1:
+            mask = mask[None]
+        if tuple(mask.shape) != (bsz, seq):
+            raise InputError(f"attention_mask has shape {tuple(mask.shape)}, expected {(bsz, seq)} like tokens")
+        mask = mask.long()
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise InputError("attention_mask must hold only 0 and 1")
+        lengths = mask.sum(dim=1)  # (B,)
+        positions = torch.arange(seq, device=self.device)
+        if not torch.equal(mask, (positions[None, :] < lengths[:, None]).long()):
+            raise InputError("attention_mask must be right-padded: each row's 1s first, then 0s")
+        if bool((lengths == 0).any()):
+            raise InputError("attention_mask has a row with no real tokens (an empty prompt)")
+        return tokens, lengths
+
+
+def _on(weight: TernaryWeight, device: torch.device) -> TernaryWeight:
+    return TernaryWeight(weight.values.to(device=device, dtype=torch.int8), float(weight.beta))
+
+
+def _embedding_storage(weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Keep 16-bit embeddings as they are for fp32 models (memory); widen for float64 models."""
+    if weight.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32:
+        return weight.to(device)
+    return weight.to(device=device, dtype=dtype)

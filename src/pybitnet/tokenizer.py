@@ -1,0 +1,410 @@
+"""Text <-> token ids: a thin wrapper over HF `tokenizers`.
+
+Two sources give the same `Tokenizer`:
+- an HF directory (`tokenizer.json` + `tokenizer_config.json`, optional `generation_config.json`);
+- GGUF metadata (`tokenizer.ggml.*`, FORMATS.md B.3): `gpt2` byte-level BPE (LLaMA-3 vocab, tokens + merges,
+  LLaMA-3 split regex) or `llama` SentencePiece-style BPE with byte fallback (1bitLLM family, tokens + scores).
+
+Also here: the 2B-4T chat format (FORMATS.md A.1) and an incremental decoder for streaming, because both are
+about turning ids into text and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+from .errors import CheckpointError, InputError
+
+# LLaMA-3 pre-tokenizer split (tokenizer.json of every LLaMA-3 vocab; llama.cpp "llama-bpe").
+LLAMA3_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# GGUF tokenizer.ggml.token_type values (llama.cpp llama_token_type).
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+SPM_SPACE = "\u2581"  # "▁": SentencePiece's visible space
+# Arch names whose embedded GGUF chat template is known to be wrong (ik_llama.cpp #339): use the built-in format.
+_BITNET_GGUF_ARCHS = ("bitnet-b1.58", "bitnet-25")
+
+
+class Tokenizer:
+    """Encode/decode text, know the special tokens, format chats. Wraps a `tokenizers.Tokenizer`."""
+
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        *,
+        bos_token: str | None,
+        eos_token: str | None,
+        stop_token_ids: Iterable[int] = (),
+        chat_template: str | None = None,
+        source: str = "<memory>",
+    ) -> None:
+        self.backend = backend
+        self.source = source
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.bos_token_id = self._id_or_none(bos_token)
+        self.eos_token_id = self._id_or_none(eos_token)
+        # End-of-turn marker of the chat format: LLaMA-3's <|eot_id|> when the vocab has it, else EOS.
+        self.eot_token = "<|eot_id|>" if backend.token_to_id("<|eot_id|>") is not None else eos_token
+        self.eot_token_id = self._id_or_none(self.eot_token)
+        stops = [t for t in (self.eos_token_id, self.eot_token_id) if t is not None]
+        stops += [int(t) for t in stop_token_ids]
+        self.stop_token_ids: tuple[int, ...] = tuple(dict.fromkeys(stops))  # ordered, no duplicates
+        self.chat_template = chat_template
+
+    def _id_or_none(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, bos={self.bos_token_id}, "
+            f"stop={list(self.stop_token_ids)})"
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` applies the tokenizer's own template (BOS for LLaMA-3)."""
+        if not isinstance(text, str):
+            raise InputError(f"encode expects a str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(int(token_id))
+
+    # -- chat ------------------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages` ([{"role": "system"|"user"|"assistant", "content": str}, ...])."""
+        for i, message in enumerate(messages):
+            if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+                raise InputError(f"chat message {i} must be a mapping with 'role' and 'content', got {message!r}")
+        if self.chat_template is not None:
+            return _render_jinja_template(self.chat_template, messages, add_generation_prompt, self)
+        return format_bitnet_chat(
+            messages, bos_token=self.bos_token or "", eot_token=self.eot_token or "",
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+        # The rendered text already carries BOS; adding the template's BOS again would double it.
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+    # -- construction ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> "Tokenizer":
+        directory = Path(path)
+        tokenizer_file = directory / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise CheckpointError(
+                f"no tokenizer in {directory}: expected tokenizer.json (a model directory without one can only "
+                "be used with token ids)"
+            )
+        try:
+            backend = HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
+            raise CheckpointError(f"cannot read {tokenizer_file}: {err}") from err
+        config = _read_json(directory / "tokenizer_config.json")
+        generation = _read_json(directory / "generation_config.json")
+        extra_stops = generation.get("eos_token_id", [])
+        extra_stops = [extra_stops] if isinstance(extra_stops, int) else list(extra_stops or [])
+        return cls(
+            backend,
+            bos_token=_token_content(config.get("bos_token")),
+            eos_token=_token_content(config.get("eos_token")),
+            stop_token_ids=extra_stops,
+            chat_template=_pick_chat_template(config.get("chat_template")),
+            source=str(directory),
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: Mapping[str, Any], *, source: str = "<gguf metadata>") -> "Tokenizer":
+        """Build from the `tokenizer.ggml.*` keys of a GGUF file (values as Python scalars / sequences)."""
+        kind = _as_str(metadata.get("tokenizer.ggml.model"))
+        if kind is None or kind == "no_vocab":
+            raise CheckpointError(f"{source} has no tokenizer (tokenizer.ggml.model is {kind!r})")
+        tokens = [_as_str(t) for t in _required(metadata, "tokenizer.ggml.tokens", source)]
+        types = [int(t) for t in metadata.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))]
+        if len(types) != len(tokens):
+            raise CheckpointError(
+                f"{source}: tokenizer.ggml.token_type has {len(types)} entries, tokenizer.ggml.tokens {len(tokens)}"
+            )
+
+        def special(key: str) -> str | None:
+            token_id = metadata.get(key)
+            if token_id is None or not 0 <= int(token_id) < len(tokens):
+                return None
+            return tokens[int(token_id)]
+
+        bos, eos = special("tokenizer.ggml.bos_token_id"), special("tokenizer.ggml.eos_token_id")
+        add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", bos is not None))
+        if kind == "gpt2":
+            merges = _required(metadata, "tokenizer.ggml.merges", source)
+            backend = _byte_level_bpe(tokens, types, merges, _as_str(metadata.get("tokenizer.ggml.pre")), source)
+        elif kind == "llama":
+            scores = [float(s) for s in _required(metadata, "tokenizer.ggml.scores", source)]
+            unk = special("tokenizer.ggml.unknown_token_id")
+            add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+            backend = _sentencepiece_bpe(tokens, types, scores, unk, add_space_prefix)
+        else:
+            raise CheckpointError(f"{source}: unsupported tokenizer.ggml.model {kind!r} (supported: gpt2, llama)")
+        _add_special_tokens(backend, tokens, types)
+        if add_bos and bos is not None:
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+                special_tokens=[(bos, tokens.index(bos))],
+            )
+        stops = [metadata[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in metadata]
+        arch = _as_str(metadata.get("general.architecture"))
+        template = _as_str(metadata.get("tokenizer.chat_template"))
+        if arch in _BITNET_GGUF_ARCHS:
+            template = None
+        return cls(backend, bos_token=bos, eos_token=eos, stop_token_ids=stops, chat_template=template, source=source)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a model: an HF directory (or a file inside one) or a .gguf file.
+
+    Raises CheckpointError naming the path when the model carries no tokenizer.
+    """
+    location = Path(path)
+    if not location.exists():
+        raise CheckpointError(f"no such model file or directory: {location}")
+    if location.is_file() and location.suffix.lower() == ".gguf":
+        return Tokenizer.from_gguf_metadata(_read_gguf_metadata(location), source=str(location))
+    directory = location if location.is_dir() else location.parent
+    return Tokenizer.from_hf_dir(directory)
+
+
+# -- chat format -------------------------------------------------------------------------------------------------
+
+
+def format_bitnet_chat(
+    messages: Sequence[Mapping[str, str]], *, bos_token: str, eot_token: str, add_generation_prompt: bool = True
+) -> str:
+    """2B-4T chat text (FORMATS.md A.1): `<bos>User: hi<|eot_id|>Assistant: ` — roles capitalised, content trimmed."""
+    parts = [bos_token]
+    for message in messages:
+        parts.append(f"{str(message['role']).capitalize()}: {str(message['content']).strip()}{eot_token}")
+    if add_generation_prompt:
+        parts.append("Assistant: ")
+    return "".join(parts)
+
+
+def _render_jinja_template(template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
+                           tokenizer: Tokenizer) -> str:
+    # Same environment settings as transformers' apply_chat_template so checkpoints' templates render identically.
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as err:
+        raise CheckpointError("this checkpoint's chat template needs the jinja2 package (pip install jinja2)") from err
+
+    def raise_exception(message: str) -> None:
+        raise InputError(f"chat template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(
+            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+            bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+        )
+    except TemplateError as err:
+        raise CheckpointError(f"chat template of {tokenizer.source} failed to render: {err}") from err
+
+
+# -- streaming ---------------------------------------------------------------------------------------------------
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces, never emitting half a UTF-8 character.
+
+    A byte-level token can end in the middle of a multi-byte character; decoding then yields U+FFFD, so the piece
+    is held back until a later token completes it. The last few prompt tokens are kept as context because
+    SentencePiece decoders strip the leading space of a sequence that starts at a word.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context_ids: Sequence[int] = (), *, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = [int(i) for i in context_ids[-4:]]
+        self.prefix_offset = 0  # ids[prefix_offset:read_offset] were already emitted (kept as decoding context)
+        self.read_offset = len(self.ids)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly completed text ('' while a character is still incomplete)."""
+        self.ids.append(int(token_id))
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full_text = self._decode(self.ids[self.prefix_offset:])
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (a character the generation never completed decodes as U+FFFD)."""
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full_text = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full_text[len(prefix_text):]
+
+
+# -- GGUF builders -----------------------------------------------------------------------------------------------
+
+
+def _byte_level_bpe(tokens: list[str], types: list[int], merges: Sequence[Any], pre: str | None,
+                    source: str) -> HFTokenizer:
+    vocab = _vocab_dict(tokens)
+    pairs = []
+    for merge in merges:
+        left, sep, right = _as_str(merge).partition(" ")  # byte-level tokens never contain a real space
+        if not sep:
+            raise CheckpointError(f"{source}: malformed merge {merge!r} in tokenizer.ggml.merges")
+        pairs.append((left, right))
+    if pre in (None, "llama-bpe", "llama3", "llama-v3", "default"):
+        # 2B-4T's GGUF has no tokenizer.ggml.pre; its vocab is LLaMA-3's, whose tokenizer.json sets ignore_merges.
+        backend = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=True, fuse_unk=False, byte_fallback=False))
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ])
+    elif pre == "gpt-2":
+        backend = HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        raise CheckpointError(f"{source}: unsupported pre-tokenizer tokenizer.ggml.pre={pre!r} (supported: llama-bpe, gpt-2)")
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def sentencepiece_merges(tokens: Sequence[str], types: Sequence[int], scores: Sequence[float]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's score-driven BPE, which merges the adjacent pair whose joined
+    piece has the highest score. Every split of a normal piece into two known pieces is a merge, ranked by the
+    piece's score (ties: longer left part first, then lower ids), as transformers' SentencePiece converter does."""
+    vocab = _vocab_dict(tokens)
+    candidates = []
+    for token_id, (piece, kind) in enumerate(zip(tokens, types)):
+        if kind not in (TOKEN_NORMAL, TOKEN_USER_DEFINED) or len(piece) < 2:
+            continue
+        local = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        candidates.extend((scores[token_id], len(left), len(right), (left, right)) for left, right in local)
+    candidates.sort(key=lambda c: (c[0], c[1], c[2]), reverse=True)  # stable: equal keys keep id order
+    return [c[3] for c in candidates]
+
+
+def _sentencepiece_bpe(tokens: list[str], types: list[int], scores: list[float], unk: str | None,
+                       add_space_prefix: bool) -> HFTokenizer:
+    model = models.BPE(_vocab_dict(tokens), sentencepiece_merges(tokens, types, scores), unk_token=unk,
+                       fuse_unk=True, byte_fallback=True)
+    backend = HFTokenizer(model)
+    # The "legacy" LLaMA-2 tokenizer.json: every text segment gets a leading ▁, as llama.cpp's SPM tokenizer does.
+    steps = [normalizers.Prepend(SPM_SPACE)] if add_space_prefix else []
+    backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", SPM_SPACE)])
+    strip = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()] + strip
+    )
+    return backend
+
+
+def _add_special_tokens(backend: HFTokenizer, tokens: list[str], types: list[int]) -> None:
+    # Control tokens (<|eot_id|>, <s>) must match as whole strings before pre-tokenization, like tokenizer.json's
+    # added_tokens; they already sit in the vocab, so they keep their ids.
+    specials = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
+                if k in (TOKEN_CONTROL, TOKEN_UNKNOWN)]
+    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == TOKEN_USER_DEFINED]
+    if specials:
+        backend.add_special_tokens(specials)
+    if user:
+        backend.add_tokens(user)
+
+
+# -- small helpers -----------------------------------------------------------------------------------------------
+
+
+def _read_gguf_metadata(path: Path) -> dict[str, Any]:
+    try:  # the engine's own GGUF reader understands bitnet.cpp's I2_S files, which gguf-py cannot open
+        from .loaders.gguf_file import read_gguf_metadata
+    except ImportError:
+        read_gguf_metadata = _read_gguf_metadata_with_gguf_py
+    return dict(read_gguf_metadata(path))
+
+
+def _read_gguf_metadata_with_gguf_py(path: Path) -> dict[str, Any]:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as err:  # gguf-py raises ValueError/struct errors on files it cannot parse
+        raise CheckpointError(f"cannot read GGUF metadata from {path}: {err}") from err
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...} (AddedToken)."""
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _pick_chat_template(value: Any) -> str | None:
+    """A string, or a list of {"name", "template"} entries of which "default" is used."""
+    if isinstance(value, list):
+        named = {entry.get("name"): entry.get("template") for entry in value if isinstance(entry, Mapping)}
+        return named.get("default")
+    return value if isinstance(value, str) else None
+
+
+def _vocab_dict(tokens: Sequence[str]) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tokens):
+        vocab.setdefault(token, token_id)  # a duplicated piece keeps its first id, as llama.cpp does
+    return vocab
+
+
+def _as_str(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _required(metadata: Mapping[str, Any], key: str, source: str) -> Sequence[Any]:
+    if key not in metadata:
+        raise CheckpointError(f"{source}: tokenizer metadata lacks {key}")
+    return metadata[key]
