@@ -465,3 +465,9 @@ def write_gguf_file(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """All key/value metadata of a GGUF file (arrays as python lists); tensors are not read."""
+    with GGUFReader(path) as reader:
+        return reader.metadata

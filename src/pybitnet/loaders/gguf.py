@@ -1,0 +1,384 @@
+"""BitNet GGUF models: (ModelConfig, Weights) from a file's own metadata, and the matching writer.
+
+Architectures (FORMATS.md B.2/B.3, D.2):
+    bitnet-b1.58, bitnet-25   bitnet.cpp (official 2B-4T files): relu², sub-norms, I2_S projections
+    bitnet                    llama.cpp (1bitLLM lineage): SiLU unless `bitnet.hidden_activation` is
+                              "relu2"; TQ1_0 / TQ2_0 / F16 / F32 projections
+Ternary projections decode tensor by tensor straight to int8 values + beta; the mapped file's pages
+are released after each tensor, so loading holds the decoded model and little else.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+import gguf
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError, GGUFError
+from ..quant.i2s import decode_i2s, encode_i2s
+from ..quant.tq import decode_tq1_0, decode_tq2_0, encode_tq1_0, encode_tq2_0
+from ..weights import PROJECTIONS, TernaryWeight, Weights, check_weights, expected_shapes
+from .gguf_file import (
+    I2_S_TYPE_ID,
+    TYPE_BY_NAME,
+    GGUFReader,
+    GGUFValue,
+    TensorInfo,
+    TensorSpec,
+    ValueType,
+    read_gguf_metadata,
+    write_gguf_file,
+)
+from .names import internal_to_gguf
+
+__all__ = ["load_gguf_weights", "write_gguf", "read_gguf_metadata", "config_from_gguf", "QTYPES"]
+
+RELU2_ARCHS = ("bitnet-b1.58", "bitnet-25")  # bitnet.cpp's graph hard-wires relu² for these names
+ARCHS = ("bitnet",) + RELU2_ARCHS
+_INT_TYPES = {ValueType.UINT8, ValueType.INT8, ValueType.UINT16, ValueType.INT16, ValueType.UINT32,
+              ValueType.INT32, ValueType.UINT64, ValueType.INT64}
+_FLOAT_TYPES = {ValueType.FLOAT32, ValueType.FLOAT64}
+_DENSE_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+# ------------------------------------------------------------------------------------------------
+# metadata -> config
+
+
+class _Meta:
+    """Typed access to metadata; every error names the key and what was found."""
+
+    def __init__(self, fields: Mapping[str, GGUFValue], path: str) -> None:
+        self.fields, self.path = fields, path
+
+    def _scalar(self, key: str, field: GGUFValue) -> Any:
+        if field.type == ValueType.ARRAY:  # llama.cpp allows per-layer arrays; we need them uniform
+            values = field.value
+            if not values or any(v != values[0] for v in values) or field.elem_type not in _INT_TYPES:
+                raise GGUFError(f"{self.path}: metadata {key!r} is a non-uniform or non-integer array")
+            return values[0]
+        return field.value
+
+    def int(self, key: str, default: int | None = None) -> int:
+        if key not in self.fields:
+            if default is None:
+                raise GGUFError(f"{self.path}: missing metadata key {key!r}")
+            return default
+        field = self.fields[key]
+        value = self._scalar(key, field)
+        if field.type not in _INT_TYPES and field.elem_type not in _INT_TYPES:
+            raise GGUFError(f"{self.path}: metadata {key!r} should be an integer, got {field.type.name} {value!r}")
+        return int(value)
+
+    def float(self, key: str, default: float) -> float:
+        if key not in self.fields:
+            return default
+        field = self.fields[key]
+        if field.type not in _FLOAT_TYPES | _INT_TYPES:
+            raise GGUFError(f"{self.path}: metadata {key!r} should be a number, got {field.type.name} {field.value!r}")
+        if field.type == ValueType.FLOAT32:
+            # the shortest decimal that rounds to this f32 is what the writer started from (1e-05, not 9.99e-06)
+            return float(str(np.float32(field.value)))
+        return float(field.value)
+
+    def str(self, key: str, default: str | None = None) -> str | None:
+        if key not in self.fields:
+            return default
+        field = self.fields[key]
+        if field.type != ValueType.STRING:
+            raise GGUFError(f"{self.path}: metadata {key!r} should be a string, got {field.type.name} {field.value!r}")
+        return field.value
+
+
+def _activation(arch: str, meta: _Meta) -> str:
+    if arch in RELU2_ARCHS:
+        return "relu2"
+    act = meta.str(f"{arch}.hidden_activation", "silu")  # llama.cpp's default for `bitnet` is SiLU
+    if act not in ("relu2", "silu"):
+        raise GGUFError(f"{meta.path}: unsupported {arch}.hidden_activation {act!r} (supported: relu2, silu)")
+    return act
+
+
+def config_from_gguf(fields: Mapping[str, GGUFValue], tensors: Mapping[str, TensorInfo], path: str = "<gguf>") -> ModelConfig:
+    """A ModelConfig from the metadata (and which tensors exist: tied lm_head, sub-norms)."""
+    meta = _Meta(fields, path)
+    arch = meta.str("general.architecture")
+    if arch is None:
+        raise GGUFError(f"{path}: missing metadata key 'general.architecture'")
+    if arch not in ARCHS:
+        raise GGUFError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(ARCHS)})")
+    hidden = meta.int(f"{arch}.embedding_length")
+    heads = meta.int(f"{arch}.attention.head_count")
+    head_dim = meta.int(f"{arch}.attention.key_length", hidden // heads if heads > 0 else 0)
+    rotary = meta.int(f"{arch}.rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        raise GGUFError(f"{path}: {arch}.rope.dimension_count {rotary} != head dim {head_dim} (partial RoPE unsupported)")
+    scaling = meta.str(f"{arch}.rope.scaling.type", "none")
+    factor = meta.float(f"{arch}.rope.scaling.factor", 1.0)
+    if scaling not in ("none", "linear") or factor not in (0.0, 1.0):
+        raise GGUFError(f"{path}: RoPE scaling {scaling!r} x{factor} is not supported")
+    embd = tensors.get("token_embd.weight")
+    vocab_default = embd.ne[1] if embd is not None and len(embd.ne) == 2 else None
+    eos = [meta.int(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                 "tokenizer.ggml.eom_token_id") if k in fields]
+    bos = meta.int("tokenizer.ggml.bos_token_id") if "tokenizer.ggml.bos_token_id" in fields else None
+    try:
+        return ModelConfig(
+            vocab_size=meta.int(f"{arch}.vocab_size", vocab_default),
+            hidden_size=hidden,
+            intermediate_size=meta.int(f"{arch}.feed_forward_length"),
+            num_layers=meta.int(f"{arch}.block_count"),
+            num_heads=heads,
+            num_kv_heads=meta.int(f"{arch}.attention.head_count_kv", heads),
+            hidden_act=_activation(arch, meta),
+            head_dim=head_dim,
+            rope_theta=meta.float(f"{arch}.rope.freq_base", 10000.0),
+            rms_norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+            max_position_embeddings=meta.int(f"{arch}.context_length", 4096),
+            tie_word_embeddings="output.weight" not in tensors,
+            sub_norms="blk.0.attn_sub_norm.weight" in tensors,
+            bos_token_id=bos,
+            eos_token_ids=tuple(dict.fromkeys(eos)),
+            architecture="BitNetForCausalLM",
+            extra={"gguf_architecture": arch, "gguf_name": meta.str("general.name", "")},
+        )
+    except ConfigError as err:  # a corrupt file is a checkpoint problem: keep the loader's one error type
+        raise GGUFError(f"{path}: metadata describes an invalid model: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# tensors -> weights
+
+_TERNARY_DECODERS: dict[str, Callable[[np.ndarray, tuple[int, int], str], TernaryWeight]] = {
+    "I2_S": decode_i2s,
+    "TQ1_0": decode_tq1_0,
+    "TQ2_0": decode_tq2_0,
+}
+
+
+def _dense(reader: GGUFReader, info: TensorInfo) -> torch.Tensor:
+    """A float tensor as stored: F16 -> float16, BF16 -> bfloat16, F32; other ggml types dequantized to float32."""
+    raw = reader.tensor_bytes(info)
+    kind = info.type.name
+    if kind in _DENSE_DTYPES:
+        return torch.from_numpy(raw.view(_DENSE_DTYPES[kind]).reshape(info.shape).copy())
+    if kind == "BF16":
+        return torch.from_numpy(raw.view(np.int16).reshape(info.shape).copy()).view(torch.bfloat16)
+    if info.type.id == I2_S_TYPE_ID:
+        raise GGUFError(f"{reader.path}: tensor {info.name!r} is I2_S, which only ternary projections may use")
+    try:
+        qtype = gguf.GGMLQuantizationType(info.type.id)
+        rows = raw.reshape(-1, raw.size // (info.n_elements // info.ne[0]))  # (rows, bytes per row)
+        values = gguf.quants.dequantize(rows, qtype)  # (rows, ne0) float32
+    except (NotImplementedError, ValueError) as err:
+        raise GGUFError(f"{reader.path}: tensor {info.name!r} has ggml type {kind}, which cannot be dequantized: {err}") from None
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(info.shape))
+
+
+def _ternary_from_float(weight: torch.Tensor, name: str, path: str) -> TernaryWeight:
+    """A float projection that holds T * beta (llama.cpp's F16/F32 conversions) -> TernaryWeight.
+
+    beta = max|W| (as bitnet.cpp's quantizer takes it); every entry must be 0 or ±beta exactly.
+    """
+    magnitude = weight.abs()
+    beta = float(magnitude.max()) if weight.numel() else 0.0
+    if not np.isfinite(beta):
+        raise GGUFError(f"{path}: projection {name!r} holds non-finite values")
+    if beta > 0 and not bool(((magnitude == 0) | (magnitude == beta)).all()):
+        raise GGUFError(f"{path}: float projection {name!r} is not ternary * scale (values other than 0 and ±{beta})")
+    values = torch.sign(weight).to(torch.int8)  # (out, in)
+    return TernaryWeight(values=values, beta=beta)
+
+
+def _projection(reader: GGUFReader, info: TensorInfo, shape: tuple[int, int]) -> TernaryWeight:
+    kind = info.type.name
+    if kind in _TERNARY_DECODERS:
+        weight = _TERNARY_DECODERS[kind](reader.tensor_bytes(info), shape, info.name)
+    elif kind in ("F32", "F16", "BF16", "F64"):
+        weight = _ternary_from_float(_dense(reader, info).view(shape), info.name, reader.path)
+    else:
+        raise GGUFError(f"{reader.path}: projection {info.name!r} has ggml type {kind}; "
+                        "supported for ternary weights: I2_S, TQ1_0, TQ2_0, F16, BF16, F32")
+    scale_name = info.name.removesuffix(".weight") + ".scale"
+    if scale_name in reader.tensors:  # old llama.cpp conversions: output *= scale, so fold it into beta
+        scale_info = reader.tensors[scale_name]
+        if scale_info.n_elements != 1 or scale_info.type.name not in _DENSE_DTYPES:
+            raise GGUFError(f"{reader.path}: scale tensor {scale_name!r} must be one F32/F16 value, "
+                            f"got {scale_info.type.name} ne={list(scale_info.ne)}")
+        scale = float(_dense(reader, scale_info).reshape(-1)[0])
+        if not np.isfinite(scale):
+            raise GGUFError(f"{reader.path}: scale tensor {scale_name!r} holds {scale}")
+        weight = TernaryWeight(weight.values, weight.beta * scale)
+    return weight
+
+
+def _shape_of(info: TensorInfo) -> tuple[int, ...]:
+    shape = info.shape
+    while len(shape) > 1 and shape[0] == 1:  # ne [2560, 1] is the same vector as ne [2560]
+        shape = shape[1:]
+    return shape
+
+
+def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, Weights]:
+    """(config, weights) of a BitNet GGUF file, config from its metadata only (FORMATS.md D.2)."""
+    path = str(path)
+    reader = GGUFReader(path)
+    try:
+        config = config_from_gguf(reader.fields, reader.tensors, path)
+        weights: Weights = {}
+        for name, shape in expected_shapes(config).items():
+            gguf_name = internal_to_gguf(name)
+            info = reader.tensors.get(gguf_name)
+            if info is None:
+                raise GGUFError(f"{path}: missing tensor {gguf_name!r} (expected shape {list(shape)} from the metadata)")
+            if _shape_of(info) != shape:
+                raise GGUFError(f"{path}: tensor {gguf_name!r} has shape {list(info.shape)} (ne {list(info.ne)}), "
+                                f"expected {list(shape)} from the metadata")
+            if name.rsplit(".", 1)[-1] in PROJECTIONS:
+                weights[name] = _projection(reader, info, shape)
+            elif name in ("embed_tokens", "lm_head"):
+                weights[name] = _dense(reader, info).reshape(shape)  # kept in its stored 16-bit dtype
+            else:
+                weights[name] = _dense(reader, info).reshape(shape).float()
+            reader.release(info)
+    finally:
+        reader.close()
+    check_weights(config, weights, source=path)
+    return config, weights
+
+
+# ------------------------------------------------------------------------------------------------
+# writer
+
+# qtype -> (ggml type name of the projections, encoder, general.file_type)
+QTYPES: dict[str, tuple[str, Callable[[torch.Tensor, float], np.ndarray], int]] = {
+    "i2_s": ("I2_S", encode_i2s, 40),  # 40: bitnet.cpp's LLAMA_FTYPE_MOSTLY_I2_S
+    "tq1_0": ("TQ1_0", encode_tq1_0, int(gguf.LlamaFileType.MOSTLY_TQ1_0)),
+    "tq2_0": ("TQ2_0", encode_tq2_0, int(gguf.LlamaFileType.MOSTLY_TQ2_0)),
+    "f16": ("F16", lambda values, beta: (values.to(torch.float16) * torch.tensor(beta, dtype=torch.float16)).numpy(),
+            int(gguf.LlamaFileType.MOSTLY_F16)),
+}
+EMBED_TYPES = {"f16": ("F16", torch.float16), "bf16": ("BF16", torch.bfloat16), "f32": ("F32", torch.float32)}
+# tokenizer keys whose GGUF type llama.cpp checks; python values are stored with these types
+_TOKENIZER_TYPES = {
+    "tokenizer.ggml.token_type": (ValueType.ARRAY, ValueType.INT32),
+    "tokenizer.ggml.scores": (ValueType.ARRAY, ValueType.FLOAT32),
+    "tokenizer.ggml.tokens": (ValueType.ARRAY, ValueType.STRING),
+    "tokenizer.ggml.merges": (ValueType.ARRAY, ValueType.STRING),
+}
+
+
+def _architecture(config: ModelConfig, qtype: str) -> str:
+    # bitnet.cpp reads I2_S; its `bitnet-b1.58` graph is relu², its `bitnet` graph SiLU.
+    if qtype == "i2_s":
+        return "bitnet-b1.58" if config.hidden_act == "relu2" else "bitnet"
+    return "bitnet"  # mainline llama.cpp, with bitnet.hidden_activation for relu²
+
+
+def _metadata(config: ModelConfig, arch: str, file_type: int, tokenizer_metadata: Mapping[str, Any] | None,
+              name: str) -> dict[str, Any]:
+    f32 = lambda x: GGUFValue(ValueType.FLOAT32, float(x))  # noqa: E731
+    fields: dict[str, Any] = {
+        "general.architecture": arch,
+        "general.name": name,
+        "general.file_type": file_type,
+        "general.quantization_version": 2,
+        f"{arch}.vocab_size": config.vocab_size,
+        f"{arch}.context_length": config.max_position_embeddings,
+        f"{arch}.embedding_length": config.hidden_size,
+        f"{arch}.block_count": config.num_layers,
+        f"{arch}.feed_forward_length": config.intermediate_size,
+        f"{arch}.rope.dimension_count": config.head_dim,
+        f"{arch}.attention.head_count": config.num_heads,
+        f"{arch}.attention.head_count_kv": config.num_kv_heads,
+        f"{arch}.attention.layer_norm_rms_epsilon": f32(config.rms_norm_eps),
+        f"{arch}.rope.freq_base": f32(config.rope_theta),
+    }
+    if config.head_dim * config.num_heads != config.hidden_size:
+        fields[f"{arch}.attention.key_length"] = config.head_dim
+        fields[f"{arch}.attention.value_length"] = config.head_dim
+    if arch == "bitnet" and config.hidden_act == "relu2":
+        fields["bitnet.hidden_activation"] = "relu2"
+    tokenizer = dict(tokenizer_metadata or {})
+    if not tokenizer:
+        tokenizer["tokenizer.ggml.model"] = "no_vocab"  # llama.cpp refuses a file without this key
+    for key, value in tokenizer.items():
+        if not key.startswith("tokenizer."):
+            raise GGUFError(f"tokenizer metadata key {key!r} does not start with 'tokenizer.'")
+        if key in _TOKENIZER_TYPES and not isinstance(value, GGUFValue):
+            value = GGUFValue(*_TOKENIZER_TYPES[key][:1], list(value), _TOKENIZER_TYPES[key][1])
+        fields[key] = value
+    ids = {"tokenizer.ggml.bos_token_id": config.bos_token_id,
+           "tokenizer.ggml.eos_token_id": config.eos_token_ids[0] if config.eos_token_ids else None,
+           "tokenizer.ggml.eot_token_id": config.eos_token_ids[1] if len(config.eos_token_ids) > 1 else None}
+    for key, token_id in ids.items():
+        if token_id is not None and key not in fields:
+            fields[key] = GGUFValue(ValueType.UINT32, int(token_id))
+    return fields
+
+
+def _dense_spec(gguf_name: str, tensor: torch.Tensor, type_name: str, dtype: torch.dtype) -> TensorSpec:
+    def produce() -> np.ndarray:
+        stored = tensor.detach().to("cpu", dtype)
+        if not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(tensor).all()):
+            raise GGUFError(f"tensor {gguf_name!r} overflows {type_name}; choose a wider embedding type")
+        if dtype == torch.bfloat16:
+            stored = stored.view(torch.int16)
+        return stored.contiguous().numpy()
+
+    return TensorSpec(gguf_name, tuple(tensor.shape), TYPE_BY_NAME[type_name], produce)
+
+
+def _ternary_spec(gguf_name: str, weight: TernaryWeight, qtype: str) -> TensorSpec:
+    type_name, encode, _ = QTYPES[qtype]
+    out_features, in_features = weight.shape
+    if type_name.startswith("TQ") and in_features % 256:
+        raise GGUFError(f"{qtype}: tensor {gguf_name!r} has rows of {in_features} elements, "
+                        "not a multiple of 256 (TQ types need 256-element blocks)")
+    if type_name == "I2_S" and (out_features * in_features) % 128:
+        raise GGUFError(f"i2_s: tensor {gguf_name!r} of shape {list(weight.shape)} is not a multiple of 128 elements")
+    return TensorSpec(gguf_name, (out_features, in_features), TYPE_BY_NAME[type_name],
+                      lambda: encode(weight.values.detach().cpu(), float(weight.beta)))
+
+
+def write_gguf(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    weights: Weights,
+    qtype: str = "i2_s",
+    tokenizer_metadata: Mapping[str, Any] | None = None,
+    *,
+    embed_type: str = "f16",
+    name: str | None = None,
+) -> None:
+    """Write a BitNet model as GGUF; projections as `qtype` (i2_s | tq2_0 | tq1_0 | f16).
+
+    i2_s writes bitnet.cpp's layout and arch (`bitnet-b1.58` for relu²); the others write
+    mainline llama.cpp's `bitnet` arch with `bitnet.hidden_activation = "relu2"` for relu² models.
+    Norms are F32; the embedding (and an untied `output`) is `embed_type` (f16 | bf16 | f32).
+    Without tokenizer metadata the file says `tokenizer.ggml.model = "no_vocab"`.
+    """
+    if qtype not in QTYPES:
+        raise ConfigError(f"unknown GGUF type {qtype!r}; choose one of: {', '.join(QTYPES)}")
+    if embed_type not in EMBED_TYPES:
+        raise ConfigError(f"unknown embedding type {embed_type!r}; choose one of: {', '.join(EMBED_TYPES)}")
+    check_weights(config, weights, source="write_gguf")
+    arch = _architecture(config, qtype)
+    embed_name, embed_dtype = EMBED_TYPES[embed_type]
+    specs: list[TensorSpec] = []
+    for internal in expected_shapes(config):
+        gguf_name = internal_to_gguf(internal)
+        value = weights[internal]
+        if isinstance(value, TernaryWeight):
+            specs.append(_ternary_spec(gguf_name, value, qtype))
+        elif internal in ("embed_tokens", "lm_head"):
+            specs.append(_dense_spec(gguf_name, value, embed_name, embed_dtype))
+        else:
+            specs.append(_dense_spec(gguf_name, value, "F32", torch.float32))
+    fields = _metadata(config, arch, QTYPES[qtype][2], tokenizer_metadata,
+                       name or config.extra.get("gguf_name") or "pybitnet")
+    write_gguf_file(path, fields, specs)
