@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .quant import quantize_activations
+from .quant.activations import quantize_activations, quantize_normed
 from .weights import TernaryWeight
 
 
@@ -31,25 +31,38 @@ class BitLinear(nn.Module):
         self.betas = [float(p.beta) for p in parts]
         self.backend = kernels.check_backend(backend)
 
-    def accumulate(self, x: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (M, K) -> (accumulators (M, N) integer-valued, act_scale (M, 1))."""
-        chosen = kernels.select_backend(
-            backend or self.backend, x.shape[0], x.dtype, x.device, self.in_features
-        )
-        q, act_scale = quantize_activations(x, as_int8=chosen == "int8")
+    def accumulate(self, x: torch.Tensor, norm: "RMSNorm | None" = None, row_scale: torch.Tensor | None = None,
+                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, K) -> (accumulators (M, N) integer-valued, act_scale (M, 1)).
+
+        The input quantized is RMSNorm(row_scale * x) when `norm` is given (every BitLinear input of
+        BitNet is a norm's output), else row_scale * x; see quant.activations.quantize_normed.
+        """
+        chosen = kernels.select_backend(backend or self.backend, x.shape[0], x.dtype, x.device, self.in_features)
+        as_int8 = chosen == "int8"
+        if norm is None and row_scale is None:
+            q, act_scale = quantize_activations(x, as_int8=as_int8)
+        else:
+            weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+            q, act_scale = quantize_normed(x, weight, eps, row_scale, as_int8=as_int8)
         return kernels.accumulate(q, self.ternary_weights, chosen), act_scale
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, norm: "RMSNorm | None" = None, row_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
         """x (..., K) -> one (..., N_j) tensor per part, in x's dtype."""
         lead = x.shape[:-1]
-        acc, act_scale = self.accumulate(x.reshape(-1, self.in_features))
+        acc, act_scale = self.accumulate(x.reshape(-1, self.in_features), norm, row_scale)
+        return [part.to(x.dtype).reshape(*lead, part.shape[-1]) for part in self.scale_parts(acc, act_scale)]
+
+    def scale_parts(self, acc: torch.Tensor, act_scale: torch.Tensor, parts: tuple[int, ...] | None = None) -> list[torch.Tensor]:
+        """Accumulators (M, N) -> y_j = acc_j * β_j / s_x for the chosen parts (default all)."""
         inv_scale = act_scale.reciprocal()  # (M, 1); acc / s_x * β == acc * (β / s_x)
-        outputs, start = [], 0
-        for n, beta in zip(self.out_features, self.betas):
-            part = acc[:, start : start + n] * (inv_scale * beta)  # (M, n)
-            outputs.append(part.to(x.dtype).reshape(*lead, n))
-            start += n
-        return outputs
+        bounds = self.part_bounds()
+        return [acc[:, bounds[j][0] : bounds[j][1]] * (inv_scale * self.betas[j])
+                for j in (parts if parts is not None else range(len(bounds)))]
+
+    def part_bounds(self) -> list[tuple[int, int]]:
+        ends = [sum(self.out_features[: j + 1]) for j in range(len(self.out_features))]
+        return [(end - n, end) for end, n in zip(ends, self.out_features)]
 
     def part(self, index: int) -> TernaryWeight:
         start = sum(self.out_features[:index])
@@ -143,15 +156,16 @@ _HAS_GQA = _probe_gqa()
 
 
 class Attention(nn.Module):
-    def __init__(self, qkv: BitLinear, o_proj: BitLinear, sub_norm: RMSNorm | None, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, input_norm: RMSNorm, qkv: BitLinear, o_proj: BitLinear, sub_norm: RMSNorm | None,
+                 num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
-        self.qkv, self.o_proj, self.sub_norm = qkv, o_proj, sub_norm
+        self.input_norm, self.qkv, self.o_proj, self.sub_norm = input_norm, qkv, o_proj, sub_norm
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
         bsz, seq, _ = x.shape  # (B, T, H)
-        q, k, v = self.qkv(x)
+        q, k, v = self.qkv(x, norm=self.input_norm)
         q = apply_rope(q.view(bsz, seq, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hq, T, D)
         k = apply_rope(k.view(bsz, seq, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -169,32 +183,38 @@ class Attention(nn.Module):
             keys, values = ctx.cache.view(layer, int(ctx.positions.max()) + 1)
             out = _sdpa(q, keys, values, mask=ctx.mask, scale=self.scale)
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)  # (B, T, Hq*D)
-        if self.sub_norm is not None:
-            out = self.sub_norm(out)
-        return self.o_proj(out)[0]
+        return self.o_proj(out, norm=self.sub_norm)[0]
 
 
 class FeedForward(nn.Module):
-    def __init__(self, gate_up: BitLinear, down: BitLinear, sub_norm: RMSNorm | None, act: str):
+    def __init__(self, input_norm: RMSNorm, gate_up: BitLinear, down: BitLinear, sub_norm: RMSNorm | None, act: str):
         super().__init__()
-        self.gate_up, self.down, self.sub_norm, self.act = gate_up, down, sub_norm, act
+        self.input_norm, self.gate_up, self.down, self.sub_norm, self.act = input_norm, gate_up, down, sub_norm, act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x)  # (B, T, F) each
+        """x (B, T, H) residual stream -> down(sub_norm(act(gate) * up)) (B, T, H)."""
+        lead = x.shape[:-1]
+        acc, act_scale = self.gate_up.accumulate(x.reshape(-1, x.shape[-1]), norm=self.input_norm)  # (M, 2F)
+        (g0, g1), (u0, u1) = self.gate_up.part_bounds()
         if self.act == "relu2":
-            z = torch.relu(gate).square_().mul_(up)
+            # relu(a·g)²·(b·u) = a²b · relu(g)²·u with a = β_g/s, b = β_u/s per row: work on the integer
+            # accumulators and hand the row factor to the down projection's norm + quantization.
+            z = acc[:, g0:g1].to(x.dtype).clamp_(min=0).square_().mul_(acc[:, u0:u1])  # (M, F)
+            inv = act_scale.reciprocal()
+            row_scale = (inv * self.gate_up.betas[0]).square_() * (inv * self.gate_up.betas[1])  # (M, 1)
         else:
-            z = F.silu(gate).mul_(up)
-        if self.sub_norm is not None:
-            z = self.sub_norm(z)
-        return self.down(z)[0]
+            (gate,) = self.gate_up.scale_parts(acc, act_scale, parts=(0,))
+            z = F.silu(gate.to(x.dtype)).mul_(acc[:, u0:u1])
+            row_scale = act_scale.reciprocal() * self.gate_up.betas[1]
+        out = self.down(z, norm=self.sub_norm, row_scale=row_scale.to(x.dtype))[0]
+        return out.reshape(*lead, out.shape[-1])
 
 
 class Block(nn.Module):
-    def __init__(self, attn_norm: RMSNorm, attention: Attention, ffn_norm: RMSNorm, ffn: FeedForward):
+    def __init__(self, attention: Attention, ffn: FeedForward):
         super().__init__()
-        self.attn_norm, self.attention, self.ffn_norm, self.ffn = attn_norm, attention, ffn_norm, ffn
+        self.attention, self.ffn = attention, ffn
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
-        h = h + self.attention(self.attn_norm(h), cos, sin, ctx, layer)
-        return h + self.ffn(self.ffn_norm(h))
+        h = h + self.attention(h, cos, sin, ctx, layer)
+        return h + self.ffn(h)

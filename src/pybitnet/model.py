@@ -21,25 +21,38 @@ from .weights import PROJECTIONS, TernaryWeight, Weights, check_weights
 # Longer sequences are prefilled in chunks of this many tokens, bounding activation memory.
 DEFAULT_CHUNK = 1024
 # The lm_head over a bf16/f16 embedding is computed in fp32 this many vocab rows at a time.
-LM_HEAD_ROWS = 4096
+LM_HEAD_ROWS = 2048
 
 
 class LMHead(nn.Module):
-    """logits = h @ Wᵀ, W kept in its checkpoint dtype; computed in the model dtype, never bf16-rounded."""
+    """logits = h @ Wᵀ with W kept in its checkpoint dtype (bf16 for 2B-4T: half the memory of fp32).
+
+    A 16-bit W is widened LM_HEAD_ROWS rows at a time into one reused fp32 buffer, so logits are
+    exact fp32 products (a bf16 GEMM on CPU would round its output to bf16) without a float copy
+    of the whole vocabulary matrix and without fresh allocations per call.
+    """
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # (V, H)
+        self._rows: torch.Tensor | None = None  # (LM_HEAD_ROWS, H) widening buffer
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h (M, H) -> (M, V) in h's dtype."""
         if self.weight.dtype == h.dtype:
             return h @ self.weight.t()
-        vocab = self.weight.shape[0]
+        vocab, width = self.weight.shape
+        if self._rows is None or self._rows.dtype != h.dtype:
+            self._rows = torch.empty(min(LM_HEAD_ROWS, vocab), width, dtype=h.dtype, device=h.device)
         out = torch.empty(h.shape[0], vocab, dtype=h.dtype, device=h.device)  # (M, V)
-        for start in range(0, vocab, LM_HEAD_ROWS):  # upcast a slice at a time: no float copy of W
-            rows = self.weight[start : start + LM_HEAD_ROWS].to(h.dtype)
-            out[:, start : start + rows.shape[0]] = h @ rows.t()
+        for start in range(0, vocab, LM_HEAD_ROWS):
+            n = min(LM_HEAD_ROWS, vocab - start)
+            rows = self._rows[:n].copy_(self.weight[start : start + n])
+            target = out[:, start : start + n]  # (M, n)
+            if target.is_contiguous():  # one row: write in place
+                torch.mm(h, rows.t(), out=target)
+            else:
+                target.copy_(h @ rows.t())
         return out
 
 
@@ -64,19 +77,20 @@ class Transformer(nn.Module):
         for i in range(config.num_layers):
             p = f"layers.{i}."
             attention = Attention(
+                RMSNorm(floats(p + "input_layernorm"), eps),
                 ternary([p + "q_proj", p + "k_proj", p + "v_proj"]),
                 ternary([p + "o_proj"]),
                 RMSNorm(floats(p + "attn_sub_norm"), eps) if config.sub_norms else None,
                 config.num_heads, config.num_kv_heads, config.head_dim,
             )
             ffn = FeedForward(
+                RMSNorm(floats(p + "post_attention_layernorm"), eps),
                 ternary([p + "gate_proj", p + "up_proj"]),
                 ternary([p + "down_proj"]),
                 RMSNorm(floats(p + "ffn_sub_norm"), eps) if config.sub_norms else None,
                 config.hidden_act,
             )
-            blocks.append(Block(RMSNorm(floats(p + "input_layernorm"), eps), attention,
-                                RMSNorm(floats(p + "post_attention_layernorm"), eps), ffn))
+            blocks.append(Block(attention, ffn))
         self.layers = nn.ModuleList(blocks)
         self.norm = RMSNorm(floats("norm"), eps)
         # The embedding stays in its checkpoint dtype (bf16 for 2B-4T) unless the model runs in a
@@ -217,8 +231,8 @@ class Transformer(nn.Module):
             w["lm_head"] = self.lm_head.weight.detach()
         for i, block in enumerate(self.layers):
             p = f"layers.{i}."
-            w[p + "input_layernorm"] = block.attn_norm.weight.detach()
-            w[p + "post_attention_layernorm"] = block.ffn_norm.weight.detach()
+            w[p + "input_layernorm"] = block.attention.input_norm.weight.detach()
+            w[p + "post_attention_layernorm"] = block.ffn.input_norm.weight.detach()
             if block.attention.sub_norm is not None:
                 w[p + "attn_sub_norm"] = block.attention.sub_norm.weight.detach()
                 w[p + "ffn_sub_norm"] = block.ffn.sub_norm.weight.detach()

@@ -1,3 +1,134 @@
-"""Commands on a model: info, score, perplexity, bench (registered below)."""
+"""Commands on a model: info, score, perplexity, bench."""
 
-from .app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import InputError
+from .app import app
+
+console = Console()
+
+ThreadsOpt = typer.Option(None, "--threads", "-t", help="torch threads (default: all cores)")
+DtypeOpt = typer.Option("float32", "--dtype", help="float32 (fast) or float64 (exactness checks)")
+BackendOpt = typer.Option("auto", "--backend", help="kernel backend: auto, reference, int8, int8_gemv")
+
+
+def set_threads(threads: Optional[int]) -> int:
+    n = threads or os.cpu_count() or 1
+    if n < 1:
+        raise InputError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
+    if name not in dtypes:
+        raise InputError(f"--dtype must be float32 or float64, got {name!r}")
+    return dtypes[name]
+
+
+def open_model(model: str, dtype: str = "float32", backend: str = "auto"):
+    """A checkpoint path, or `synthetic:PRESET[:LAYERS]` for a random model of that shape."""
+    from .. import load, synthetic
+
+    if model.startswith("synthetic:"):
+        _, name, *rest = model.split(":")
+        layers = int(rest[0]) if rest else None
+        return synthetic.random_model(name, seed=0, num_layers=layers, dtype=parse_dtype(dtype), backend=backend)
+    return load(model, dtype=parse_dtype(dtype), backend=backend)
+
+
+def parse_token_list(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", ",").split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--tokens must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise InputError("--tokens is empty")
+    return ids
+
+
+@app.command()
+def info(model: str = typer.Argument(..., help="HF directory, .gguf file, or synthetic:PRESET[:LAYERS]"),
+         dtype: str = DtypeOpt):
+    """Architecture, sizes, dtypes and memory of a model."""
+    m = open_model(model, dtype)
+    c = m.config
+    ternary_bytes = sum(b.nbytes for name, b in m.named_buffers() if name.endswith("ternary_weights"))
+    float_bytes = sum(p.nbytes for p in m.parameters())
+    table = Table(title=f"pybitnet model: {model}", show_header=False)
+    rows = [
+        ("architecture", c.architecture), ("source", json.dumps(getattr(m, "source", {"path": "synthetic"}))),
+        ("layers", c.num_layers), ("hidden / intermediate", f"{c.hidden_size} / {c.intermediate_size}"),
+        ("heads / kv heads / head dim", f"{c.num_heads} / {c.num_kv_heads} / {c.head_dim}"),
+        ("vocab", c.vocab_size), ("activation", c.hidden_act), ("rope theta", c.rope_theta),
+        ("tied embeddings", c.tie_word_embeddings), ("sub-norms", c.sub_norms),
+        ("max positions", c.max_position_embeddings),
+        ("ternary parameters", f"{c.ternary_parameters():,}"), ("float parameters", f"{c.float_parameters():,}"),
+        ("compute dtype", str(m.dtype).replace("torch.", "")),
+        ("embedding dtype", str(m.embed_tokens.dtype).replace("torch.", "")),
+        ("ternary weights (int8)", f"{ternary_bytes / 2**20:,.1f} MiB"),
+        ("float weights", f"{float_bytes / 2**20:,.1f} MiB"),
+        ("KV cache per token", f"{2 * c.num_layers * c.kv_size * m.dtype.itemsize / 1024:,.1f} KiB"),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+def score(model: str = typer.Argument(..., help="HF directory, .gguf file, or synthetic:PRESET[:LAYERS]"),
+          tokens: str = typer.Option(..., "--tokens", help="comma-separated token ids"),
+          dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt, as_json: bool = typer.Option(False, "--json")):
+    """Per-position log-probs of the given tokens (full-sequence pass)."""
+    from ..evaluate import token_logprobs
+
+    set_threads(threads)
+    ids = parse_token_list(tokens)
+    m = open_model(model, dtype)
+    logp = token_logprobs(m, ids).tolist()
+    if as_json:
+        print(json.dumps({"tokens": ids, "logprobs": logp, "total": sum(logp)}))
+        return
+    table = Table("position", "token", "log p")
+    for i, (tok, lp) in enumerate(zip(ids[1:], logp), start=1):
+        table.add_row(str(i), str(tok), f"{lp:.4f}")
+    console.print(table)
+    console.print(f"total log p = {sum(logp):.4f} over {len(logp)} tokens")
+
+
+@app.command()
+def perplexity(model: str = typer.Argument(..., help="HF directory, .gguf file, or synthetic:PRESET[:LAYERS]"),
+               tokens_file: Path = typer.Option(..., "--tokens-file", help="token ids: whitespace/comma separated, or a JSON list"),
+               ctx: int = typer.Option(2048, "--ctx"), stride: Optional[int] = typer.Option(None, "--stride"),
+               dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt):
+    """Sliding-window perplexity of a token file."""
+    from rich.progress import Progress
+
+    from ..evaluate import perplexity as run_perplexity
+
+    set_threads(threads)
+    if not tokens_file.is_file():
+        raise InputError(f"{tokens_file}: no such file")
+    text = tokens_file.read_text().strip()
+    ids = json.loads(text) if text.startswith("[") else parse_token_list(text)
+    m = open_model(model, dtype)
+    start = time.perf_counter()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("perplexity", total=None)
+        result = run_perplexity(m, ids, ctx=ctx, stride=stride,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    elapsed = time.perf_counter() - start
+    console.print(f"perplexity {result.perplexity:.4f}  (nll {result.nll:.4f} nats/token, {result.tokens_scored} tokens, "
+                  f"{result.windows} windows, {len(ids) / elapsed:.1f} tokens/s)")

@@ -113,10 +113,8 @@ def config_from_gguf(fields: Mapping[str, GGUFValue], tensors: Mapping[str, Tens
         raise GGUFError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(ARCHS)})")
     hidden = meta.int(f"{arch}.embedding_length")
     heads = meta.int(f"{arch}.attention.head_count")
-    head_dim = meta.int(f"{arch}.attention.key_length", hidden // heads if heads > 0 else 0)
-    rotary = meta.int(f"{arch}.rope.dimension_count", head_dim)
-    if rotary != head_dim:
-        raise GGUFError(f"{path}: {arch}.rope.dimension_count {rotary} != head dim {head_dim} (partial RoPE unsupported)")
+    # 0 lets ModelConfig derive hidden / heads, and name the problem when it does not divide
+    head_dim = meta.int(f"{arch}.attention.key_length", 0)
     scaling = meta.str(f"{arch}.rope.scaling.type", "none")
     factor = meta.float(f"{arch}.rope.scaling.factor", 1.0)
     if scaling not in ("none", "linear") or factor not in (0.0, 1.0):
@@ -127,7 +125,7 @@ def config_from_gguf(fields: Mapping[str, GGUFValue], tensors: Mapping[str, Tens
                                  "tokenizer.ggml.eom_token_id") if k in fields]
     bos = meta.int("tokenizer.ggml.bos_token_id") if "tokenizer.ggml.bos_token_id" in fields else None
     try:
-        return ModelConfig(
+        config = ModelConfig(
             vocab_size=meta.int(f"{arch}.vocab_size", vocab_default),
             hidden_size=hidden,
             intermediate_size=meta.int(f"{arch}.feed_forward_length"),
@@ -148,6 +146,11 @@ def config_from_gguf(fields: Mapping[str, GGUFValue], tensors: Mapping[str, Tens
         )
     except ConfigError as err:  # a corrupt file is a checkpoint problem: keep the loader's one error type
         raise GGUFError(f"{path}: metadata describes an invalid model: {err}") from None
+    rotary = meta.int(f"{arch}.rope.dimension_count", config.head_dim)
+    if rotary != config.head_dim:
+        raise GGUFError(f"{path}: {arch}.rope.dimension_count {rotary} != head dim {config.head_dim} "
+                        "(partial RoPE is not supported)")
+    return config
 
 
 # ------------------------------------------------------------------------------------------------

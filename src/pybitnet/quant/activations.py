@@ -1,4 +1,9 @@
-"""Per-token absmax int8 activation quantization (FORMATS.md A.3)."""
+"""Per-token absmax int8 activation quantization (FORMATS.md A.3), optionally of an RMSNorm's output.
+
+Every step is per row and elementwise or an exact reduction (max) / a fixed-order row reduction, so
+one row quantizes to the same integers whether it runs alone or in a batch: the full and the step
+path feed the BitLinear GEMM identical integers.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,38 @@ ABSMAX_FLOOR = 1e-5
 
 
 def quantize_activations(x: torch.Tensor, as_int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., K) float -> (q (..., K), act_scale (..., 1)) with q = clamp(round(x * act_scale), -128, 127).
-
-    act_scale = 127 / max(absmax(x), 1e-5) per row. Every step is per-row and elementwise (amax is
-    exact in any order), so one row quantizes to the same integers whether it is alone or in a batch:
-    the full and the step path feed the BitLinear GEMM identical integers.
-    q is int8 when `as_int8`, else integer values in x's dtype.
-    """
+    """x (..., K) -> (q (..., K), act_scale (..., 1)): act_scale = 127 / max(absmax(x), 1e-5) per row,
+    q = clamp(round(x * act_scale), -128, 127) (round half to even, as torch.round in HF).
+    q is int8 when `as_int8`, else integer values in x's dtype."""
     act_scale = ACT_MAX / x.abs().amax(dim=-1, keepdim=True).clamp_(min=ABSMAX_FLOOR)  # (..., 1)
-    q = (x * act_scale).round_().clamp_(-128.0, 127.0)  # round-half-to-even, like torch.round in HF
-    if as_int8:
-        q = q.to(torch.int8)
-    return q, act_scale
+    q = (x * act_scale).round_().clamp_(-128.0, 127.0)
+    return (q.to(torch.int8) if as_int8 else q), act_scale
+
+
+def quantize_normed(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                    row_scale: torch.Tensor | None = None, as_int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activations(RMSNorm(row_scale * x)) without materializing the normed tensor.
+
+    x (M, K) raw rows, row_scale (M, 1) a per-row factor still to be applied (None = 1), norm_weight
+    (K,) the RMSNorm weight (None = no norm, only the row scale). Absmax quantization is invariant to
+    a positive per-row factor, so with t = w * x:
+        q = round(t * 127 / absmax(t)),   act_scale = 127 / max(absmax(t) * c * r, 1e-5)
+    where c = row_scale and r = 1 / sqrt(mean((c x)^2) + eps) is the RMSNorm factor. This saves the
+    norm's own passes over the data and lets callers hand over unscaled integer-valued products.
+    """
+    c = row_scale
+    if norm_weight is not None:
+        mean_sq = torch.linalg.vecdot(x, x).unsqueeze(-1) / x.shape[-1]  # (M, 1)
+        if c is not None:
+            mean_sq = mean_sq * (c * c)
+        factor = torch.rsqrt(mean_sq + eps)  # (M, 1): r
+        if c is not None:
+            factor = factor * c
+        t = x * norm_weight  # (M, K)
+    else:
+        factor = c if c is not None else torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+        t = x.clone() if c is None else x.to(factor.dtype)
+    absmax = torch.linalg.vector_norm(t, ord=float("inf"), dim=-1, keepdim=True)  # (M, 1)
+    act_scale = ACT_MAX / (absmax * factor).clamp_(min=ABSMAX_FLOOR)
+    q = t.mul_(act_scale * factor).round_().clamp_(-128.0, 127.0)
+    return (q.to(torch.int8) if as_int8 else q), act_scale

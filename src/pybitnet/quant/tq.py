@@ -39,7 +39,8 @@ def _blocks_of(values: torch.Tensor, beta: float, kind: str) -> tuple[np.ndarray
         raise GGUFError(f"{kind} needs rows that are a multiple of {QK_K} elements, got shape {list(values.shape)}")
     if beta < 0:  # keep d >= 0 like llama.cpp's quantizer (d = max|x|)
         values, beta = -values, -beta
-    scale = np.float16(beta)
+    with np.errstate(over="ignore"):  # overflow is reported below, by name
+        scale = np.float16(beta)
     if not np.isfinite(scale) or (scale == 0 and beta != 0):
         raise GGUFError(f"{kind}: scale {beta} does not fit an fp16 block scale")
     trits = (values.reshape(-1, QK_K).to(torch.int16) + 1).to(torch.uint8).numpy()  # (nblk, 256)

@@ -1,0 +1,77 @@
+"""Scoring and perplexity: token log-probs chunk by chunk, never a (T, vocab) tensor for a whole text."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import InputError
+
+# Rows of hidden state projected to the vocabulary at once: 256 x 128256 fp32 = 131 MB at most.
+PROJECT_ROWS = 256
+
+
+def _targets_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """hidden (N, H), targets (N,) -> log p(target) (N,) in float64, PROJECT_ROWS rows at a time."""
+    out = torch.empty(targets.shape[0], dtype=torch.float64)
+    for s in range(0, hidden.shape[0], PROJECT_ROWS):
+        logits = model.project(hidden[s : s + PROJECT_ROWS]).double()  # (n, V)
+        logp = logits.log_softmax(dim=-1)
+        out[s : s + logits.shape[0]] = logp.gather(1, targets[s : s + PROJECT_ROWS, None].to(logp.device))[:, 0].cpu()
+    return out
+
+
+def token_logprobs(model, tokens: torch.Tensor | list[int], *, chunk_size: int | None = None) -> torch.Tensor:
+    """log p(tokens[t] | tokens[:t]) for t = 1..T-1, shape (T-1,), float64, via the full-sequence path."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    if tokens.numel() < 2:
+        raise InputError(f"scoring needs at least 2 tokens (the first one is only context), got {tokens.numel()}")
+    out = []
+    with torch.inference_mode():
+        for start, hidden in model.hidden_states(tokens[None], chunk_size=chunk_size):
+            n = hidden.shape[1]
+            targets = tokens[start + 1 : start + n + 1]  # the next token of each position, if any
+            out.append(_targets_logprobs(model, hidden[0, : targets.shape[0]], targets))
+    return torch.cat(out)
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens_scored: int
+    windows: int
+
+
+def perplexity(model, tokens: torch.Tensor | list[int], *, ctx: int = 2048, stride: int | None = None,
+               chunk_size: int | None = None, progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+    """Sliding-window perplexity: windows of `ctx` tokens moving by `stride` (default ctx); each token is
+    scored once, with as much left context as its window gives (the HF "strided perplexity" recipe)."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    stride = stride or ctx
+    if ctx < 2 or stride < 1 or stride > ctx:
+        raise InputError(f"perplexity needs ctx >= 2 and 1 <= stride <= ctx, got ctx={ctx}, stride={stride}")
+    if tokens.numel() < 2:
+        raise InputError(f"perplexity needs at least 2 tokens, got {tokens.numel()}")
+    total, count, windows = 0.0, 0, 0
+    scored_until = 1  # tokens[:scored_until] are done (the first token is never predicted)
+    starts = list(range(0, max(tokens.numel() - 1, 1), stride))
+    for i, begin in enumerate(starts):
+        end = min(begin + ctx, tokens.numel())
+        window = tokens[begin:end]
+        logp = token_logprobs(model, window, chunk_size=chunk_size)  # predicts window[1:]
+        first_new = max(scored_until, begin + 1) - (begin + 1)  # skip tokens already scored
+        new = logp[first_new:]
+        total -= float(new.sum())
+        count += new.numel()
+        scored_until = end
+        windows += 1
+        if progress:
+            progress(i + 1, len(starts))
+        if end == tokens.numel():
+            break
+    nll = total / max(count, 1)
+    return PerplexityResult(math.exp(nll), nll, count, windows)

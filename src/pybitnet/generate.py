@@ -1,0 +1,302 @@
+"""Generation: a batch of ragged prompts -> one batched prefill -> batched decode steps -> tokens and text.
+
+    generate(model, tokenizer, prompts, ...)   all rows at once; returns GenerationResult
+    stream(model, tokenizer, prompt, ...)      one prompt; iterate to get text pieces as they decode
+
+Prompts are right-padded into one (B, T) prefill with an attention mask; each row then decodes at its own cache
+position. A row that stops (stop token, stop string, its token budget) leaves the batch through
+cache.select_rows, so it costs no more work. The model knows nothing of text; stop strings and streaming live
+here, through the tokenizer's IncrementalDecoder.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InputError
+from .sampling import SamplingParams, make_generator, mark_seen, sample
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+# finish reasons
+STOP_TOKEN, STOP_STRING, LENGTH, CONTEXT = "stop_token", "stop_string", "length", "context"
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[list[int]]  # what was fed, after any truncation
+    token_ids: list[list[int]]  # generated ids per prompt; a stop token that ended a row is not included
+    texts: list[str] | None  # decoded output per prompt (cut before a stop string); None without a tokenizer
+    finish_reasons: list[str]  # stop_token | stop_string | length (max_new_tokens) | context (model's limit)
+    truncated_tokens: list[int]  # prompt tokens dropped from the front of each prompt (truncate=True)
+    time_to_first_token_s: float  # from the call to the first token of every row (tokenize + prefill + sample)
+    decode_time_s: float  # after the first token, until the last row finished
+    decode_tokens: int  # tokens sampled from decode-step logits, over all rows
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_time_s if self.decode_time_s > 0 else float("nan")
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+
+@dataclass
+class _Row:
+    """Per-prompt state while it decodes."""
+
+    prompt: list[int]
+    budget: int  # tokens this row may still produce, max_new_tokens capped by the context
+    budget_reason: str  # the finish reason when the budget runs out
+    decoder: IncrementalDecoder | None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far (after a stop string: cut before it)
+    emitted: int = 0  # characters of `text` already handed out as pieces
+    finish: str | None = None
+
+
+def generate(
+    model,
+    tokenizer: Tokenizer | None,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    sampling: SamplingParams | None = None,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    stop_strings: Sequence[str] = (),
+    add_special_tokens: bool = True,
+    truncate: bool = False,
+    on_text: Callable[[int, str], None] | None = None,
+) -> GenerationResult:
+    """Generate for every prompt (text, or token ids when `tokenizer` is None or ids are given).
+
+    stop_token_ids defaults to the tokenizer's EOS/EOT (none without a tokenizer). A prompt longer than the
+    model's context (max_position_embeddings) is an InputError unless truncate=True, which keeps its last tokens
+    (and its BOS) and reports how many were dropped in `truncated_tokens`. on_text(row, piece) streams text.
+    """
+    steps = _generation_steps(model, tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                              seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings,
+                              add_special_tokens=add_special_tokens, truncate=truncate)
+    while True:
+        try:
+            row, piece = next(steps)
+        except StopIteration as done:
+            return done.value
+        if on_text is not None:
+            on_text(row, piece)
+
+
+class TextStream:
+    """Iterate for text pieces of one prompt as they decode; `.result` holds the GenerationResult afterwards."""
+
+    def __init__(self, steps: Generator[tuple[int, str], None, GenerationResult]):
+        self._steps = steps
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            try:
+                _, piece = next(self._steps)
+            except StopIteration as done:
+                self.result = done.value
+                return
+            yield piece
+
+    def close(self) -> None:
+        """Stop early (e.g. on Ctrl-C); no result is produced."""
+        self._steps.close()
+
+
+def stream(model, tokenizer: Tokenizer, prompt: str | Sequence[int], **options) -> TextStream:
+    """Like generate() for one prompt, yielding text pieces (never half a UTF-8 character) as tokens decode."""
+    if tokenizer is None:
+        raise InputError("streaming text needs a tokenizer")
+    return TextStream(_generation_steps(model, tokenizer, [prompt], **options))
+
+
+# -- the loop --------------------------------------------------------------------------------------------------
+
+
+def _generation_steps(model, tokenizer, prompts, *, max_new_tokens=128, sampling=None, seed=None,
+                      stop_token_ids=None, stop_strings=(), add_special_tokens=True,
+                      truncate=False) -> Generator[tuple[int, str], None, GenerationResult]:
+    start_time = time.perf_counter()
+    params = sampling if sampling is not None else SamplingParams()
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    stop_strings = _check_stop_strings(stop_strings, tokenizer)
+    if stop_token_ids is None:
+        stop_token_ids = tokenizer.stop_token_ids if tokenizer is not None else ()
+    stop_ids = {int(t) for t in stop_token_ids}
+    generator = None if params.greedy else make_generator(seed, model.device)
+
+    prompt_ids = _tokenize(tokenizer, prompts, add_special_tokens)
+    context = int(model.config.max_position_embeddings)
+    bos = tokenizer.bos_token_id if tokenizer is not None else model.config.bos_token_id
+    truncated = []
+    for i, ids in enumerate(prompt_ids):
+        prompt_ids[i], dropped = _fit_context(ids, i, context, max_new_tokens, truncate, bos)
+        truncated.append(dropped)
+    rows = []
+    for ids in prompt_ids:
+        room = context - len(ids)  # positions left; the last sampled token is never fed back
+        budget, reason = (max_new_tokens, LENGTH) if max_new_tokens <= room else (room, CONTEXT)
+        decoder = IncrementalDecoder(tokenizer, ids) if tokenizer is not None else None
+        rows.append(_Row(prompt=ids, budget=budget, budget_reason=reason, decoder=decoder))
+
+    # One prefill for the whole batch: right-padded ids (B, T) + mask; logits at each row's last real token.
+    batch, longest = len(rows), max(len(r.prompt) for r in rows)
+    tokens = torch.zeros(batch, longest, dtype=torch.long)  # (B, T); pad id 0 is never attended to
+    mask = torch.zeros(batch, longest, dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        tokens[b, : len(row.prompt)] = torch.tensor(row.prompt)
+        mask[b, : len(row.prompt)] = 1
+    cache = model.new_cache(batch, longest + max(r.budget for r in rows))
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=model.device)  # (B, V)
+        for b, row in enumerate(rows):
+            mark_seen(seen[b : b + 1], torch.tensor([row.prompt], device=model.device))
+    with torch.inference_mode():
+        logits = model.prefill(tokens.to(model.device), cache, mask.to(model.device))  # (B, V)
+
+    active = list(range(batch))  # original row index of each cache row
+    first_token_time = None
+    decode_tokens = 0
+    while True:
+        next_tokens = sample(logits, params, generator, seen)  # (B_active,)
+        if first_token_time is None:
+            first_token_time = time.perf_counter()
+        else:
+            decode_tokens += len(active)
+        keep = []
+        for slot, (b, token) in enumerate(zip(active, next_tokens.tolist())):
+            for piece in _advance(rows[b], token, stop_ids, stop_strings):
+                yield b, piece
+            if rows[b].finish is None:
+                keep.append(slot)
+        if not keep:
+            break
+        if len(keep) < len(active):  # finished rows leave the batch: no more cache, attention or sampling work
+            index = torch.tensor(keep, device=model.device)
+            cache.select_rows(index)
+            next_tokens = next_tokens[index]
+            seen = seen[index] if seen is not None else None
+            active = [active[s] for s in keep]
+        if seen is not None:
+            mark_seen(seen, next_tokens)
+        with torch.inference_mode():
+            logits = model.decode_step(next_tokens.to(model.device), cache)  # (B_active, V)
+    end_time = time.perf_counter()
+
+    return GenerationResult(
+        prompt_ids=[r.prompt for r in rows],
+        token_ids=[r.tokens for r in rows],
+        texts=[r.text for r in rows] if tokenizer is not None else None,
+        finish_reasons=[r.finish for r in rows],
+        truncated_tokens=truncated,
+        time_to_first_token_s=first_token_time - start_time,
+        decode_time_s=end_time - first_token_time,
+        decode_tokens=decode_tokens,
+    )
+
+
+def _advance(row: _Row, token: int, stop_ids: set[int], stop_strings: list[str]) -> Iterator[str]:
+    """Take one sampled token into `row`; yield the text that is now safe to show."""
+    if token in stop_ids:
+        row.finish = STOP_TOKEN
+    else:
+        row.tokens.append(token)
+        row.budget -= 1
+        if row.decoder is not None:
+            row.text += row.decoder.push(token)
+        if row.budget == 0:
+            row.finish = row.budget_reason
+    if row.finish is not None and row.decoder is not None:
+        row.text += row.decoder.flush()
+    if row.decoder is None:
+        return
+    hold = 0
+    if stop_strings:
+        cut = _find_stop(row.text, stop_strings, row.emitted)
+        if cut is not None:
+            row.text, row.finish = row.text[:cut], STOP_STRING
+        elif row.finish is None:
+            hold = _partial_stop_suffix(row.text, stop_strings)  # might be the start of a stop string
+    end = len(row.text) - hold
+    if end > row.emitted:
+        piece, row.emitted = row.text[row.emitted:end], end
+        yield piece
+
+
+def _find_stop(text: str, stop_strings: list[str], emitted: int) -> int | None:
+    """Start of the earliest stop string in the part of `text` not yet shown (and what a stop could overlap)."""
+    positions = [p for s in stop_strings if (p := text.find(s, max(0, emitted - len(s) + 1))) >= 0]
+    return min(positions) if positions else None
+
+
+def _partial_stop_suffix(text: str, stop_strings: list[str]) -> int:
+    """Length of the longest end of `text` that is a proper prefix of a stop string."""
+    longest = 0
+    for stop in stop_strings:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+# -- inputs ------------------------------------------------------------------------------------------------------
+
+
+def _tokenize(tokenizer, prompts, add_special_tokens: bool) -> list[list[int]]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)) or len(prompts) == 0:
+        raise InputError("prompts must be a non-empty list of strings or of token-id lists")
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise InputError("text prompts need a tokenizer; pass token ids, or load a model that has one")
+            if not prompt:
+                raise InputError(f"prompt {i} is empty")
+            ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        else:
+            ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)]
+        if not ids:
+            raise InputError(f"prompt {i} is empty (no tokens)")
+        out.append(ids)
+    return out
+
+
+def _fit_context(ids: list[int], index: int, context: int, max_new_tokens: int, truncate: bool,
+                 bos: int | None) -> tuple[list[int], int]:
+    """The prompt as fed and how many tokens were dropped from its front."""
+    if len(ids) < context:
+        return ids, 0
+    if not truncate:
+        raise InputError(
+            f"prompt {index} is {len(ids)} tokens but the model's context is {context} tokens "
+            f"(max_position_embeddings), leaving no room to generate; shorten it or truncate it"
+        )
+    keep = max(context - max_new_tokens, 1)
+    head = [ids[0]] if bos is not None and ids[0] == bos and keep > 1 else []  # keep BOS: models expect it
+    tail = ids[len(ids) - (keep - len(head)):]
+    return head + tail, len(ids) - len(head) - len(tail)
+
+
+def _check_stop_strings(stop_strings, tokenizer) -> list[str]:
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    stop_strings = list(stop_strings)
+    if any(not isinstance(s, str) or not s for s in stop_strings):
+        raise InputError(f"stop strings must be non-empty strings, got {stop_strings!r}")
+    if stop_strings and tokenizer is None:
+        raise InputError("stop strings need a tokenizer")
+    return stop_strings
