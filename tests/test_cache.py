@@ -1,0 +1,97 @@
+"""KV cache: allocated once, written in place, overflow is a clear error; chunked prefill is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pybitnet import CacheError, InputError, synthetic
+from rules import assert_float32_rule, assert_float64_rule, right_padded_mask
+
+
+def test_cache_is_written_in_place_never_reallocated():
+    model = synthetic.random_model("tiny", seed=0, dtype=torch.float64)
+    cache = model.new_cache(2, 16)
+    keys_ptr = cache.keys.data_ptr()
+    model.prefill(torch.randint(0, 512, (2, 5)), cache)
+    for _ in range(4):
+        model.decode_step(torch.randint(0, 512, (2,)), cache)
+    assert cache.keys.data_ptr() == keys_ptr
+    assert cache.lengths.tolist() == [9, 9]
+    assert cache.keys.shape[3] == 16
+    assert cache.keys[:, :, :, 9:].abs().sum() == 0  # nothing written past the used positions
+
+
+def test_overflow_is_a_clear_error():
+    model = synthetic.random_model("tiny", seed=0)
+    cache = model.new_cache(1, 4)
+    model.prefill(torch.randint(0, 512, (1, 4)), cache)
+    with pytest.raises(CacheError, match="max_len=4"):
+        model.decode_step(torch.tensor([1]), cache)
+    with pytest.raises(CacheError, match="max_len=4"):
+        model.prefill(torch.randint(0, 512, (1, 5)), model.new_cache(1, 4))
+
+
+def test_select_rows_keeps_decoding_the_kept_rows():
+    model = synthetic.random_model("tiny", seed=1, dtype=torch.float64)
+    tokens = torch.randint(0, 512, (3, 6))
+    cache = model.new_cache(3, 10)
+    model.prefill(tokens, cache)
+    nxt = torch.randint(0, 512, (3,))
+    full = model.decode_step(nxt, cache)
+    cache2 = model.new_cache(3, 10)
+    model.prefill(tokens, cache2)
+    cache2.select_rows(torch.tensor([0, 2]))
+    kept = model.decode_step(nxt[[0, 2]], cache2)
+    assert_float64_rule(kept, full[[0, 2]])
+    with pytest.raises(CacheError):
+        cache2.select_rows(torch.tensor([5]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("chunk", [1, 7, 32, 100])
+def test_chunked_forward_full_equals_unchunked(dtype, chunk):
+    model = synthetic.random_model("tiny", seed=2, dtype=dtype)
+    tokens = torch.randint(0, 512, (2, 100))
+    mask = right_padded_mask([100, 61], 100)
+    whole = model.forward_full(tokens, attention_mask=mask, chunk_size=1000)
+    chunked = model.forward_full(tokens, attention_mask=mask, chunk_size=chunk)
+    real = mask.bool()
+    (assert_float64_rule if dtype == torch.float64 else assert_float32_rule)(chunked, whole, real)
+    last = model.forward_full(tokens, attention_mask=mask, chunk_size=chunk, logits="last")  # (2, V)
+    rule = assert_float64_rule if dtype == torch.float64 else assert_float32_rule
+    rule(last, torch.stack([whole[0, 99], whole[1, 60]]))
+
+
+def test_logit_selection():
+    model = synthetic.random_model("tiny", seed=3, dtype=torch.float64)
+    tokens = torch.randint(0, 512, (2, 9))
+    all_logits = model.forward_full(tokens)
+    picked = model.forward_full(tokens, logits=torch.tensor([0, 4, 8]))
+    assert picked.shape == (2, 3, 512)
+    assert torch.allclose(picked, all_logits[:, [0, 4, 8]], rtol=1e-12, atol=1e-12)
+    with pytest.raises(InputError, match="logits must be"):
+        model.forward_full(tokens, logits="first")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.zeros(1, 0, dtype=torch.long), "empty input"),
+    (torch.tensor([[1, 600]]), "token id out of range"),
+    (torch.tensor([[1.0, 2.0]]), "integer tensor"),
+    (torch.zeros(1, 2, 3, dtype=torch.long), "shape"),
+])
+def test_bad_tokens_are_clear_errors(bad, match):
+    model = synthetic.random_model("tiny", seed=0)
+    with pytest.raises(InputError, match=match):
+        model.forward_full(bad)
+
+
+def test_bad_masks_are_clear_errors():
+    model = synthetic.random_model("tiny", seed=0)
+    tokens = torch.randint(0, 512, (2, 4))
+    with pytest.raises(InputError, match="right-padded"):
+        model.forward_full(tokens, attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    with pytest.raises(InputError, match="shape"):
+        model.forward_full(tokens, attention_mask=torch.ones(2, 3))
+    with pytest.raises(InputError, match="no real tokens"):
+        model.forward_full(tokens, attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
