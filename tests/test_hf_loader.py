@@ -19,8 +19,8 @@ TINY = pybitnet.preset("tiny")
 
 
 def _write(tmp_path, config=TINY, seed=0, **kw):
-    weights = synthetic.random_weights(config, seed)
-    save_hf(tmp_path, config, weights, **kw)
+    weights = synthetic.random_weights(config, seed, embed_dtype=torch.float32)
+    save_hf(tmp_path, config, weights, float_dtype=torch.float32, **kw)
     return weights
 
 
@@ -86,7 +86,7 @@ def _float_master_checkpoint(tmp_path, names_1bitllm: bool):
     """A `-bf16`-style (or 1bitLLM-style) checkpoint: float projection weights, no weight_scale."""
     config = TINY.replace(hidden_act="silu" if names_1bitllm else "relu2")
     g = torch.Generator().manual_seed(0)
-    save_hf(tmp_path, config, synthetic.random_weights(config, 0))
+    save_hf(tmp_path, config, synthetic.random_weights(config, 0), float_dtype=torch.float32)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     masters = {}
     for name in list(tensors):

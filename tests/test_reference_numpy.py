@@ -62,7 +62,7 @@ CASES = [
 
 def _write(tmp_path: Path, config: ModelConfig, linear_class: str, seed: int = 0) -> Path:
     weights = random_weights(config, seed)
-    return save_hf(tmp_path / "ckpt", config, weights, linear_class=linear_class, embed_dtype=torch.float32)
+    return save_hf(tmp_path / "ckpt", config, weights, linear_class=linear_class, float_dtype=torch.float32)
 
 
 def _tokens(config: ModelConfig, seq: int, seed: int) -> list[int]:
@@ -128,8 +128,8 @@ def test_scale_conventions_agree(tmp_path):
     for the reference and for pybitnet; a scale read with the wrong convention would not be."""
     config = _config(act="silu")
     weights = random_weights(config, 3)
-    auto = save_hf(tmp_path / "auto", config, weights, linear_class="autobitlinear", embed_dtype=torch.float32)
-    inv = save_hf(tmp_path / "inv", config, weights, linear_class="bitlinear", embed_dtype=torch.float32)
+    auto = save_hf(tmp_path / "auto", config, weights, linear_class="autobitlinear", float_dtype=torch.float32)
+    inv = save_hf(tmp_path / "inv", config, weights, linear_class="bitlinear", float_dtype=torch.float32)
     tokens = _tokens(config, 9, seed=5)
     ref_auto = reference_numpy.ReferenceModel.from_hf_dir(auto).forward(tokens)
     ref_inv = reference_numpy.ReferenceModel.from_hf_dir(inv).forward(tokens)
@@ -166,7 +166,7 @@ def test_reference_reads_bf16_checkpoints(tmp_path):
     """The default writer dtype (bf16 embedding) is read by the reference's own BF16 widening."""
     config = _config(vocab=64, layers=1)
     weights = random_weights(config, 11)  # bf16 embedding
-    path = save_hf(tmp_path / "bf16", config, weights)  # embed_dtype defaults to bfloat16
+    path = save_hf(tmp_path / "bf16", config, weights)  # float_dtype defaults to bfloat16
     tokens = _tokens(config, 6, seed=2)
     ref = reference_numpy.ReferenceModel.from_hf_dir(path)
     np.testing.assert_array_equal(ref.embed, weights["embed_tokens"].double().numpy())

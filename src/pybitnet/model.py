@@ -58,7 +58,9 @@ class LMHead(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, weights: Weights, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", backend: str = kernels.AUTO):
+                 device: torch.device | str = "cpu", backend: str = kernels.AUTO, release_weights: bool = False):
+        """Build from a weight set. `release_weights` empties `weights` as each layer is built, so a
+        loader's copy and the model's fused copy of a layer never both exist for the whole model."""
         super().__init__()
         check_weights(config, weights, source="weights")
         self.config = config
@@ -71,7 +73,11 @@ class Transformer(nn.Module):
             return weights[name].to(device=device, dtype=dtype)
 
         def ternary(names: list[str]) -> BitLinear:
-            return BitLinear([_on(weights[n], device) for n in names], backend)
+            linear = BitLinear([_on(weights[n], device) for n in names], backend)
+            if release_weights:
+                for n in names:
+                    del weights[n]
+            return linear
 
         blocks = []
         for i in range(config.num_layers):
@@ -106,8 +112,9 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: Weights, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str = "cpu", backend: str = kernels.AUTO) -> "Transformer":
-        return cls(config, weights, dtype=dtype, device=device, backend=backend)
+                     device: torch.device | str = "cpu", backend: str = kernels.AUTO,
+                     release_weights: bool = False) -> "Transformer":
+        return cls(config, weights, dtype=dtype, device=device, backend=backend, release_weights=release_weights)
 
     @property
     def device(self) -> torch.device:

@@ -55,4 +55,5 @@ def random_model(preset_or_config: str | ModelConfig = "tiny", seed: int = 0, nu
     config = preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     if num_layers is not None:
         config = config.replace(num_layers=num_layers)
-    return Transformer(config, random_weights(config, seed), dtype=dtype, device=device, backend=backend)
+    return Transformer(config, random_weights(config, seed), dtype=dtype, device=device, backend=backend,
+                       release_weights=True)

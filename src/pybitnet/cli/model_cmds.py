@@ -132,3 +132,41 @@ def perplexity(model: str = typer.Argument(..., help="HF directory, .gguf file, 
     elapsed = time.perf_counter() - start
     console.print(f"perplexity {result.perplexity:.4f}  (nll {result.nll:.4f} nats/token, {result.tokens_scored} tokens, "
                   f"{result.windows} windows, {len(ids) / elapsed:.1f} tokens/s)")
+
+
+@app.command()
+def bench(layers: int = typer.Option(30, "--layers", help="layers of the 2B-4T-shaped model (30 = the real depth)"),
+          threads: Optional[int] = ThreadsOpt, backend: str = BackendOpt,
+          json_path: Optional[Path] = typer.Option(None, "--json", help="write machine-readable results here"),
+          markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="write a markdown table here"),
+          plot_path: Optional[Path] = typer.Option(None, "--plot", help="write a PNG plot of ms/token vs T here"),
+          sections: str = typer.Option(",".join(("full_vs_step", "scaling", "memory", "decode", "gemm_peak")), "--sections",
+                                       help="comma-separated subset of: full_vs_step, scaling, memory, decode, gemm_peak"),
+          quick: bool = typer.Option(False, "--quick", help="full vs step at T=64,128 only, scaling to T=1024")):
+    """Benchmark the full-sequence path against step-by-step on the built-in 2B-4T-shaped model."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .. import bench as suite
+    from ..kernels import check_backend
+
+    check_backend(backend)
+    if layers < 1:
+        raise InputError(f"--layers must be >= 1, got {layers}")
+    chosen = tuple(s.strip() for s in sections.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in suite.SECTIONS]
+    if unknown:
+        raise InputError(f"unknown --sections {unknown}; choose from {', '.join(suite.SECTIONS)}")
+    n = set_threads(threads)
+    kwargs = {"full_vs_step_t": (64, 128), "scaling_t": (128, 256, 512, 1024)} if quick else {}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(msg: str) -> None:
+            if msg.startswith("WARNING"):
+                console.print(f"[yellow]{msg}[/yellow]")
+            bar.update(task, description=msg)
+
+        results = suite.run_suite(layers=layers, threads=n, sections=chosen, backend=backend, progress=progress, **kwargs)
+    suite.save(results, str(json_path) if json_path else None, str(markdown_path) if markdown_path else None,
+               str(plot_path) if plot_path else None)
+    console.print(suite.markdown(results))

@@ -35,6 +35,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     from ..model import Transformer
 
     config, weights, info = load_weights(path)
-    model = Transformer(config, weights, dtype=dtype, device=device, backend=backend)
+    model = Transformer(config, weights, dtype=dtype, device=device, backend=backend, release_weights=True)
     model.source = {"path": str(path), **info}
     return model

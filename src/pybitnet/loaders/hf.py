@@ -186,9 +186,14 @@ def hf_config_dict(config: ModelConfig, linear_class: str = "autobitlinear", tor
 
 
 def save_hf(path: str | Path, config: ModelConfig, weights: Weights, *, linear_class: str = "autobitlinear",
-            embed_dtype: torch.dtype = torch.bfloat16, scale_dtype: torch.dtype = torch.float32,
+            float_dtype: torch.dtype = torch.bfloat16, scale_dtype: torch.dtype = torch.float32,
             max_shard_bytes: int | None = None) -> Path:
-    """Write the packed HF layout that transformers' BitNetForCausalLM loads (FORMATS.md A.4/A.5)."""
+    """Write the packed HF layout that transformers' BitNetForCausalLM loads (FORMATS.md A.4/A.5).
+
+    Every float tensor (embedding, lm_head, norms) is written in `float_dtype`, the config's
+    torch_dtype, as the 2B-4T repo does: transformers keeps an offline autobitlinear checkpoint's
+    float weights in their on-disk dtype, so mixing bf16 and fp32 there breaks its forward.
+    """
     if config.sub_norms is False:
         raise ConfigError("save_hf writes BitNetForCausalLM, which always has sub-norms")
     if linear_class not in ("autobitlinear", "bitlinear"):
@@ -204,11 +209,9 @@ def save_hf(path: str | Path, config: ModelConfig, weights: Weights, *, linear_c
             tensors[hf_name] = pack_hf(value.values).contiguous()
             scale = value.beta if linear_class == "autobitlinear" else 1.0 / value.beta
             tensors[hf_name + "_scale"] = torch.tensor([scale], dtype=scale_dtype)
-        elif name in ("embed_tokens", "lm_head"):
-            tensors[hf_name] = value.to(embed_dtype).contiguous()
         else:
-            tensors[hf_name] = value.float().contiguous()
-    dtype_name = str(embed_dtype).replace("torch.", "")
+            tensors[hf_name] = value.to(float_dtype).contiguous()
+    dtype_name = str(float_dtype).replace("torch.", "")
     (path / "config.json").write_text(json.dumps(hf_config_dict(config, linear_class, dtype_name), indent=2))
     shards = _split_shards(tensors, max_shard_bytes)
     if len(shards) == 1:

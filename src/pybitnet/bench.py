@@ -1,0 +1,276 @@
+"""The benchmark suite: full-sequence vs step-by-step, scaling in T, memory, decode, int8 GEMM peak.
+
+Runs on a synthetic model with the exact bitnet-b1.58-2B-4T shape (random ternary weights, no
+download). Every ratio is measured side by side in one run; the machine's load average is
+recorded first, since one other busy process halves every figure on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from .config import preset
+
+PRESET = "bitnet-b1.58-2b-4t"
+FULL_VS_STEP_T = (64, 128, 256, 512)
+SCALING_T = (128, 256, 512, 1024, 2048, 4096)
+DECODE_CONTEXTS = (128, 1024)
+MEMORY_T = 2048
+Progress = Callable[[str], None]
+
+
+def _timed(fn: Callable[[], object], repeats: int = 1) -> float:
+    """Best wall time of `repeats` runs, seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _tokens(seq: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def ternary_ops_per_token(layers: int) -> int:
+    """Integer multiply-adds (x2) of the seven BitLinears per token: the GEMM work of a prefill."""
+    return 2 * preset(PRESET).replace(num_layers=layers).ternary_parameters()
+
+
+def full_vs_step(model, seqs=FULL_VS_STEP_T, progress: Progress | None = None) -> list[dict]:
+    rows = []
+    vocab = model.config.vocab_size
+    model.forward_full(_tokens(16, vocab), logits="last")  # warm up kernels and buffers
+    for seq in seqs:
+        tokens = _tokens(seq, vocab, seq)
+        if progress:
+            progress(f"full T={seq}")
+        full = _timed(lambda: model.forward_full(tokens), repeats=2)
+        if progress:
+            progress(f"step T={seq}")
+        step = _timed(lambda: model.forward_step_by_step(tokens))
+        rows.append({"T": seq, "full_tok_s": seq / full, "step_tok_s": seq / step, "speedup": step / full})
+    return rows
+
+
+def scaling(model, seqs=SCALING_T, progress: Progress | None = None) -> list[dict]:
+    rows = []
+    vocab = model.config.vocab_size
+    for seq in seqs:
+        if progress:
+            progress(f"scaling T={seq}")
+        tokens = _tokens(seq, vocab, seq)
+        elapsed = _timed(lambda: model.forward_full(tokens, logits="last"), repeats=2 if seq <= 1024 else 1)
+        rows.append({"T": seq, "full_ms_per_token": 1e3 * elapsed / seq, "full_tok_s": seq / elapsed})
+    return rows
+
+
+def decode(model, contexts=DECODE_CONTEXTS, steps: int = 16, progress: Progress | None = None) -> list[dict]:
+    rows = []
+    vocab = model.config.vocab_size
+    for ctx in contexts:
+        if progress:
+            progress(f"decode at context {ctx}")
+        cache = model.new_cache(1, ctx + steps + 1)
+        model.prefill(_tokens(ctx, vocab, ctx), cache)
+        token = torch.tensor([1])
+        model.decode_step(token, cache)  # warm-up step
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.decode_step(token, cache)
+        elapsed = time.perf_counter() - start
+        rows.append({"context": ctx, "tok_s": steps / elapsed, "ms_per_token": 1e3 * elapsed / steps})
+    return rows
+
+
+def gemm_peak(rows: int = 512, repeats: int = 5) -> dict:
+    """int8 GEMM GOP/s of torch._int_mm for the FFN gate/up shape [rows x 2560] x [2560 x 6912]."""
+    c = preset(PRESET)
+    a = torch.randint(-128, 128, (rows, c.hidden_size), dtype=torch.int8)
+    w = torch.randint(-1, 2, (c.intermediate_size, c.hidden_size), dtype=torch.int8)
+    torch._int_mm(a, w.t())
+    elapsed = _timed(lambda: torch._int_mm(a, w.t()), repeats)
+    return {"shape": [rows, c.hidden_size, c.intermediate_size], "gop_s": 2 * rows * c.hidden_size * c.intermediate_size / elapsed / 1e9}
+
+
+_MEMORY_SCRIPT = """
+import resource, sys, torch, pybitnet
+torch.set_num_threads({threads})
+model = pybitnet.synthetic.random_model("{preset}", seed=0, num_layers={layers})
+if {seq}:
+    model.forward_full(torch.randint(0, model.config.vocab_size, (1, {seq})), logits="last")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_rss(layers: int, seq: int, threads: int) -> int:
+    """Peak RSS (bytes) of a fresh process that builds the model and, if seq, runs forward_full(logits="last")."""
+    script = _MEMORY_SCRIPT.format(threads=threads, preset=PRESET, layers=layers, seq=seq)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def memory(layers: int, threads: int, progress: Progress | None = None) -> dict:
+    if progress:
+        progress("memory: model only")
+    model_only = peak_rss(layers, 0, threads)
+    if progress:
+        progress(f"memory: forward_full T={MEMORY_T}")
+    with_forward = peak_rss(layers, MEMORY_T, threads)
+    return {"model_only_peak_rss": model_only, f"forward_full_T{MEMORY_T}_peak_rss": with_forward,
+            "forward_overhead": with_forward - model_only, "logits": "last"}
+
+
+def machine_info(threads: int) -> dict:
+    load1, load5, _ = os.getloadavg()
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch_version": torch.__version__,
+        "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "load_average_before": [round(load1, 2), round(load5, 2)],
+        "idle": load1 < 0.5,
+    }
+
+
+SECTIONS = ("full_vs_step", "scaling", "memory", "decode", "gemm_peak")
+
+
+def run_suite(layers: int = 30, threads: int | None = None, sections=SECTIONS, backend: str = "auto",
+              progress: Progress | None = None, full_vs_step_t=FULL_VS_STEP_T, scaling_t=SCALING_T) -> dict:
+    from .synthetic import random_model
+
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    info = machine_info(threads)
+    results: dict = {"threads": threads, "torch_version": torch.__version__, "layers": layers, "backend": backend,
+                     "model": PRESET, "machine": info}
+    if not info["idle"] and progress:
+        progress(f"WARNING: load average {info['load_average_before'][0]} before start: the machine is not idle")
+    model = None
+    if any(s in sections for s in ("full_vs_step", "scaling", "decode")):
+        if progress:
+            progress("building the model")
+        model = random_model(PRESET, seed=0, num_layers=layers, backend=backend)
+    if "gemm_peak" in sections:
+        if progress:
+            progress("int8 GEMM peak")
+        results["gemm_peak"] = gemm_peak()
+    if "full_vs_step" in sections:
+        results["full_vs_step"] = full_vs_step(model, full_vs_step_t, progress)
+    if "scaling" in sections:
+        results["scaling"] = scaling(model, scaling_t, progress)
+    if "decode" in sections:
+        results["decode"] = decode(model, progress=progress)
+    if "memory" in sections:
+        del model
+        results["memory"] = memory(layers, threads, progress)
+    if "gemm_peak" in results and "scaling" in results:
+        prefill = next((r for r in results["scaling"] if r["T"] == 512), results["scaling"][0])
+        achieved = ternary_ops_per_token(layers) * prefill["full_tok_s"] / 1e9
+        results["gemm_peak"].update({"prefill_T": prefill["T"], "prefill_gop_s": achieved,
+                                     "fraction_of_peak": achieved / results["gemm_peak"]["gop_s"]})
+    results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()[:2]]
+    return results
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# Benchmarks", "",
+        f"Model: `{results['model']}` shape, random ternary weights, {results['layers']} layers, backend `{results['backend']}`.",
+        f"Machine: {m['cpu']} ({m['cores']} cores, {m['cpu_capability']}), {results['threads']} torch threads, "
+        f"torch {results['torch_version']}, Python {m['python']}. Date: {m['date']}. "
+        f"Load average before: {m['load_average_before'][0]} ({'idle' if m['idle'] else 'NOT idle'}).", "",
+    ]
+    if "full_vs_step" in results:
+        lines += ["## Full-sequence vs step-by-step (all logits in both)", "",
+                  "| T | full tok/s | step tok/s | speedup |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['T']} | {r['full_tok_s']:.1f} | {r['step_tok_s']:.2f} | {r['speedup']:.1f}× |" for r in results["full_vs_step"]]
+        lines.append("")
+    if "scaling" in results:
+        lines += ["## Scaling in T (forward_full, logits for the last position)", "",
+                  "| T | ms/token | tok/s |", "|---:|---:|---:|"]
+        lines += [f"| {r['T']} | {r['full_ms_per_token']:.2f} | {r['full_tok_s']:.1f} |" for r in results["scaling"]]
+        lines.append("")
+    if "decode" in results:
+        lines += ["## Decode (decode_step, batch 1)", "", "| context | tok/s | ms/token |", "|---:|---:|---:|"]
+        lines += [f"| {r['context']} | {r['tok_s']:.2f} | {r['ms_per_token']:.1f} |" for r in results["decode"]]
+        lines.append("")
+    if "memory" in results:
+        mem = results["memory"]
+        gib = 2**30
+        lines += ["## Memory (peak RSS of separate processes)", "",
+                  f"- model only: {mem['model_only_peak_rss'] / gib:.2f} GiB",
+                  f"- model + forward_full at T={MEMORY_T} (logits last): {mem[f'forward_full_T{MEMORY_T}_peak_rss'] / gib:.2f} GiB "
+                  f"(+{mem['forward_overhead'] / gib:.2f} GiB)", ""]
+    if "gemm_peak" in results:
+        g = results["gemm_peak"]
+        lines += ["## int8 GEMM peak", "", f"- torch._int_mm {g['shape']}: {g['gop_s']:.0f} GOP/s"]
+        if "prefill_gop_s" in g:
+            lines.append(f"- prefill at T={g['prefill_T']}: {g['prefill_gop_s']:.0f} GOP/s of ternary GEMM work = "
+                         f"{100 * g['fraction_of_peak']:.0f}% of that peak")
+        lines.append("")
+    if "vs_llama_cpp" in results:
+        v = results["vs_llama_cpp"]
+        lines += ["## vs llama.cpp (same random model as GGUF TQ2_0, same threads)", ""]
+        if "skipped" in v:
+            lines.append(f"- skipped: {v['skipped']}")
+        else:
+            lines += ["| | llama.cpp | pybitnet | ratio |", "|---|---:|---:|---:|",
+                      f"| prompt processing, 512 tokens (tok/s) | {v['llama_pp512_tok_s']:.1f} | {v['pybitnet_pp512_tok_s']:.1f} | {v['pp512_ratio']:.2f}× |",
+                      f"| generation, 32 tokens (tok/s) | {v['llama_tg32_tok_s']:.1f} | {v['pybitnet_tg32_tok_s']:.1f} | {v['tg32_ratio']:.2f}× |"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if "scaling" in results:
+        ax.plot([r["T"] for r in results["scaling"]], [r["full_ms_per_token"] for r in results["scaling"]], "o-",
+                label="forward_full (logits last)")
+    if "full_vs_step" in results:
+        rows = results["full_vs_step"]
+        ax.plot([r["T"] for r in rows], [1e3 / r["full_tok_s"] for r in rows], "s--", label="forward_full (all logits)")
+        ax.plot([r["T"] for r in rows], [1e3 / r["step_tok_s"] for r in rows], "^-", label="forward_step_by_step")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("ms per token")
+    ax.set_title(f"{results['model']} shape, {results['layers']} layers, {results['threads']} threads")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save(results: dict, json_path: str | None = None, markdown_path: str | None = None, plot_path: str | None = None) -> None:
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(markdown(results))
+    if plot_path:
+        plot(results, plot_path)
