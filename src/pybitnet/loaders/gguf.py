@@ -226,12 +226,23 @@ def _shape_of(info: TensorInfo) -> tuple[int, ...]:
     return shape
 
 
+def _check_block_count(config: ModelConfig, tensors: Mapping[str, TensorInfo], path: str) -> None:
+    """Compare block_count with the blocks present before building per-layer tables (a corrupt count
+    of 2**40 layers must be an error, not a 2**40-entry dict)."""
+    blocks = {name.split(".", 2)[1] for name in tensors if name.startswith("blk.")}
+    if config.num_layers > len(blocks):
+        first_missing = next(i for i in range(config.num_layers) if str(i) not in blocks)
+        raise GGUFError(f"{path}: metadata block_count is {config.num_layers} but the file holds tensors of "
+                        f"{len(blocks)} blocks (missing tensor 'blk.{first_missing}.attn_norm.weight' and others)")
+
+
 def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, Weights]:
     """(config, weights) of a BitNet GGUF file, config from its metadata only (FORMATS.md D.2)."""
     path = str(path)
     reader = GGUFReader(path)
     try:
         config = config_from_gguf(reader.fields, reader.tensors, path)
+        _check_block_count(config, reader.tensors, path)
         weights: Weights = {}
         for name, shape in expected_shapes(config).items():
             gguf_name = internal_to_gguf(name)
