@@ -283,7 +283,8 @@ def _fit_context(ids: list[int], index: int, context: int, max_new_tokens: int, 
     if not truncate:
         raise InputError(
             f"prompt {index} is {len(ids)} tokens but the model's context is {context} tokens "
-            f"(max_position_embeddings), leaving no room to generate; shorten it or truncate it"
+            f"(max_position_embeddings), leaving no room to generate; shorten it, or pass truncate=True "
+            f"(--truncate on the command line) to keep its last tokens"
         )
     keep = max(context - max_new_tokens, 1)
     head = [ids[0]] if bos is not None and ids[0] == bos and keep > 1 else []  # keep BOS: models expect it

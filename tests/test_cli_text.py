@@ -1,0 +1,179 @@
+"""`pybitnet generate` and `pybitnet chat`, run in-process through cli.main as a user would call them."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import re
+import sys
+
+import pytest
+
+import pybitnet
+from pybitnet.cli import main
+from pybitnet.cli import text_cmds
+from pybitnet.generate import generate
+from pybitnet.sampling import SamplingParams
+from pybitnet.tokenizer import load_tokenizer
+from test_tokenizer_helpers import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("cli-tiny"))
+
+
+@pytest.fixture(scope="module")
+def short_context_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("cli-short"), max_position_embeddings=24)
+
+
+def run_cli(monkeypatch, capsys, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["pybitnet", *args])
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_greedy_prints_the_api_text_and_timing(checkpoint, monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "generate", str(checkpoint), "Hello world", "-n", "10",
+                             "--temperature", "0", "--no-stream", "--threads", "1")
+    assert code == 0
+    expected = generate(pybitnet.load(checkpoint), load_tokenizer(checkpoint), ["Hello world"], max_new_tokens=10)
+    assert out == expected.texts[0] + "\n"
+    assert re.search(r"\[prompt \d+ tokens · first token \d+ ms · \d+ tokens · [\d.]+ tok/s decode · stop: \w+\]", err)
+    # Streaming prints the same text, piece by piece.
+    code, streamed, _ = run_cli(monkeypatch, capsys, "generate", str(checkpoint), "Hello world", "-n", "10",
+                                "--temperature", "0", "--threads", "1")
+    assert code == 0 and streamed == out
+
+
+def test_generate_same_seed_same_text(checkpoint, monkeypatch, capsys):
+    args = ("generate", str(checkpoint), "The quick brown fox", "-n", "12", "--temperature", "1.0", "--threads", "1")
+    first = run_cli(monkeypatch, capsys, *args, "--seed", "5")[1]
+    again = run_cli(monkeypatch, capsys, *args, "--seed", "5")[1]
+    other = run_cli(monkeypatch, capsys, *args, "--seed", "6")[1]
+    assert first == again and first != other
+    expected = generate(pybitnet.load(checkpoint), load_tokenizer(checkpoint), ["The quick brown fox"], max_new_tokens=12,
+                        sampling=SamplingParams(temperature=1.0, top_k=40, top_p=0.95, min_p=0.05), seed=5)
+    assert first == expected.texts[0] + "\n"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["", "-n", "4"], "error: the prompt is empty"),
+        (["x", "--temperature", "-1"], "error: temperature must be >= 0"),
+        (["x", "--top-p", "0"], "error: top_p must be in (0, 1]"),
+        (["x", "--top-k", "-2"], "error: top_k must be an integer >= 0"),
+        (["x", "--min-p", "1.5"], "error: min_p must be in [0, 1)"),
+        (["x", "--repeat-penalty", "0"], "error: repetition_penalty must be > 0"),
+        (["x", "--max-tokens", "0"], "error: --max-tokens must be >= 1"),
+        ([], "error: give either a prompt text or --tokens"),
+    ],
+)
+def test_generate_bad_input_exits_1_with_a_message(checkpoint, monkeypatch, capsys, extra, message):
+    code, out, err = run_cli(monkeypatch, capsys, "generate", str(checkpoint), *extra, "--threads", "1")
+    assert code == 1 and message in err and "Traceback" not in err + out
+
+
+def test_model_without_tokenizer_or_missing_path(checkpoint, tmp_path, monkeypatch, capsys):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((checkpoint / name).read_bytes())
+    code, _, err = run_cli(monkeypatch, capsys, "generate", str(tmp_path), "hello", "--threads", "1")
+    assert code == 1 and f"error: no tokenizer in {tmp_path}" in err and "Traceback" not in err
+    code, _, err = run_cli(monkeypatch, capsys, "chat", str(tmp_path), "--threads", "1", stdin="hi\n")
+    assert code == 1 and "error: no tokenizer in" in err
+    code, _, err = run_cli(monkeypatch, capsys, "generate", str(tmp_path / "nope"), "hello", "--threads", "1")
+    assert code == 1 and "error: no such model file or directory" in err
+    # Token ids still work on a model without a tokenizer (here: a synthetic one).
+    code, out, err = run_cli(monkeypatch, capsys, "generate", "synthetic:tiny", "--tokens", "1,2,3", "-n", "4",
+                             "--temperature", "0", "--threads", "1")
+    assert code == 0 and re.fullmatch(r"\d+(,\d+){3}\n", out)
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "synthetic:tiny", "hello", "--threads", "1")
+    assert code == 1 and "has no tokenizer: give the prompt as --tokens" in err
+
+
+def test_prompt_longer_than_context_errors_or_truncates(short_context_checkpoint, monkeypatch, capsys):
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 4
+    args = ("generate", str(short_context_checkpoint), long_prompt, "-n", "4", "--temperature", "0", "--threads", "1")
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and "but the model's context is 24 tokens" in err and "--truncate" in err
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--truncate")
+    assert code == 0 and re.search(r"prompt truncated by \d+ tokens", err) and "[prompt 20 tokens" in err
+
+
+def test_chat_keeps_history_resets_and_exits_on_eof(checkpoint, monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "chat", str(checkpoint), "-n", "5", "--temperature", "0", "--stats",
+                             "--threads", "1", stdin="hello there\n\nsecond message\n/reset\nhello there\n")
+    assert code == 0 and "Traceback" not in err
+    assert out.count("bitnet> ") == 3 and "[conversation cleared]" in err and err.rstrip().endswith("bye")
+    prompt_sizes = [int(n) for n in re.findall(r"\[prompt (\d+) tokens", err)]
+    # Turn 2 carries turn 1 (user + reply); after /reset the same first message gives the same prompt again.
+    assert prompt_sizes[1] > prompt_sizes[0] + 5 and prompt_sizes[2] == prompt_sizes[0]
+    replies = re.findall(r"bitnet> (.*)", out)
+    assert replies[0] == replies[2]  # greedy: same history, same reply
+
+
+def test_chat_ctrl_c_stops_a_reply_then_exits_cleanly(checkpoint, monkeypatch, capsys):
+    lines = iter(["hello", "again"])
+
+    def fake_input(prompt: str = "") -> str:
+        print(prompt, end="")
+        try:
+            return next(lines)
+        except StopIteration:
+            raise KeyboardInterrupt from None  # Ctrl-C at the prompt
+
+    class InterruptedStream:
+        result = None
+
+        def __iter__(self):
+            yield "partial"
+            raise KeyboardInterrupt  # Ctrl-C while the reply streams
+
+        def close(self):
+            pass
+
+    real_stream = text_cmds.stream
+    calls = []
+
+    def first_reply_interrupted(*args, **kwargs):
+        calls.append(args[2])
+        return InterruptedStream() if len(calls) == 1 else real_stream(*args, **kwargs)
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    monkeypatch.setattr(text_cmds, "stream", first_reply_interrupted)
+    code, out, err = run_cli(monkeypatch, capsys, "chat", str(checkpoint), "-n", "3", "--threads", "1")
+    assert code == 0 and "bitnet> partial [interrupted]" in out and err.rstrip().endswith("bye")
+    tokenizer = load_tokenizer(checkpoint)
+    # The interrupted reply stays in the history as far as it was shown.
+    assert tokenizer.decode(calls[1], skip_special_tokens=False).startswith(
+        tokenizer.apply_chat_template([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "partial"}],
+                                      add_generation_prompt=False))
+
+
+def test_chat_drops_old_turns_to_fit_the_context(short_context_checkpoint, monkeypatch, capsys):
+    long_message = "The quick brown fox jumps over the lazy dog. " * 4
+    code, out, err = run_cli(monkeypatch, capsys, "chat", str(short_context_checkpoint), "-n", "4", "--temperature", "0",
+                             "--stats", "--threads", "1", stdin=f"hi\nhello again\nand again\n{long_message}\nok\n")
+    assert code == 0 and "Traceback" not in err
+    assert "oldest messages dropped to fit the context of 24 tokens" in err
+    assert "[that message is too long for the model's context of 24 tokens]" in err
+    assert out.count("bitnet> ") == 4  # every message but the long one got a reply
+    # Prompts leave room for the reply, unless the newest message alone does not (its reply then stops at the context).
+    sizes = [int(n) for n in re.findall(r"\[prompt (\d+) tokens", err)]
+    reasons = re.findall(r"stop: (\w+)", err)
+    assert all(n + 4 <= 24 or (n < 24 and reason == "context") for n, reason in zip(sizes, reasons))
+
+
+def test_terminal_output_drops_control_characters_but_pipes_stay_exact():
+    raw = "a\x1b[2Jb\rc\n\td\x7f\x00"
+    assert text_cmds._for_terminal(raw, True) == "a[2Jbc\n\td"
+    assert text_cmds._for_terminal(raw, False) == raw
