@@ -255,3 +255,36 @@ def test_float32_greedy_agreement_with_step_by_step(checkpoint, tokenizer):
         total += len(generated)
     print(f"float32 greedy vs step-by-step argmax: {agree}/{total} tokens agree")
     assert agree / total >= 0.9
+
+
+def test_gguf_file_with_tokenizer_generates_like_the_hf_directory(checkpoint, tokenizer, model64, tmp_path):
+    """A .gguf carrying tokenizer.ggml.* keys: same tokenizer, same float64 greedy tokens as the HF directory."""
+    from pybitnet.loaders.gguf import write_gguf
+    from pybitnet.loaders.hf import load_hf_weights
+    from test_tokenizer_helpers import gguf_metadata_from_hf
+
+    config, weights, _ = load_hf_weights(checkpoint)
+    keys = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+            "tokenizer.ggml.add_bos_token")
+    metadata = gguf_metadata_from_hf(checkpoint / "tokenizer.json")
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, config, weights, "i2_s", {k: metadata[k] for k in keys}, embed_type="bf16")
+    gguf_tokenizer = load_tokenizer(path)
+    assert gguf_tokenizer.stop_token_ids == tokenizer.stop_token_ids
+    assert [gguf_tokenizer.encode(p) for p in PROMPTS] == [tokenizer.encode(p) for p in PROMPTS]
+    from_gguf = generate(pybitnet.load(path, dtype=torch.float64), gguf_tokenizer, PROMPTS[:3], max_new_tokens=6,
+                         stop_token_ids=[])
+    from_hf = generate(model64, tokenizer, PROMPTS[:3], max_new_tokens=6, stop_token_ids=[])
+    assert from_gguf.token_ids == from_hf.token_ids and from_gguf.texts == from_hf.texts
+
+
+def test_gguf_file_without_vocab_has_no_tokenizer(checkpoint, tmp_path):
+    from pybitnet.errors import CheckpointError
+    from pybitnet.loaders.gguf import write_gguf
+    from pybitnet.loaders.hf import load_hf_weights
+
+    config, weights, _ = load_hf_weights(checkpoint)
+    path = tmp_path / "no-vocab.gguf"
+    write_gguf(path, config, weights, "tq2_0" if config.hidden_size % 256 == 0 else "i2_s")
+    with pytest.raises(CheckpointError, match="has no tokenizer"):
+        load_tokenizer(path)
