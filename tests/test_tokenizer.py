@@ -290,3 +290,15 @@ def test_gguf_llama_vocab_matches_sentencepiece():
     for text in SPM_TEXTS:
         assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
         assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+
+
+def test_incremental_decoder_keeps_word_spaces_with_sentencepiece():
+    tokens, types, scores = _metaspace_vocab()
+    tok = Tokenizer.from_gguf_metadata(_llama_metadata(tokens, types, scores))
+    prompt = tok.encode("The answer is")
+    continuation = tok.encode("The answer is forty two, jalapeño", add_special_tokens=False)[len(prompt) - 1:]
+    decoder = IncrementalDecoder(tok, context_ids=prompt)
+    pieces = [decoder.push(i) for i in continuation]
+    # In context each word keeps its leading space, which decoding the new ids alone would strip.
+    assert "".join(pieces) + decoder.flush() == " forty two, jalapeño"
+    assert tok.decode(continuation) == "forty two, jalapeño"
