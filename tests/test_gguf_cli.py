@@ -1,0 +1,86 @@
+"""`pybitnet convert`: HF checkpoint -> GGUF of every type, GGUF -> GGUF, tokenizer carried along, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pybitnet.cli import app
+from pybitnet.loaders.gguf import load_gguf_weights, read_gguf_metadata
+from pybitnet.loaders.gguf_file import GGUFReader, ValueType
+from pybitnet.loaders.hf import load_hf_weights
+from pybitnet.tokenizer import load_tokenizer
+from pybitnet.weights import TernaryWeight
+from test_tokenizer_helpers import CORPUS, write_tiny_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("hf"), tied=True)
+
+
+@pytest.mark.parametrize("qtype", ["i2_s", "f16"])  # tiny's rows of 128 cannot be TQ blocks
+def test_convert_hf_dir(hf_dir: Path, tmp_path: Path, qtype: str):
+    dst = tmp_path / "m.gguf"
+    result = runner.invoke(app, ["convert", str(hf_dir), str(dst), "--type", qtype])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {dst} ({qtype}, 2 layers" in result.output and "tokenizer included" in result.output
+    config, weights = load_gguf_weights(dst)
+    hf_config, hf_weights, _ = load_hf_weights(hf_dir)
+    assert config == hf_config
+    for name, value in hf_weights.items():
+        if isinstance(value, TernaryWeight):
+            assert torch.equal(weights[name].values, value.values), name
+    # the tokenizer travels: the GGUF-built tokenizer encodes like the HF one
+    gguf_tok, hf_tok = load_tokenizer(dst), load_tokenizer(hf_dir)
+    for text in CORPUS[:5] + ["unseen words: zyxwvut"]:
+        assert gguf_tok.encode(text) == hf_tok.encode(text), text
+    with GGUFReader(dst) as reader:
+        assert reader.fields["tokenizer.ggml.token_type"].elem_type == ValueType.INT32
+        assert len(reader.metadata["tokenizer.ggml.tokens"]) == config.vocab_size
+
+
+def test_convert_gguf_to_gguf_keeps_tokenizer(hf_dir: Path, tmp_path: Path):
+    first, second = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    assert runner.invoke(app, ["convert", str(hf_dir), str(first)]).exit_code == 0
+    result = runner.invoke(app, ["convert", str(first), str(second), "--type", "f16", "--embed-type", "bf16"])
+    assert result.exit_code == 0, result.output
+    meta_a, meta_b = read_gguf_metadata(first), read_gguf_metadata(second)
+    assert {k: v for k, v in meta_a.items() if k.startswith("tokenizer.")} == \
+        {k: v for k, v in meta_b.items() if k.startswith("tokenizer.")}
+    assert meta_b["general.architecture"] == "bitnet" and meta_b["bitnet.hidden_activation"] == "relu2"
+    (_, wa), (_, wb) = load_gguf_weights(first), load_gguf_weights(second)
+    assert wb["embed_tokens"].dtype == torch.bfloat16
+    assert all(torch.equal(wa[n].values, wb[n].values) for n in wa if isinstance(wa[n], TernaryWeight))
+
+
+def test_convert_without_tokenizer_writes_no_vocab(tmp_path: Path):
+    from pybitnet import preset, synthetic
+    from pybitnet.loaders.hf import save_hf
+
+    src = save_hf(tmp_path / "hf", preset("tiny"), synthetic.random_weights(preset("tiny"), 0))
+    dst = tmp_path / "m.gguf"
+    result = runner.invoke(app, ["convert", str(src), str(dst)])
+    assert result.exit_code == 0 and "no tokenizer (no_vocab)" in result.output
+    assert read_gguf_metadata(dst)["tokenizer.ggml.model"] == "no_vocab"
+
+
+def test_convert_errors_are_one_line(hf_dir: Path, tmp_path: Path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pybitnet", "convert", *args], capture_output=True, text=True)
+
+    bad_type = run(str(hf_dir), str(tmp_path / "x.gguf"), "--type", "q4_0")
+    assert bad_type.returncode == 1 and "error: --type must be one of i2_s, tq1_0, tq2_0, f16" in bad_type.stderr
+    tq_tiny = run(str(hf_dir), str(tmp_path / "x.gguf"), "--type", "tq2_0")
+    assert tq_tiny.returncode == 1 and "not a multiple of 256" in tq_tiny.stderr
+    assert "Traceback" not in tq_tiny.stderr and not (tmp_path / "x.gguf").exists()
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
+    junk = run(str(tmp_path / "junk.gguf"), str(tmp_path / "y.gguf"))
+    assert junk.returncode == 1 and "not a GGUF file: magic b'not '" in junk.stderr
