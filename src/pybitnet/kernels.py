@@ -33,14 +33,15 @@ def check_backend(name: str) -> str:
     return name
 
 
-def select_backend(preference: str, rows: int, dtype: torch.dtype, device: torch.device, in_features: int) -> str:
+def select_backend(preference: str, rows: int, dtype: torch.dtype, device: torch.device, in_features: int,
+                   out_features: int = 8) -> str:
     """The backend to run `rows` rows with: the preference, or the fastest exact one for `auto`."""
     if preference != AUTO:
         return preference
     if dtype == torch.float64:
         return "reference"  # exactness tests: the plain float64 path
-    if device.type != "cpu":
-        return "int8" if (rows > 16 and in_features % 8 == 0) else "reference"
+    if device.type != "cpu":  # cuBLASLt int8: more than 16 rows, K and N multiples of 8
+        return "int8" if (rows > 16 and in_features % 8 == 0 and out_features % 8 == 0) else "reference"
     if rows <= GEMV_MAX_ROWS and in_features <= FP32_EXACT_K:
         return "int8_gemv"
     return "int8"

@@ -38,7 +38,8 @@ class BitLinear(nn.Module):
         The input quantized is RMSNorm(row_scale * x) when `norm` is given (every BitLinear input of
         BitNet is a norm's output), else row_scale * x; see quant.activations.quantize_normed.
         """
-        chosen = kernels.select_backend(backend or self.backend, x.shape[0], x.dtype, x.device, self.in_features)
+        chosen = kernels.select_backend(backend or self.backend, x.shape[0], x.dtype, x.device, self.in_features,
+                                         self.ternary_weights.shape[0])
         as_int8 = chosen == "int8"
         if norm is None and row_scale is None:
             q, act_scale = quantize_activations(x, as_int8=as_int8)
