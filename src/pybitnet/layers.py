@@ -217,5 +217,5 @@ class Block(nn.Module):
         self.attention, self.ffn = attention, ffn
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
-        h = h + self.attention(h, cos, sin, ctx, layer)
-        return h + self.ffn(h)
+        h = h + self.attention(h, cos, sin, ctx, layer)  # a new tensor: the caller's h is never modified
+        return h.add_(self.ffn(h))

@@ -21,7 +21,7 @@ from .weights import PROJECTIONS, TernaryWeight, Weights, check_weights
 # Longer sequences are prefilled in chunks of this many tokens, bounding activation memory.
 DEFAULT_CHUNK = 1024
 # The lm_head over a bf16/f16 embedding is computed in fp32 this many vocab rows at a time.
-LM_HEAD_ROWS = 2048
+LM_HEAD_ROWS = 1024
 
 
 class LMHead(nn.Module):
