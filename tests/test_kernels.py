@@ -45,10 +45,20 @@ def test_unknown_backend_is_a_clear_error():
         kernels.check_backend("fp8")
 
 
+def test_reference_guards_the_fp32_exactness_bound():
+    k = kernels.FP32_EXACT_K + 64  # a K whose sums can pass 2**24
+    q = torch.full((1, k), 127.0)
+    w = torch.ones(2, k, dtype=torch.int8)
+    q[0, 0] = 1.0  # an odd total above 2**24: not representable in fp32
+    expected = 127 * (k - 1) + 1
+    assert int(kernels.accumulate(q, w, "reference")[0, 0]) == expected
+    assert int(kernels.accumulate(q, w, "int8")[0, 0]) == expected
+
+
 def test_auto_dispatch():
     cpu = torch.device("cpu")
     assert kernels.select_backend("auto", 512, torch.float32, cpu, 2560) == "int8"
-    assert kernels.select_backend("auto", 1, torch.float32, cpu, 2560) == "int8_gemv"
+    assert kernels.select_backend("auto", 1, torch.float32, cpu, 2560) == "int8"
     assert kernels.select_backend("auto", 512, torch.float64, cpu, 2560) == "reference"
     assert kernels.select_backend("int8", 1, torch.float64, cpu, 2560) == "int8"
 

@@ -20,7 +20,7 @@ console = Console()
 
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="torch threads (default: all cores)")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 (fast) or float64 (exactness checks)")
-BackendOpt = typer.Option("auto", "--backend", help="kernel backend: auto, reference, int8, int8_gemv")
+BackendOpt = typer.Option("auto", "--backend", help="kernel backend: auto, reference, int8")
 
 
 def set_threads(threads: Optional[int]) -> int:
