@@ -150,3 +150,37 @@ def test_sampled_tokens_are_never_filtered_ones():
         tokens = sample(logits, params, generator)
         assert torch.all((allowed == tokens.unsqueeze(-1)).any(-1))
     assert not math.isnan(float(tokens.sum()))
+
+
+def _filter_chain_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    scaled = logits.float() / params.temperature
+    return torch.softmax(min_p_filter(top_p_filter(top_k_filter(scaled, params.top_k), params.top_p), params.min_p), -1)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
+        SamplingParams(temperature=1.0, top_p=0.9),
+        SamplingParams(temperature=1.5, min_p=0.1),
+        SamplingParams(temperature=1.0, top_k=7),
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=5.0, top_p=0.999),  # flat: the top candidates miss the kept set -> full path
+    ],
+)
+def test_candidate_fast_path_is_the_filter_chain_distribution(params):
+    from pybitnet.sampling import candidate_distribution
+
+    logits = torch.randn(3, 20000, generator=torch.Generator().manual_seed(8)) * 4
+    index, weights = candidate_distribution(logits, params)
+    full = torch.zeros(3, 20000).scatter_(1, index, weights)
+    full = full / full.sum(-1, keepdim=True)
+    torch.testing.assert_close(full, _filter_chain_probs(logits, params), rtol=1e-4, atol=1e-7)
+
+
+def test_top_k_ties_keep_every_tied_token():
+    logits = torch.zeros(1, 100)
+    logits[0, :3] = 1.0  # three tied leaders, top_k=2 keeps all three (as transformers' TopKLogitsWarper does)
+    drawn = {sample(logits, SamplingParams(temperature=0.1, top_k=2), g).item()
+             for g in [make_generator(0)] for _ in range(200)}
+    assert drawn == {0, 1, 2}

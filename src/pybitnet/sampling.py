@@ -119,12 +119,65 @@ def sample(
         return torch.argmax(logits, dim=-1)
     if generator is None:
         raise InputError("sampling with temperature > 0 needs a torch.Generator (see make_generator)")
-    logits = apply_temperature(logits.float(), params.temperature)
-    logits = top_k_filter(logits, params.top_k)
-    logits = top_p_filter(logits, params.top_p)
+    index, probs = candidate_distribution(logits, params)  # (B, C) token ids and their (unnormalised) weights
+    choice = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1) position among candidates
+    return index.gather(-1, choice).squeeze(-1)
+
+
+# Without top-k, top-p/min-p first look at this many most likely tokens: sorting a 128k vocabulary costs ~10 ms
+# a token, the top 1024 almost always hold the kept set, and when they do not the full path runs instead.
+CANDIDATES = 1024
+
+
+def candidate_distribution(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `sample` draws from: token ids (B, C) and weights (B, C), zero for filtered tokens.
+
+    Equal (up to normalisation) to softmax of the filter chain temperature -> top-k -> top-p -> min-p over the
+    whole vocabulary, computed on the few most likely tokens when they provably contain every kept token.
+    """
+    logits = apply_temperature(logits.float(), params.temperature)  # (B, V)
+    batch, vocab = logits.shape
+    filtered = params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
+    if filtered:
+        k = min(params.top_k if params.top_k > 0 else CANDIDATES, vocab)
+        values, index = torch.topk(logits, k, dim=-1)  # (B, k), most likely first
+        if params.top_k > 0:
+            # top-k keeps every token tied with the k-th; topk returned only k of them
+            exact = k == vocab or bool((logits >= values[:, -1:]).sum(-1).le(k).all())
+            probs = torch.softmax(values, dim=-1)  # renormalised over the top k, as the filter chain does
+        else:
+            probs = torch.exp(values - torch.logsumexp(logits, dim=-1, keepdim=True))  # full-vocabulary probs
+            exact = k == vocab or _kept_set_inside(probs, params)
+        if exact:
+            probs = _top_p_min_p_sorted(probs, params)
+            return index, probs
+    # General path: filters over the whole vocabulary.
+    logits = top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
     logits = min_p_filter(logits, params.min_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    index = torch.arange(vocab, device=logits.device).expand(batch, vocab)
+    return index, torch.softmax(logits, dim=-1)
+
+
+def _kept_set_inside(probs: torch.Tensor, params: SamplingParams) -> bool:
+    """Whether every token outside these candidates (probs (B, C), descending, full-vocabulary) is dropped."""
+    covered = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
+    if params.top_p < 1.0:  # a token after the candidates has at least their mass ranked above it
+        covered |= probs.sum(-1) >= params.top_p
+    if params.min_p > 0.0:  # a token after the candidates is no likelier than the last candidate
+        covered |= probs[:, -1] < params.min_p * probs[:, 0]
+    return bool(covered.all())
+
+
+def _top_p_min_p_sorted(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """top-p then min-p on descending probabilities (B, C); filtered entries become 0."""
+    if params.top_p < 1.0:
+        # probs sum to 1 after top-k, and are full-vocabulary probabilities otherwise: either way the mass
+        # ranked above a candidate is the sum of the candidates before it
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        probs = probs.masked_fill(mass_before >= params.top_p, 0.0)
+    if params.min_p > 0.0:  # min-p on the top-p survivors: renormalising scales all alike, so compare raw
+        probs = probs.masked_fill(probs < params.min_p * probs[:, :1], 0.0)
+    return probs
 
 
 def mark_seen(seen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
