@@ -399,3 +399,16 @@ def test_read_gguf_metadata_and_tokenizer_keys(tmp_path: Path):
         assert reader.fields["tokenizer.ggml.token_type"].elem_type == ValueType.INT32
     with pytest.raises(GGUFError, match="'vocab.size' does not start with 'tokenizer.'"):
         write_gguf(path, config, weights, "i2_s", tokenizer_metadata={"vocab.size": 3})
+
+
+def test_python_lists_get_one_wide_enough_element_type(tmp_path: Path):
+    from pybitnet.loaders.gguf_file import infer_value
+
+    assert infer_value([0, 0.5]).elem_type == ValueType.FLOAT32  # not truncated to the first element's u32
+    assert infer_value([1, -2]).elem_type == ValueType.INT32
+    assert infer_value([1, 2**40]).elem_type == ValueType.UINT64
+    with pytest.raises(GGUFError, match=r"cannot store a list mixing \['STRING', 'UINT32'\]"):
+        infer_value(["a", 1])
+    path = tmp_path / "l.gguf"
+    write_gguf_file(path, {"scores": [0, 0.5, -1.25]}, [])
+    assert read_gguf_metadata(path)["scores"] == [0.0, 0.5, -1.25]

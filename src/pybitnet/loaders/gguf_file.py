@@ -385,10 +385,18 @@ def infer_value(value: Any) -> GGUFValue:
     if isinstance(value, (list, tuple)):
         if not value:
             raise GGUFError("cannot infer the element type of an empty list; pass a GGUFValue")
-        first = infer_value(value[0])
-        elem = first.type
-        if elem in (ValueType.UINT32, ValueType.INT32) and any(v < 0 for v in value):
-            elem = ValueType.INT32
+        # one element type for the whole list, wide enough for every element (not just the first)
+        kinds = {infer_value(v).type for v in value}
+        if kinds <= {ValueType.UINT32, ValueType.INT32, ValueType.INT64, ValueType.UINT64}:
+            low, high = min(value), max(value)
+            elem = (ValueType.UINT32 if low >= 0 and high < 2**32 else ValueType.INT32 if -(2**31) <= low and high < 2**31
+                    else ValueType.UINT64 if low >= 0 else ValueType.INT64)
+        elif kinds <= {ValueType.UINT32, ValueType.INT32, ValueType.INT64, ValueType.UINT64, ValueType.FLOAT32}:
+            elem = ValueType.FLOAT32
+        elif len(kinds) == 1:
+            elem = kinds.pop()
+        else:
+            raise GGUFError(f"cannot store a list mixing {sorted(k.name for k in kinds)} in one GGUF array")
         return GGUFValue(ValueType.ARRAY, list(value), elem)
     raise GGUFError(f"cannot store a value of type {type(value).__name__} in GGUF metadata")
 
