@@ -95,3 +95,13 @@ def test_bad_masks_are_clear_errors():
         model.forward_full(tokens, attention_mask=torch.ones(2, 3))
     with pytest.raises(InputError, match="no real tokens"):
         model.forward_full(tokens, attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
+
+
+def test_inference_mode_then_plain_calls_work():
+    """Buffers made inside torch.inference_mode (e.g. by generate) must not break later plain calls."""
+    model = synthetic.random_model("tiny", seed=0)  # bf16 embedding: the lm_head widens through a buffer
+    tokens = torch.randint(0, 512, (1, 5))
+    with torch.inference_mode():
+        model.forward_step_by_step(tokens)
+    logits = model.forward_full(tokens)
+    logits /= 2  # user code may modify what it gets back

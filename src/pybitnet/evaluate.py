@@ -30,7 +30,7 @@ def token_logprobs(model, tokens: torch.Tensor | list[int], *, chunk_size: int |
     if tokens.numel() < 2:
         raise InputError(f"scoring needs at least 2 tokens (the first one is only context), got {tokens.numel()}")
     out = []
-    with torch.inference_mode():
+    with torch.no_grad():
         for start, hidden in model.hidden_states(tokens[None], chunk_size=chunk_size):
             n = hidden.shape[1]
             targets = tokens[start + 1 : start + n + 1]  # the next token of each position, if any

@@ -43,7 +43,8 @@ class LMHead(nn.Module):
             return h @ self.weight.t()
         vocab, width = self.weight.shape
         if self._rows is None or self._rows.dtype != h.dtype:
-            self._rows = torch.empty(min(LM_HEAD_ROWS, vocab), width, dtype=h.dtype, device=h.device)
+            with torch.inference_mode(False):  # a normal tensor: later calls may run outside inference mode
+                self._rows = torch.empty(min(LM_HEAD_ROWS, vocab), width, dtype=h.dtype, device=h.device)
         out = torch.empty(h.shape[0], vocab, dtype=h.dtype, device=h.device)  # (M, V)
         for start in range(0, vocab, LM_HEAD_ROWS):
             n = min(LM_HEAD_ROWS, vocab - start)
@@ -195,7 +196,7 @@ class Transformer(nn.Module):
         cache.lengths.copy_(offset + lengths)
         return self._logits(hidden, lengths, logits)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """token (B,) -> logits (B, V); row b's token goes to position cache.lengths[b]."""
         token = torch.as_tensor(token, device=self.device)
@@ -219,7 +220,7 @@ class Transformer(nn.Module):
         cache.lengths += 1
         return self.project(self.norm(h[:, 0]))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward_step_by_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Same contract as forward_full(logits="all"), one position at a time through a KV cache."""
         tokens, _ = self._check_tokens(tokens, attention_mask)
@@ -250,7 +251,7 @@ class Transformer(nn.Module):
         return w
 
     # ------------------------------------------------------------------ internals
-    @torch.inference_mode()
+    @torch.no_grad()
     def _run(self, tokens: torch.Tensor, ctx: AttentionContext, start: int) -> torch.Tensor:
         """tokens (B, T) at positions [start, start+T) -> final-normed hidden (B, T, H)."""
         h = self._embed(tokens)

@@ -20,12 +20,25 @@ EMBED_STD = 0.1  # logits of a normed hidden state then spread over a few units,
 _NEG_BELOW, _ZERO_BELOW = 88, 168
 
 
+# Rows generated at a time: temporaries stay small, so building a 2 GB model leaves no large
+# freed holes behind (they would stay resident and inflate peak RSS).
+_ROWS = 256
+
+
 def _ternary(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
-    u = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
-    t = torch.ones(shape, dtype=torch.int8)  # +1
-    t[u < _ZERO_BELOW] = 0
-    t[u < _NEG_BELOW] = -1
-    return t
+    out = torch.empty(shape, dtype=torch.int8)
+    for start in range(0, shape[0], _ROWS):
+        u = torch.randint(0, 256, (min(_ROWS, shape[0] - start), shape[1]), generator=gen, dtype=torch.uint8)
+        out[start : start + u.shape[0]] = (u >= _NEG_BELOW).to(torch.int8) + (u >= _ZERO_BELOW).to(torch.int8) - 1
+    return out
+
+
+def _normal(shape: tuple[int, int], std: float, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype)
+    for start in range(0, shape[0], _ROWS * 16):
+        rows = min(_ROWS * 16, shape[0] - start)
+        out[start : start + rows] = torch.randn(rows, shape[1], generator=gen).mul_(std)
+    return out
 
 
 def random_weights(config: ModelConfig, seed: int = 0, embed_dtype: torch.dtype = torch.bfloat16) -> Weights:
@@ -40,7 +53,7 @@ def random_weights(config: ModelConfig, seed: int = 0, embed_dtype: torch.dtype 
             scale = beta * (0.75 + 0.5 * torch.rand((), generator=gen).item())
             weights[name] = TernaryWeight(_ternary(shape, gen), scale)
         elif name in ("embed_tokens", "lm_head"):
-            weights[name] = (torch.randn(shape, generator=gen) * EMBED_STD).to(embed_dtype)
+            weights[name] = _normal(shape, EMBED_STD, embed_dtype, gen)
         else:  # norms ≈ 1
             weights[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
     return weights
