@@ -39,7 +39,8 @@ def main(count: int = 10_000, seed: int = 0) -> int:
     # killer picking a process on a shared machine.
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
     bases = base_files()
-    path = Path(tempfile.mkdtemp(prefix="gguf-fuzz-run-")) / "input.gguf"
+    folder = tempfile.TemporaryDirectory(prefix="gguf-fuzz-run-")
+    path = Path(folder.name) / "input.gguf"
     outcomes: Counter[str] = Counter()
     failures = 0
     start = time.perf_counter()
@@ -54,6 +55,7 @@ def main(count: int = 10_000, seed: int = 0) -> int:
             print(f"FAILURE seed={seed} index={index} base={base} ops={ops}", file=sys.stderr)
             traceback.print_exc()
     elapsed = time.perf_counter() - start
+    folder.cleanup()
     print(f"{count} mutated inputs in {elapsed:.0f}s: {outcomes['ok']} loaded, {outcomes['rejected']} "
           f"rejected with CheckpointError/GGUFError, {failures} failures")
     return 1 if failures else 0

@@ -31,7 +31,11 @@ SLOW_SECONDS = 10.0  # a small file that takes this long to reject counts as a h
 @functools.lru_cache(maxsize=None)
 def base_files() -> tuple[bytes, ...]:
     """Small valid files covering I2_S + tokenizer arrays, TQ2_0 + a `.scale` tensor, TQ1_0, F16."""
-    folder = Path(tempfile.mkdtemp(prefix="gguf-fuzz-"))
+    with tempfile.TemporaryDirectory(prefix="gguf-fuzz-") as tmp:  # only the bytes are kept
+        return _write_base_files(Path(tmp))
+
+
+def _write_base_files(folder: Path) -> tuple[bytes, ...]:
     small = micro_config(vocab_size=16)
     tq_shape = micro_config(vocab_size=16, hidden_size=256, intermediate_size=256, head_dim=0)
     tokenizer = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [f"t{i}" for i in range(16)],
