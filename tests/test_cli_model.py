@@ -71,3 +71,24 @@ def test_errors_are_messages_not_tracebacks(tmp_path):
         proc = run(*args, check=False)
         assert proc.returncode != 0
         assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_score_and_perplexity_on_text(tmp_path):
+    from test_tokenizer_helpers import write_tiny_checkpoint
+
+    import pybitnet
+    from pybitnet.tokenizer import load_tokenizer
+
+    path = write_tiny_checkpoint(tmp_path / "m")
+    text = "the quick brown fox jumps over the lazy dog"
+    out = json.loads(run("score", str(path), "--text", text, "--json", "--dtype", "float64").stdout)
+    ids = load_tokenizer(path).encode(text)
+    assert out["tokens"] == ids
+    expected = token_logprobs(pybitnet.load(path, dtype=torch.float64), ids)
+    assert torch.allclose(torch.tensor(out["logprobs"], dtype=torch.float64), expected, rtol=1e-9)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((text + ". ") * 40)
+    ppl = run("perplexity", str(path), str(corpus), "--ctx", "64", "--stride", "32").stdout
+    assert "perplexity" in ppl
+    proc = run("score", str(path), "--tokens", "1,2", "--text", "x", check=False)
+    assert proc.returncode != 0 and "exactly one of" in proc.stderr

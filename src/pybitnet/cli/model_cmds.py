@@ -87,15 +87,29 @@ def info(model: str = typer.Argument(..., help="HF directory, .gguf file, or syn
     console.print(table)
 
 
+def _model_tokens(model_path: str, tokens: Optional[str], text: Optional[str]) -> list[int]:
+    """Token ids from --tokens, or --text through the model's own tokenizer (BOS added)."""
+    if (tokens is None) == (text is None):
+        raise InputError("give exactly one of --tokens (ids) or --text")
+    if tokens is not None:
+        return parse_token_list(tokens)
+    from ..tokenizer import load_tokenizer
+
+    if not text.strip():
+        raise InputError("--text is empty")
+    return load_tokenizer(model_path).encode(text)
+
+
 @app.command()
 def score(model: str = typer.Argument(..., help="HF directory, .gguf file, or synthetic:PRESET[:LAYERS]"),
-          tokens: str = typer.Option(..., "--tokens", help="comma-separated token ids"),
+          tokens: Optional[str] = typer.Option(None, "--tokens", help="comma-separated token ids"),
+          text: Optional[str] = typer.Option(None, "--text", help="text, tokenized with the model's tokenizer"),
           dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt, as_json: bool = typer.Option(False, "--json")):
-    """Per-position log-probs of the given tokens (full-sequence pass)."""
+    """Per-position log-probs of the given tokens or text (full-sequence pass)."""
     from ..evaluate import token_logprobs
 
     set_threads(threads)
-    ids = parse_token_list(tokens)
+    ids = _model_tokens(model, tokens, text)
     m = open_model(model, dtype)
     logp = token_logprobs(m, ids).tolist()
     if as_json:
@@ -110,28 +124,40 @@ def score(model: str = typer.Argument(..., help="HF directory, .gguf file, or sy
 
 @app.command()
 def perplexity(model: str = typer.Argument(..., help="HF directory, .gguf file, or synthetic:PRESET[:LAYERS]"),
-               tokens_file: Path = typer.Option(..., "--tokens-file", help="token ids: whitespace/comma separated, or a JSON list"),
-               ctx: int = typer.Option(2048, "--ctx"), stride: Optional[int] = typer.Option(None, "--stride"),
+               text_file: Optional[Path] = typer.Argument(None, help="raw text file, tokenized with the model's tokenizer"),
+               tokens_file: Optional[Path] = typer.Option(None, "--tokens-file", help="token ids: whitespace/comma separated, or a JSON list"),
+               ctx: int = typer.Option(2048, "--ctx", help="window length in tokens"),
+               stride: Optional[int] = typer.Option(None, "--stride", help="window step (default: ctx)"),
                dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt):
-    """Sliding-window perplexity of a token file."""
-    from rich.progress import Progress
+    """Sliding-window perplexity of a raw text file or a token file."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..evaluate import perplexity as run_perplexity
 
     set_threads(threads)
-    if not tokens_file.is_file():
-        raise InputError(f"{tokens_file}: no such file")
-    text = tokens_file.read_text().strip()
-    ids = json.loads(text) if text.startswith("[") else parse_token_list(text)
+    if (text_file is None) == (tokens_file is None):
+        raise InputError("give exactly one of a text FILE or --tokens-file")
+    source = text_file or tokens_file
+    if not source.is_file():
+        raise InputError(f"{source}: no such file")
+    content = source.read_text(errors="replace")
+    if text_file is not None:
+        from ..tokenizer import load_tokenizer
+
+        ids = load_tokenizer(model).encode(content)
+    else:
+        content = content.strip()
+        ids = json.loads(content) if content.startswith("[") else parse_token_list(content)
     m = open_model(model, dtype)
     start = time.perf_counter()
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("perplexity", total=None)
+    with Progress(TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("windows", total=None)
         result = run_perplexity(m, ids, ctx=ctx, stride=stride,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
     elapsed = time.perf_counter() - start
-    console.print(f"perplexity {result.perplexity:.4f}  (nll {result.nll:.4f} nats/token, {result.tokens_scored} tokens, "
-                  f"{result.windows} windows, {len(ids) / elapsed:.1f} tokens/s)")
+    console.print(f"perplexity {result.perplexity:.4f}  (nll {result.nll:.4f} nats/token, {result.tokens_scored} tokens "
+                  f"scored in {result.windows} windows of {ctx}, {len(ids) / elapsed:.1f} tokens/s)")
 
 
 @app.command()
