@@ -57,12 +57,13 @@ def _batch(config, seq, batch, data):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(config=configs(), seq=st.sampled_from([1, 2, 7, 64, 300]), batch=st.sampled_from([1, 3]),
-       seed=st.integers(0, 2**16), data=st.data())
-def test_full_matches_step_by_step(dtype, config, seq, batch, seed, data):
+       chunk=st.sampled_from([None, 5, 48]), seed=st.integers(0, 2**16), data=st.data())
+def test_full_matches_step_by_step(dtype, config, seq, batch, chunk, seed, data):
+    """Also through chunked prefill: `chunk` tokens at a time through a temporary cache."""
     model = _model(config, seed, dtype)
     tokens, lengths = _batch(config, seq, batch, data)
     mask = right_padded_mask(lengths, seq)
-    full = model.forward_full(tokens, attention_mask=mask)
+    full = model.forward_full(tokens, attention_mask=mask, chunk_size=chunk)
     step = model.forward_step_by_step(tokens, attention_mask=mask)
     assert full.shape == step.shape == (batch, seq, config.vocab_size)
     _record("full_vs_step", dtype, *assert_rule(dtype, full, step, mask.bool()))
