@@ -139,14 +139,7 @@ class Transformer(nn.Module):
         in chunks through a temporary KV cache, bounding activation memory.
         """
         tokens, lengths = self._check_tokens(tokens, attention_mask)
-        bsz, seq = tokens.shape
-        chunk = self._chunk_size(chunk_size, seq)
-        if chunk >= seq:
-            hidden = self._run(tokens, AttentionContext("full"), start=0)  # (B, T, H)
-        else:
-            cache = self.new_cache(bsz, seq)
-            hidden = torch.cat([self._run(tokens[:, s : s + chunk], self._prefill_context(cache, s, min(chunk, seq - s)), s)
-                                for s in range(0, seq, chunk)], dim=1)
+        hidden = torch.cat([h for _, h in self._chunks(tokens, chunk_size)], dim=1)  # (B, T, H)
         return self._logits(hidden, lengths, logits)
 
     def hidden_states(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -156,18 +149,7 @@ class Transformer(nn.Module):
         With `cache`, the tokens continue after what the cache holds (uniform length across rows).
         """
         tokens, _ = self._check_tokens(tokens, attention_mask)
-        bsz, seq = tokens.shape
-        chunk = self._chunk_size(chunk_size, seq)
-        offset = self._uniform_length(cache) if cache is not None else 0
-        if cache is None and chunk >= seq:
-            yield 0, self._run(tokens, AttentionContext("full"), start=0)
-            return
-        if cache is None:
-            cache = self.new_cache(bsz, seq)
-        for s in range(0, seq, chunk):
-            n = min(chunk, seq - s)
-            yield s, self._run(tokens[:, s : s + n], self._prefill_context(cache, offset + s, n), offset + s)
-        cache.lengths.fill_(offset + seq)
+        yield from self._chunks(tokens, chunk_size, cache)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden (..., H) -> logits (..., V) in the model dtype."""
@@ -190,9 +172,7 @@ class Transformer(nn.Module):
             raise InputError(f"prefill: tokens have batch size {bsz} but the cache was made for {cache.batch_size}")
         offset = self._uniform_length(cache)
         cache.check_room(offset + seq)
-        chunk = self._chunk_size(chunk_size, seq)
-        hidden = torch.cat([self._run(tokens[:, s : s + chunk], self._prefill_context(cache, offset + s, min(chunk, seq - s)), offset + s)
-                            for s in range(0, seq, chunk)], dim=1)
+        hidden = torch.cat([h for _, h in self._chunks(tokens, chunk_size, cache)], dim=1)  # (B, T, H)
         cache.lengths.copy_(offset + lengths)
         return self._logits(hidden, lengths, logits)
 
@@ -251,6 +231,25 @@ class Transformer(nn.Module):
         return w
 
     # ------------------------------------------------------------------ internals
+    def _chunks(self, tokens: torch.Tensor, chunk_size: int | None, cache: KVCache | None = None):
+        """Yield (start, final-normed hidden (B, C, H)) for tokens (B, T), `chunk_size` tokens at a time.
+
+        Without a cache, a sequence that fits one chunk runs as one causal block and keeps nothing;
+        a longer one goes through a temporary cache. With a cache, the tokens continue after what it
+        holds, and their K/V are appended (cache.lengths then counts all of them).
+        """
+        bsz, seq = tokens.shape
+        chunk = self._chunk_size(chunk_size)
+        if cache is None and chunk >= seq:
+            yield 0, self._run(tokens, AttentionContext("full"), start=0)
+            return
+        cache = cache if cache is not None else self.new_cache(bsz, seq)
+        offset = self._uniform_length(cache)
+        for s in range(0, seq, chunk):
+            n = min(chunk, seq - s)
+            yield s, self._run(tokens[:, s : s + n], self._prefill_context(cache, offset + s, n), offset + s)
+        cache.lengths.fill_(offset + seq)
+
     @torch.no_grad()
     def _run(self, tokens: torch.Tensor, ctx: AttentionContext, start: int) -> torch.Tensor:
         """tokens (B, T) at positions [start, start+T) -> final-normed hidden (B, T, H)."""
@@ -285,7 +284,7 @@ class Transformer(nn.Module):
             raise InputError(f"logits index must be a 1-D LongTensor of positions < {hidden.shape[1]}")
         return self.project(hidden[:, index])
 
-    def _chunk_size(self, chunk_size: int | None, seq: int) -> int:
+    def _chunk_size(self, chunk_size: int | None) -> int:
         if chunk_size is None:
             return DEFAULT_CHUNK
         if chunk_size <= 0:
