@@ -41,8 +41,11 @@ class BitLinear(nn.Module):
         chosen = kernels.select_backend(backend or self.backend, x.shape[0], x.dtype, x.device, self.in_features,
                                          self.ternary_weights.shape[0])
         as_int8 = chosen == "int8"
-        if norm is None and row_scale is None:
-            q, act_scale = quantize_activations(x, as_int8=as_int8)
+        if row_scale is None:
+            # The reference op order (HF RMSNorm, then x * 127/absmax): at an exact rounding tie, which
+            # bf16 embeddings and norm weights can produce in layer 0, the result then depends on the
+            # same float steps as in transformers and in a reference written from FORMATS.md A.3.
+            q, act_scale = quantize_activations(norm(x) if norm is not None else x, as_int8=as_int8)
         else:
             weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
             q, act_scale = quantize_normed(x, weight, eps, row_scale, as_int8=as_int8)
@@ -78,7 +81,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        """weight * (x * 1/sqrt(mean(x²) + eps)), FORMATS.md A.2 step by step.
+
+        mean as sum / K and 1/sqrt rather than torch's mean (sum * (1/K)) and rsqrt: for bf16-valued
+        rows (layer 0 of a bf16 checkpoint) the float64 sum of squares is exact in any order, so this
+        gives the same bits as a plain reference, and an exact int8 rounding tie downstream resolves
+        the same way in both."""
+        mean_sq = x.square().sum(-1, keepdim=True) / x.shape[-1]
+        return self.weight * (x * torch.sqrt(mean_sq + self.eps).reciprocal())
 
 
 class RotaryTables:

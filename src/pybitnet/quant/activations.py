@@ -17,7 +17,7 @@ def quantize_activations(x: torch.Tensor, as_int8: bool = False) -> tuple[torch.
     """x (..., K) -> (q (..., K), act_scale (..., 1)): act_scale = 127 / max(absmax(x), 1e-5) per row,
     q = clamp(round(x * act_scale), -128, 127) (round half to even, as torch.round in HF).
     q is int8 when `as_int8`, else integer values in x's dtype."""
-    act_scale = ACT_MAX / x.abs().amax(dim=-1, keepdim=True).clamp_(min=ABSMAX_FLOOR)  # (..., 1)
+    act_scale = _div_into_127(x.abs().amax(dim=-1, keepdim=True).clamp_(min=ABSMAX_FLOOR))  # (..., 1)
     q = (x * act_scale).round_().clamp_(-128.0, 127.0)
     return (q.to(torch.int8) if as_int8 else q), act_scale
 
@@ -46,6 +46,12 @@ def quantize_normed(x: torch.Tensor, norm_weight: torch.Tensor | None = None, ep
         factor = c if c is not None else torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
         t = x.clone() if c is None else x.to(factor.dtype)
     absmax = torch.linalg.vector_norm(t, ord=float("inf"), dim=-1, keepdim=True)  # (M, 1)
-    act_scale = ACT_MAX / (absmax * factor).clamp_(min=ABSMAX_FLOOR)
+    act_scale = _div_into_127((absmax * factor).clamp_(min=ABSMAX_FLOOR))
     q = t.mul_(act_scale * factor).round_().clamp_(-128.0, 127.0)
     return (q.to(torch.int8) if as_int8 else q), act_scale
+
+
+def _div_into_127(absmax: torch.Tensor) -> torch.Tensor:
+    """127 / absmax as one correctly rounded division. (`127.0 / tensor` in torch is
+    tensor.reciprocal() * 127: two roundings, which moves x * scale off an exact .5 tie.)"""
+    return torch.full_like(absmax, ACT_MAX).div_(absmax)
