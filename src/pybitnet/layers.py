@@ -210,7 +210,8 @@ class FeedForward(nn.Module):
         if self.act == "relu2":
             # relu(a·g)²·(b·u) = a²b · relu(g)²·u with a = β_g/s, b = β_u/s per row: work on the integer
             # accumulators and hand the row factor to the down projection's norm + quantization.
-            z = acc[:, g0:g1].to(x.dtype).clamp_(min=0).square_().mul_(acc[:, u0:u1])  # (M, F)
+            gate, up = acc[:, g0:g1].to(x.dtype), acc[:, u0:u1].to(x.dtype)  # (M, F) each; float*float is
+            z = gate.clamp_(min=0).square_().mul_(up)  # faster than mul_ with int32 (measured 2.0 vs 3.4 ms)
             inv = act_scale.reciprocal()
             row_scale = (inv * self.gate_up.betas[0]).square_() * (inv * self.gate_up.betas[1])  # (M, 1)
         else:
