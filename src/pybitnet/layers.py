@@ -14,6 +14,10 @@ from .quant.activations import quantize_activations, quantize_normed
 from .weights import TernaryWeight
 
 
+# Rows of the FFN's elementwise work done at a time (see FeedForward.forward).
+GLUE_ROWS = 64
+
+
 class BitLinear(nn.Module):
     """One or more ternary projections that share one input (fused QKV, fused gate/up).
 
@@ -31,6 +35,22 @@ class BitLinear(nn.Module):
         self.betas = [float(p.beta) for p in parts]
         self.backend = kernels.check_backend(backend)
 
+    def choose_backend(self, rows: int, dtype: torch.dtype, device: torch.device) -> str:
+        return kernels.select_backend(self.backend, rows, dtype, device, self.in_features, self.ternary_weights.shape[0])
+
+    def quantize(self, x: torch.Tensor, norm: "RMSNorm | None", row_scale: torch.Tensor | None,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, K) -> (q (M, K), act_scale (M, 1)) of RMSNorm(row_scale * x) (norm/row_scale optional),
+        q as int8 for the int8 backend, else integer values in x's dtype."""
+        as_int8 = backend == "int8"
+        if row_scale is None:
+            # The reference op order (HF RMSNorm, then x * 127/absmax): at an exact rounding tie, which
+            # bf16 embeddings and norm weights can produce in layer 0, the result then depends on the
+            # same float steps as in transformers and in a reference written from FORMATS.md A.3.
+            return quantize_activations(norm(x) if norm is not None else x, as_int8=as_int8)
+        weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+        return quantize_normed(x, weight, eps, row_scale, as_int8=as_int8)
+
     def accumulate(self, x: torch.Tensor, norm: "RMSNorm | None" = None, row_scale: torch.Tensor | None = None,
                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (M, K) -> (accumulators (M, N) integer-valued, act_scale (M, 1)).
@@ -38,17 +58,8 @@ class BitLinear(nn.Module):
         The input quantized is RMSNorm(row_scale * x) when `norm` is given (every BitLinear input of
         BitNet is a norm's output), else row_scale * x; see quant.activations.quantize_normed.
         """
-        chosen = kernels.select_backend(backend or self.backend, x.shape[0], x.dtype, x.device, self.in_features,
-                                         self.ternary_weights.shape[0])
-        as_int8 = chosen == "int8"
-        if row_scale is None:
-            # The reference op order (HF RMSNorm, then x * 127/absmax): at an exact rounding tie, which
-            # bf16 embeddings and norm weights can produce in layer 0, the result then depends on the
-            # same float steps as in transformers and in a reference written from FORMATS.md A.3.
-            q, act_scale = quantize_activations(norm(x) if norm is not None else x, as_int8=as_int8)
-        else:
-            weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
-            q, act_scale = quantize_normed(x, weight, eps, row_scale, as_int8=as_int8)
+        chosen = backend or self.choose_backend(x.shape[0], x.dtype, x.device)
+        q, act_scale = self.quantize(x, norm, row_scale, chosen)
         return kernels.accumulate(q, self.ternary_weights, chosen), act_scale
 
     def forward(self, x: torch.Tensor, norm: "RMSNorm | None" = None, row_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -204,22 +215,33 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, H) residual stream -> down(sub_norm(act(gate) * up)) (B, T, H)."""
-        lead = x.shape[:-1]
-        acc, act_scale = self.gate_up.accumulate(x.reshape(-1, x.shape[-1]), norm=self.input_norm)  # (M, 2F)
+        lead, width = x.shape[:-1], x.shape[-1]
+        acc, act_scale = self.gate_up.accumulate(x.reshape(-1, width), norm=self.input_norm)  # (M, 2F)
+        rows = acc.shape[0]
+        backend = self.down.choose_backend(rows, x.dtype, x.device)
+        q = torch.empty(rows, self.down.in_features, dtype=torch.int8 if backend == "int8" else x.dtype, device=x.device)
+        down_scale = torch.empty(rows, 1, dtype=x.dtype, device=x.device)
+        # The activation, sub-norm and quantization walk GLUE_ROWS rows at a time: their (rows, F)
+        # temporaries then stay in cache instead of streaming 14 MB tensors through memory once
+        # per step (every step is per row, so the result is the same as in one piece).
+        for r in range(0, rows, GLUE_ROWS):
+            z, row_scale = self._activate(acc[r : r + GLUE_ROWS], act_scale[r : r + GLUE_ROWS], x.dtype)
+            q[r : r + GLUE_ROWS], down_scale[r : r + GLUE_ROWS] = self.down.quantize(z, self.sub_norm, row_scale, backend)
+        out = self.down.scale_parts(kernels.accumulate(q, self.down.ternary_weights, backend), down_scale)[0]
+        return out.to(x.dtype).reshape(*lead, out.shape[-1])
+
+    def _activate(self, acc: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate/up accumulators (m, 2F) -> (z (m, F), row factor (m, 1)) with act(gate)·up = factor · z."""
         (g0, g1), (u0, u1) = self.gate_up.part_bounds()
+        inv = act_scale.reciprocal()  # (m, 1)
+        up = acc[:, u0:u1].to(dtype)
         if self.act == "relu2":
             # relu(a·g)²·(b·u) = a²b · relu(g)²·u with a = β_g/s, b = β_u/s per row: work on the integer
             # accumulators and hand the row factor to the down projection's norm + quantization.
-            gate, up = acc[:, g0:g1].to(x.dtype), acc[:, u0:u1].to(x.dtype)  # (M, F) each; float*float is
-            z = gate.clamp_(min=0).square_().mul_(up)  # faster than mul_ with int32 (measured 2.0 vs 3.4 ms)
-            inv = act_scale.reciprocal()
-            row_scale = (inv * self.gate_up.betas[0]).square_() * (inv * self.gate_up.betas[1])  # (M, 1)
-        else:
-            (gate,) = self.gate_up.scale_parts(acc, act_scale, parts=(0,))
-            z = F.silu(gate.to(x.dtype)).mul_(acc[:, u0:u1])
-            row_scale = act_scale.reciprocal() * self.gate_up.betas[1]
-        out = self.down(z, norm=self.sub_norm, row_scale=row_scale.to(x.dtype))[0]
-        return out.reshape(*lead, out.shape[-1])
+            z = acc[:, g0:g1].to(dtype).clamp_(min=0).square_().mul_(up)
+            return z, (inv * self.gate_up.betas[0]).square_() * (inv * self.gate_up.betas[1])
+        gate = acc[:, g0:g1] * (inv * self.gate_up.betas[0])
+        return F.silu(gate.to(dtype)).mul_(up), (inv * self.gate_up.betas[1]).to(dtype)
 
 
 class Block(nn.Module):
