@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from . import runtime
 from .config import preset
 
 PRESET = "bitnet-b1.58-2b-4t"
@@ -70,7 +71,7 @@ def scaling(model, seqs=SCALING_T, progress: Progress | None = None) -> list[dic
         if progress:
             progress(f"scaling T={seq}")
         tokens = _tokens(seq, vocab, seq)
-        elapsed = _timed(lambda: model.forward_full(tokens, logits="last"), repeats=2 if seq <= 1024 else 1)
+        elapsed = _timed(lambda: model.forward_full(tokens, logits="last"), repeats=3 if seq <= 1024 else 2)
         rows.append({"T": seq, "full_ms_per_token": 1e3 * elapsed / seq, "full_tok_s": seq / elapsed})
     return rows
 
@@ -103,13 +104,15 @@ def gemm_peak(rows: int = 512, repeats: int = 5) -> dict:
     return {"shape": [rows, c.hidden_size, c.intermediate_size], "gop_s": 2 * rows * c.hidden_size * c.intermediate_size / elapsed / 1e9}
 
 
+# Peak RSS from VmHWM, the high-water mark of this process image: getrusage's ru_maxrss survives
+# exec, so a child forked from a big parent would report the parent's size.
 _MEMORY_SCRIPT = """
-import resource, sys, torch, pybitnet
+import torch, pybitnet
 torch.set_num_threads({threads})
 model = pybitnet.synthetic.random_model("{preset}", seed=0, num_layers={layers})
 if {seq}:
     model.forward_full(torch.randint(0, model.config.vocab_size, (1, {seq})), logits="last")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
@@ -131,7 +134,26 @@ def memory(layers: int, threads: int, progress: Progress | None = None) -> dict:
             "forward_overhead": with_forward - model_only, "logits": "last"}
 
 
+def cpu_busy_fraction(seconds: float = 2.0) -> float | None:
+    """Share of all cores busy over the next `seconds` (from /proc/stat), before we start any work.
+
+    The load average trails by minutes, so it still counts a run that has just ended; this sample
+    says whether something else is running *now*."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except OSError:
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1.0)
+
+
 def machine_info(threads: int) -> dict:
+    busy = cpu_busy_fraction()
     load1, load5, _ = os.getloadavg()
     cpu = platform.processor() or ""
     try:
@@ -142,9 +164,11 @@ def machine_info(threads: int) -> dict:
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch_version": torch.__version__,
+        "malloc_tuned": runtime.tune_allocator(),
         "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "load_average_before": [round(load1, 2), round(load5, 2)],
-        "idle": load1 < 0.5,
+        "cpu_busy_before": None if busy is None else round(busy, 3),
+        "idle": busy < 0.1 if busy is not None else load1 < 0.5,
     }
 
 
@@ -161,7 +185,8 @@ def run_suite(layers: int = 30, threads: int | None = None, sections=SECTIONS, b
     results: dict = {"threads": threads, "torch_version": torch.__version__, "layers": layers, "backend": backend,
                      "model": PRESET, "machine": info}
     if not info["idle"] and progress:
-        progress(f"WARNING: load average {info['load_average_before'][0]} before start: the machine is not idle")
+        progress(f"WARNING: {100 * (info['cpu_busy_before'] or 0):.0f}% of the CPU busy before start "
+                 f"(load average {info['load_average_before'][0]}): the machine is not idle")
     model = None
     if any(s in sections for s in ("full_vs_step", "scaling", "decode")):
         if progress:
@@ -196,7 +221,8 @@ def markdown(results: dict) -> str:
         f"Model: `{results['model']}` shape, random ternary weights, {results['layers']} layers, backend `{results['backend']}`.",
         f"Machine: {m['cpu']} ({m['cores']} cores, {m['cpu_capability']}), {results['threads']} torch threads, "
         f"torch {results['torch_version']}, Python {m['python']}. Date: {m['date']}. "
-        f"Load average before: {m['load_average_before'][0]} ({'idle' if m['idle'] else 'NOT idle'}).", "",
+        f"Before the run: {100 * (m.get('cpu_busy_before') or 0):.0f}% of the CPU busy, load average "
+        f"{m['load_average_before'][0]} ({'idle' if m['idle'] else 'NOT idle'}).", "",
     ]
     if "full_vs_step" in results:
         lines += ["## Full-sequence vs step-by-step (all logits in both)", "",

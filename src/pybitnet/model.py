@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, runtime
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import InputError
@@ -63,6 +63,7 @@ class Transformer(nn.Module):
         """Build from a weight set. `release_weights` empties `weights` as each layer is built, so a
         loader's copy and the model's fused copy of a layer never both exist for the whole model."""
         super().__init__()
+        runtime.tune_allocator()
         check_weights(config, weights, source="weights")
         self.config = config
         self.dtype = dtype
