@@ -16,6 +16,7 @@ import torch
 
 PROMPT = 512
 GENERATE = 32
+ROUNDS = 2
 
 
 def _llama_cpp_times(path: str, tokens: list[int], threads: int) -> tuple[float, float]:
@@ -28,10 +29,13 @@ def _llama_cpp_times(path: str, tokens: list[int], threads: int) -> tuple[float,
     start = time.perf_counter()
     llm.eval(tokens)
     pp = time.perf_counter() - start
-    start = time.perf_counter()
-    for i in range(GENERATE):
-        llm.eval([tokens[i]])
-    tg = time.perf_counter() - start
+    tg = float("inf")
+    for _ in range(ROUNDS):  # best round for both engines: the shared VM stalls now and then
+        llm.n_tokens = PROMPT  # generate again from the end of the prompt
+        start = time.perf_counter()
+        for i in range(GENERATE):
+            llm.eval([tokens[i]])
+        tg = min(tg, time.perf_counter() - start)
     llm.close() if hasattr(llm, "close") else None
     return PROMPT / pp, GENERATE / tg
 
@@ -44,10 +48,13 @@ def _pybitnet_times(model, tokens: list[int]) -> tuple[float, float]:
     pp = time.perf_counter() - start
     cache = model.new_cache(1, PROMPT + GENERATE + 1)
     model.prefill(prompt, cache)
-    start = time.perf_counter()
-    for i in range(GENERATE):
-        model.decode_step(torch.tensor([tokens[i]]), cache)
-    tg = time.perf_counter() - start
+    tg = float("inf")
+    for _ in range(ROUNDS):
+        cache.lengths.fill_(PROMPT)  # generate again from the end of the prompt
+        start = time.perf_counter()
+        for i in range(GENERATE):
+            model.decode_step(torch.tensor([tokens[i]]), cache)
+        tg = min(tg, time.perf_counter() - start)
     return PROMPT / pp, GENERATE / tg
 
 

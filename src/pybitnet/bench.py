@@ -59,7 +59,7 @@ def full_vs_step(model, seqs=FULL_VS_STEP_T, progress: Progress | None = None) -
         full = _timed(lambda: model.forward_full(tokens), repeats=2)
         if progress:
             progress(f"step T={seq}")
-        step = _timed(lambda: model.forward_step_by_step(tokens))
+        step = _timed(lambda: model.forward_step_by_step(tokens), repeats=2 if seq <= 256 else 1)
         rows.append({"T": seq, "full_tok_s": seq / full, "step_tok_s": seq / step, "speedup": step / full})
     return rows
 
@@ -134,6 +134,16 @@ def memory(layers: int, threads: int, progress: Progress | None = None) -> dict:
             "forward_overhead": with_forward - model_only, "logits": "last"}
 
 
+def _cpu_times() -> tuple[float, float] | None:
+    """(steal, total) jiffies of all cores from /proc/stat: time the hypervisor gave to other guests."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    return (fields[7] if len(fields) > 7 else 0.0), sum(fields)
+
+
 def cpu_busy_fraction(seconds: float = 2.0) -> float | None:
     """Share of all cores busy over the next `seconds` (from /proc/stat), before we start any work.
 
@@ -182,6 +192,7 @@ def run_suite(layers: int = 30, threads: int | None = None, sections=SECTIONS, b
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     info = machine_info(threads)
+    steal_start = _cpu_times()
     results: dict = {"threads": threads, "torch_version": torch.__version__, "layers": layers, "backend": backend,
                      "model": PRESET, "machine": info}
     if not info["idle"] and progress:
@@ -211,6 +222,9 @@ def run_suite(layers: int = 30, threads: int | None = None, sections=SECTIONS, b
         results["gemm_peak"].update({"prefill_T": prefill["T"], "prefill_gop_s": achieved,
                                      "fraction_of_peak": achieved / results["gemm_peak"]["gop_s"]})
     results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()[:2]]
+    steal_end = _cpu_times()
+    if steal_start and steal_end and steal_end[1] > steal_start[1]:
+        results["machine"]["steal_fraction"] = round((steal_end[0] - steal_start[0]) / (steal_end[1] - steal_start[1]), 4)
     return results
 
 
@@ -222,7 +236,9 @@ def markdown(results: dict) -> str:
         f"Machine: {m['cpu']} ({m['cores']} cores, {m['cpu_capability']}), {results['threads']} torch threads, "
         f"torch {results['torch_version']}, Python {m['python']}. Date: {m['date']}. "
         f"Before the run: {100 * (m.get('cpu_busy_before') or 0):.0f}% of the CPU busy, load average "
-        f"{m['load_average_before'][0]} ({'idle' if m['idle'] else 'NOT idle'}).", "",
+        f"{m['load_average_before'][0]} ({'idle' if m['idle'] else 'NOT idle'}); CPU time stolen by the "
+        f"hypervisor during the run: {100 * m.get('steal_fraction', 0):.1f}%. Timings are the best of 2-3 runs "
+        f"(a single run for step-by-step at T=512).", "",
     ]
     if "full_vs_step" in results:
         lines += ["## Full-sequence vs step-by-step (all logits in both)", "",
