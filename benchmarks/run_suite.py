@@ -27,6 +27,9 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = bench.run_suite(layers=args.layers, threads=args.threads, progress=lambda m: print(m, flush=True))
+    print("scaling with 6 layers", flush=True)
+    six = bench.run_suite(layers=6, threads=args.threads, sections=("scaling",))
+    results["scaling_6_layers"] = {"note": "a separate 6-layer model, the issue's scaling target", "scaling": six["scaling"]}
     if not args.skip_llama:
         print("llama.cpp comparison", flush=True)
         from llama_cpp_compare import compare

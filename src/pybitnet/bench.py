@@ -250,6 +250,11 @@ def markdown(results: dict) -> str:
                   "| T | ms/token | tok/s |", "|---:|---:|---:|"]
         lines += [f"| {r['T']} | {r['full_ms_per_token']:.2f} | {r['full_tok_s']:.1f} |" for r in results["scaling"]]
         lines.append("")
+    if "scaling_6_layers" in results:
+        rows = results["scaling_6_layers"]
+        by_t = {r["T"]: r["full_ms_per_token"] for r in rows["scaling"]}
+        lines += [f"Six layers ({rows['note']}): " + ", ".join(f"T={t} {ms:.2f}" for t, ms in by_t.items())
+                  + f" ms/token; T=4096 costs {by_t[4096] / by_t[256]:.2f}× T=256 per token.", ""]
     if "decode" in results:
         lines += ["## Decode (decode_step, batch 1)", "", "| context | tok/s | ms/token |", "|---:|---:|---:|"]
         lines += [f"| {r['context']} | {r['tok_s']:.2f} | {r['ms_per_token']:.1f} |" for r in results["decode"]]
