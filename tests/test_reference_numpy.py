@@ -7,7 +7,6 @@ float64 rule (DESIGN.md §2): max |dlogit| <= 1e-9 * max|logit| and the same arg
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -26,17 +25,7 @@ from pybitnet.synthetic import random_weights
 _HERE = Path(__file__).resolve().parent
 
 
-def _import_reference():
-    """tests/reference_numpy.py by path, whatever the rootdir/sys.path pytest runs with."""
-    if "reference_numpy" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("reference_numpy", _HERE / "reference_numpy.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["reference_numpy"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["reference_numpy"]
-
-
-reference_numpy = _import_reference()
+import reference_numpy  # tests/ is on sys.path: pytest's default import mode puts it there
 
 F64_REL_TOL = 1e-9
 

@@ -8,11 +8,7 @@ one division, one multiply, round half to even.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
-import pytest
 import torch
 
 import pybitnet
@@ -20,8 +16,7 @@ from pybitnet.loaders.hf import save_hf
 from pybitnet.quant.activations import quantize_activations
 from pybitnet.synthetic import random_weights
 
-sys.path.insert(0, str(Path(__file__).parent))
-import reference_numpy  # noqa: E402
+import reference_numpy  # tests/ is on sys.path under pytest
 
 
 def test_tie_rows_quantize_like_numpy():

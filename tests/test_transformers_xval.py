@@ -16,9 +16,7 @@ Set PYBITNET_XVAL_COMPILE=1 to keep transformers' compilation.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +31,9 @@ from pybitnet.config import ModelConfig  # noqa: E402
 from pybitnet.loaders.hf import save_hf  # noqa: E402
 from pybitnet.synthetic import random_weights  # noqa: E402
 
-_HERE = Path(__file__).resolve().parent
 
 
-def _import_reference():
-    """tests/reference_numpy.py by path, whatever the rootdir/sys.path pytest runs with."""
-    if "reference_numpy" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("reference_numpy", _HERE / "reference_numpy.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["reference_numpy"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["reference_numpy"]
-
-
-reference_numpy = _import_reference()
+import reference_numpy  # noqa: E402  # tests/ is on sys.path: pytest's default import mode puts it there
 
 F32_REL_TOL = 5e-2
 F32_MIN_TOP1 = 0.90
