@@ -93,3 +93,21 @@ def test_every_backend_runs_the_model_under_the_rules():
     for backend in kernels.BACKENDS:
         model32.set_backend(backend)
         assert_float32_rule(model32.forward_full(tokens), ref)
+
+
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_fused_norm_quantization_equals_materialized(with_norm):
+    """quantize_normed(x, c, w) quantizes RMSNorm(c * x) (or c * x) without building it: same integers,
+    same scale (float64 random rows, where exact rounding ties do not occur)."""
+    from pybitnet.quant.activations import quantize_activations, quantize_normed
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 300, generator=g, dtype=torch.float64) * 1e6  # unscaled integer-product magnitudes
+    c = torch.rand(64, 1, generator=g, dtype=torch.float64) * 1e-9 + 1e-12
+    w = torch.rand(300, generator=g, dtype=torch.float64) + 0.5
+    scaled = c * x
+    target = RMSNorm(w, 1e-5)(scaled) if with_norm else scaled
+    q_ref, s_ref = quantize_activations(target)
+    q, s = quantize_normed(x, c, w if with_norm else None, 1e-5)
+    assert torch.equal(q, q_ref)
+    assert torch.allclose(s, s_ref, rtol=1e-12)

@@ -49,7 +49,7 @@ class BitLinear(nn.Module):
             # same float steps as in transformers and in a reference written from FORMATS.md A.3.
             return quantize_activations(norm(x) if norm is not None else x, as_int8=as_int8)
         weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
-        return quantize_normed(x, weight, eps, row_scale, as_int8=as_int8)
+        return quantize_normed(x, row_scale, weight, eps, as_int8=as_int8)
 
     def accumulate(self, x: torch.Tensor, norm: "RMSNorm | None" = None, row_scale: torch.Tensor | None = None,
                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,29 +22,25 @@ def quantize_activations(x: torch.Tensor, as_int8: bool = False) -> tuple[torch.
     return (q.to(torch.int8) if as_int8 else q), act_scale
 
 
-def quantize_normed(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                    row_scale: torch.Tensor | None = None, as_int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_activations(RMSNorm(row_scale * x)) without materializing the normed tensor.
+def quantize_normed(x: torch.Tensor, row_scale: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                    eps: float = 0.0, as_int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activations(RMSNorm(row_scale * x)) (or of row_scale * x when norm_weight is None)
+    without materializing the scaled or normed tensor.
 
-    x (M, K) raw rows, row_scale (M, 1) a per-row factor still to be applied (None = 1), norm_weight
-    (K,) the RMSNorm weight (None = no norm, only the row scale). Absmax quantization is invariant to
-    a positive per-row factor, so with t = w * x:
+    x (M, K) raw rows, row_scale (M, 1) a positive per-row factor still to be applied, norm_weight
+    (K,) the RMSNorm weight. Absmax quantization is invariant to a positive per-row factor, so with
+    t = w * x (or t = x):
         q = round(t * 127 / absmax(t)),   act_scale = 127 / max(absmax(t) * c * r, 1e-5)
-    where c = row_scale and r = 1 / sqrt(mean((c x)^2) + eps) is the RMSNorm factor. This saves the
-    norm's own passes over the data and lets callers hand over unscaled integer-valued products.
+    where c = row_scale and r = 1 / sqrt(mean((c x)^2) + eps) the RMSNorm factor (1 without a norm).
+    Callers hand over unscaled integer-valued products (the FFN's relu(g)^2 * u) this way.
     """
-    c = row_scale
+    factor = row_scale  # (M, 1): c, times r with a norm
     if norm_weight is not None:
-        mean_sq = torch.linalg.vecdot(x, x).unsqueeze(-1) / x.shape[-1]  # (M, 1)
-        if c is not None:
-            mean_sq = mean_sq * (c * c)
-        factor = torch.rsqrt(mean_sq + eps)  # (M, 1): r
-        if c is not None:
-            factor = factor * c
+        mean_sq = torch.linalg.vecdot(x, x).unsqueeze(-1) / x.shape[-1] * (row_scale * row_scale)  # (M, 1)
+        factor = row_scale * torch.rsqrt(mean_sq + eps)
         t = x * norm_weight  # (M, K)
     else:
-        factor = c if c is not None else torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        t = x.clone() if c is None else x.to(factor.dtype)
+        t = x.clone()
     act_scale = _div_into_127((absmax(t) * factor).clamp_(min=ABSMAX_FLOOR))  # (M, 1)
     q = t.mul_(act_scale * factor).round_().clamp_(-128.0, 127.0)
     return (q.to(torch.int8) if as_int8 else q), act_scale
