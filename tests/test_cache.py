@@ -105,3 +105,43 @@ def test_inference_mode_then_plain_calls_work():
         model.forward_step_by_step(tokens)
     logits = model.forward_full(tokens)
     logits /= 2  # user code may modify what it gets back
+
+
+def test_small_integer_token_dtypes_decode_like_int64():
+    model = synthetic.random_model("tiny", seed=0, dtype=torch.float64)
+    results = []
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        cache = model.new_cache(2, 4)
+        results.append(model.decode_step(torch.tensor([5, 200], dtype=dtype), cache))
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+
+
+def test_padding_may_hold_any_id_and_masks_must_be_0_or_1():
+    model = synthetic.random_model("tiny", seed=0, dtype=torch.float64)
+    tokens = torch.randint(0, 512, (2, 6))
+    mask = right_padded_mask([6, 4], 6)
+    clean = model.forward_full(tokens, attention_mask=mask)
+    tokens[1, 4:] = -100  # the HF ignore id as padding
+    assert torch.equal(model.forward_full(tokens, attention_mask=mask)[1, :4], clean[1, :4])
+    half = mask.double()
+    half[0, 0] = 1.5
+    with pytest.raises(InputError, match="only 0 and 1"):
+        model.forward_full(tokens, attention_mask=half)
+
+
+@pytest.mark.parametrize("index,match", [
+    (torch.tensor([True, False, True, False, False, False]), "integer tensor"),
+    (torch.tensor([1.7]), "integer tensor"),
+    (torch.tensor([-15]), r"\[-6, 6\)"),
+])
+def test_bad_logit_indices_are_clear_errors(index, match):
+    model = synthetic.random_model("tiny", seed=0)
+    with pytest.raises(InputError, match=match):
+        model.forward_full(torch.randint(0, 512, (2, 6)), logits=index)
+
+
+def test_bad_chunk_size_is_a_clear_error():
+    model = synthetic.random_model("tiny", seed=0)
+    with pytest.raises(InputError, match="chunk_size"):
+        model.forward_full(torch.randint(0, 512, (1, 6)), chunk_size=2.5)

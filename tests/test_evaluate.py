@@ -53,3 +53,12 @@ def test_bad_inputs(model):
         evaluate.token_logprobs(model, [5])
     with pytest.raises(InputError, match="stride"):
         evaluate.perplexity(model, [1, 2, 3], ctx=8, stride=9)
+
+
+def test_scoring_takes_one_integer_sequence(model):
+    with pytest.raises(InputError, match="one sequence"):
+        evaluate.token_logprobs(model, torch.randint(0, 512, (2, 5)))
+    with pytest.raises(InputError, match="integers"):
+        evaluate.token_logprobs(model, torch.tensor([3.9, 7.2, 8.8]))
+    row = torch.randint(0, 512, (1, 7))
+    assert torch.equal(evaluate.token_logprobs(model, row), evaluate.token_logprobs(model, row[0]))

@@ -300,3 +300,11 @@ def test_gguf_file_without_vocab_has_no_tokenizer(checkpoint, tmp_path):
     write_gguf(path, config, weights, "tq2_0" if config.hidden_size % 256 == 0 else "i2_s")
     with pytest.raises(CheckpointError, match="has no tokenizer"):
         load_tokenizer(path)
+
+
+def test_a_flat_id_list_is_one_prompt_and_junk_is_an_input_error(model64):
+    one = generate(model64, None, [5, 6, 7], max_new_tokens=3, stop_token_ids=[])
+    listed = generate(model64, None, [[5, 6, 7]], max_new_tokens=3, stop_token_ids=[])
+    assert one.token_ids == listed.token_ids and len(one.token_ids) == 1
+    with pytest.raises(InputError, match="prompt 1 must be a string or a list of token ids"):
+        generate(model64, None, [[5, 6], 3.5], max_new_tokens=2)

@@ -14,6 +14,18 @@ from .errors import InputError
 PROJECT_ROWS = 256
 
 
+def _one_sequence(tokens) -> torch.Tensor:
+    """Token ids as a 1-D LongTensor: (T,) or (1, T) integer input, else InputError."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.is_floating_point() or tokens.dtype == torch.bool:
+        raise InputError(f"token ids must be integers, got {tokens.dtype}")
+    if tokens.dim() == 2 and tokens.shape[0] == 1:
+        tokens = tokens[0]
+    if tokens.dim() != 1:
+        raise InputError(f"scoring takes one sequence of shape (T,) or (1, T), got {tuple(tokens.shape)}")
+    return tokens.long()
+
+
 def _targets_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """hidden (N, H), targets (N,) -> log p(target) (N,) in float64, PROJECT_ROWS rows at a time."""
     out = torch.empty(targets.shape[0], dtype=torch.float64)
@@ -26,7 +38,7 @@ def _targets_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> tor
 
 def token_logprobs(model, tokens: torch.Tensor | list[int], *, chunk_size: int | None = None) -> torch.Tensor:
     """log p(tokens[t] | tokens[:t]) for t = 1..T-1, shape (T-1,), float64, via the full-sequence path."""
-    tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    tokens = _one_sequence(tokens)
     if tokens.numel() < 2:
         raise InputError(f"scoring needs at least 2 tokens (the first one is only context), got {tokens.numel()}")
     out = []
@@ -50,7 +62,7 @@ def perplexity(model, tokens: torch.Tensor | list[int], *, ctx: int = 2048, stri
                chunk_size: int | None = None, progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
     """Sliding-window perplexity: windows of `ctx` tokens moving by `stride` (default ctx); each token is
     scored once, with as much left context as its window gives (the HF "strided perplexity" recipe)."""
-    tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    tokens = _one_sequence(tokens)
     stride = stride or ctx
     if ctx < 2 or stride < 1 or stride > ctx:
         raise InputError(f"perplexity needs ctx >= 2 and 1 <= stride <= ctx, got ctx={ctx}, stride={stride}")

@@ -255,8 +255,12 @@ def _partial_stop_suffix(text: str, stop_strings: list[str]) -> int:
 
 
 def _tokenize(tokenizer, prompts, add_special_tokens: bool) -> list[list[int]]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.dim() == 1):
         prompts = [prompts]
+    elif isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        prompts = list(prompts)
+    elif isinstance(prompts, Sequence) and prompts and all(isinstance(p, int) for p in prompts):
+        prompts = [prompts]  # one prompt given as a flat list of ids
     if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)) or len(prompts) == 0:
         raise InputError("prompts must be a non-empty list of strings or of token-id lists")
     out = []
@@ -267,8 +271,10 @@ def _tokenize(tokenizer, prompts, add_special_tokens: bool) -> list[list[int]]:
             if not prompt:
                 raise InputError(f"prompt {i} is empty")
             ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        else:
+        elif isinstance(prompt, torch.Tensor) or (isinstance(prompt, Sequence) and not isinstance(prompt, bytes)):
             ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)]
+        else:
+            raise InputError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise InputError(f"prompt {i} is empty (no tokens)")
         out.append(ids)

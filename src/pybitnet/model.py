@@ -186,6 +186,7 @@ class Transformer(nn.Module):
         if token.dim() != 1 or token.shape[0] != cache.batch_size:
             raise InputError(f"decode_step expects one token per cache row, shape ({cache.batch_size},), got {tuple(token.shape)}")
         self._check_ids(token)
+        token = token.long()
         positions = cache.lengths.clone()  # (B,)
         cache.check_room(int(positions.max()) + 1)
         mask = None
@@ -280,16 +281,19 @@ class Transformer(nn.Module):
                 rows = torch.arange(hidden.shape[0], device=hidden.device)
                 return self.project(hidden[rows, lengths - 1])  # (B, V)
             raise InputError(f"logits must be 'all', 'last' or a LongTensor of positions, got {which!r}")
-        index = torch.as_tensor(which, dtype=torch.long, device=hidden.device)
-        if index.dim() != 1 or (index.numel() and (int(index.max()) >= hidden.shape[1] or int(index.min()) < -hidden.shape[1])):
-            raise InputError(f"logits index must be a 1-D LongTensor of positions < {hidden.shape[1]}")
-        return self.project(hidden[:, index])
+        index = torch.as_tensor(which, device=hidden.device)
+        seq = hidden.shape[1]
+        if index.is_floating_point() or index.dtype == torch.bool or index.dim() != 1:
+            raise InputError(f"logits index must be a 1-D integer tensor of positions, got {index.dtype} {tuple(index.shape)}")
+        if index.numel() and (int(index.max()) >= seq or int(index.min()) < -seq):
+            raise InputError(f"logits index out of range: positions must lie in [{-seq}, {seq})")
+        return self.project(hidden[:, index.long()])
 
     def _chunk_size(self, chunk_size: int | None) -> int:
         if chunk_size is None:
             return DEFAULT_CHUNK
-        if chunk_size <= 0:
-            raise InputError(f"chunk_size must be positive, got {chunk_size}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         return chunk_size
 
     @staticmethod
@@ -317,25 +321,28 @@ class Transformer(nn.Module):
             raise InputError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
         if tokens.shape[0] == 0 or tokens.shape[1] == 0:
             raise InputError(f"empty input: tokens have shape {tuple(tokens.shape)}")
-        self._check_ids(tokens)
-        tokens = tokens.long()
         bsz, seq = tokens.shape
         if attention_mask is None:
-            return tokens, torch.full((bsz,), seq, dtype=torch.long, device=self.device)
+            self._check_ids(tokens)
+            return tokens.long(), torch.full((bsz,), seq, dtype=torch.long, device=self.device)
         mask = torch.as_tensor(attention_mask, device=self.device)
         if mask.dim() == 1:
             mask = mask[None]
         if tuple(mask.shape) != (bsz, seq):
             raise InputError(f"attention_mask has shape {tuple(mask.shape)}, expected {(bsz, seq)} like tokens")
-        mask = mask.long()
         if bool(((mask != 0) & (mask != 1)).any()):
             raise InputError("attention_mask must hold only 0 and 1")
+        mask = mask.long()
         lengths = mask.sum(dim=1)  # (B,)
         positions = torch.arange(seq, device=self.device)
         if not torch.equal(mask, (positions[None, :] < lengths[:, None]).long()):
             raise InputError("attention_mask must be right-padded: each row's 1s first, then 0s")
         if bool((lengths == 0).any()):
             raise InputError("attention_mask has a row with no real tokens (an empty prompt)")
+        if tokens.is_floating_point() or tokens.dtype == torch.bool:
+            self._check_ids(tokens)  # raises: ids must be integers
+        tokens = tokens.long().masked_fill(mask == 0, 0)  # padding may hold any value (-100, ...)
+        self._check_ids(tokens)
         return tokens, lengths
 
 
