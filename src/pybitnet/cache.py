@@ -31,9 +31,6 @@ class KVCache:
     def max_len(self) -> int:
         return self.keys.shape[3]
 
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
-
     def check_room(self, end: int) -> None:
         if end > self.max_len:
             raise CacheError(
@@ -69,6 +66,3 @@ class KVCache:
         self.keys = self.keys.index_select(1, rows)
         self.values = self.values.index_select(1, rows)
         self.lengths = self.lengths.index_select(0, rows)
-
-    def reset(self) -> None:
-        self.lengths.zero_()

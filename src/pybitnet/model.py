@@ -144,13 +144,10 @@ class Transformer(nn.Module):
         return self._logits(hidden, lengths, logits)
 
     def hidden_states(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                      chunk_size: int | None = None, cache: KVCache | None = None):
-        """Yield (start, final-normed hidden (B, C, H)) chunk by chunk: for scoring without a (T, V) tensor.
-
-        With `cache`, the tokens continue after what the cache holds (uniform length across rows).
-        """
+                      chunk_size: int | None = None):
+        """Yield (start, final-normed hidden (B, C, H)) chunk by chunk: for scoring without a (T, V) tensor."""
         tokens, _ = self._check_tokens(tokens, attention_mask)
-        yield from self._chunks(tokens, chunk_size, cache)
+        yield from self._chunks(tokens, chunk_size)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden (..., H) -> logits (..., V) in the model dtype."""
