@@ -56,6 +56,25 @@ class KVCache:
         """The first `length` positions of one layer: (B, Hkv, length, D) views, no copy."""
         return self.keys[layer, :, :, :length], self.values[layer, :, :, :length]
 
+    def copy_rows(self, src: "KVCache", src_rows: list[int], dst_rows: list[int]) -> None:
+        """Copy whole rows of another cache (same layers, heads and head dim) into rows of this one:
+        their keys/values for positions [0, src.max_len) and their lengths. A request prefilled alone
+        in a small cache joins a running batch this way, without touching the other rows."""
+        if len(src_rows) != len(dst_rows):
+            raise CacheError(f"copy_rows: {len(src_rows)} source rows but {len(dst_rows)} destination rows")
+        if src.keys.shape[0] != self.keys.shape[0] or src.keys.shape[4] != self.keys.shape[4] \
+                or src.keys.shape[2] != self.keys.shape[2]:
+            raise CacheError("copy_rows: the caches differ in layers, heads or head dim")
+        if src.max_len > self.max_len:
+            raise CacheError(f"copy_rows: source holds {src.max_len} positions, this cache only {self.max_len}")
+        for s_row, d_row in zip(src_rows, dst_rows):
+            if not (0 <= s_row < src.batch_size and 0 <= d_row < self.batch_size):
+                raise CacheError(f"copy_rows: row {s_row} -> {d_row} out of range")
+            n = src.max_len
+            self.keys[:, d_row, :, :n] = src.keys[:, s_row]
+            self.values[:, d_row, :, :n] = src.values[:, s_row]
+            self.lengths[d_row] = src.lengths[s_row]
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (a LongTensor of row indices), so finished sequences stop costing work."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.keys.device)

@@ -15,48 +15,12 @@ from . import kernels, runtime
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import InputError
+from .head import LMHead
 from .layers import Attention, AttentionContext, BitLinear, Block, FeedForward, RMSNorm, RotaryTables
 from .weights import PROJECTIONS, TernaryWeight, Weights, check_weights
 
 # Longer sequences are prefilled in chunks of this many tokens, bounding activation memory.
 DEFAULT_CHUNK = 1024
-# The lm_head over a bf16/f16 embedding is computed in fp32 this many vocab rows at a time.
-LM_HEAD_ROWS = 1024
-
-
-class LMHead(nn.Module):
-    """logits = h @ Wᵀ with W kept in its checkpoint dtype (bf16 for 2B-4T: half the memory of fp32).
-
-    A 16-bit W is widened LM_HEAD_ROWS rows at a time into one reused fp32 buffer, so logits are
-    exact fp32 products (a bf16 GEMM on CPU would round its output to bf16) without a float copy
-    of the whole vocabulary matrix and without fresh allocations per call.
-    """
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # (V, H)
-        self._rows: torch.Tensor | None = None  # (LM_HEAD_ROWS, H) widening buffer
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h (M, H) -> (M, V) in h's dtype."""
-        if self.weight.dtype == h.dtype:
-            return h @ self.weight.t()
-        vocab, width = self.weight.shape
-        if self._rows is None or self._rows.dtype != h.dtype:
-            with torch.inference_mode(False):  # a normal tensor: later calls may run outside inference mode
-                self._rows = torch.empty(min(LM_HEAD_ROWS, vocab), width, dtype=h.dtype, device=h.device)
-        out = torch.empty(h.shape[0], vocab, dtype=h.dtype, device=h.device)  # (M, V)
-        for start in range(0, vocab, LM_HEAD_ROWS):
-            n = min(LM_HEAD_ROWS, vocab - start)
-            rows = self._rows[:n].copy_(self.weight[start : start + n])
-            target = out[:, start : start + n]  # (M, n)
-            if target.is_contiguous():  # one row: write in place
-                torch.mm(h, rows.t(), out=target)
-            else:
-                target.copy_(h @ rows.t())
-        return out
-
-
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, weights: Weights, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", backend: str = kernels.AUTO, release_weights: bool = False):
