@@ -8,30 +8,83 @@ Names are internal and format-free (`loaders/names.py` maps HF and GGUF names on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .quant.packed import pack_ternary, unpack_ternary
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYER_NORMS = ("input_layernorm", "attn_sub_norm", "post_attention_layernorm", "ffn_sub_norm")
 
 
-@dataclass
 class TernaryWeight:
-    """A BitLinear weight: W = values * beta, values in {-1, 0, +1}."""
+    """A BitLinear weight: W = values * beta, values in {-1, 0, +1}.
 
-    values: torch.Tensor  # (out, in) int8
-    beta: float  # per-tensor scale, "multiply" semantics (FORMATS.md A.4)
+    Held either as int8 values (out, in) or packed at 2 bits per weight (quant/packed.py), the form
+    the model keeps. Loaders pack each tensor as they decode it (`packed_form`), so the int8 form of
+    a whole model never exists; `values` unpacks on demand for writers and tests.
+    """
+
+    def __init__(self, values: torch.Tensor | None = None, beta: float = 1.0, *,
+                 packed: torch.Tensor | None = None, in_features: int | None = None):
+        if (values is None) == (packed is None):
+            raise ValueError("TernaryWeight takes either int8 values or packed codes")
+        if packed is not None and in_features is None:
+            raise ValueError("a packed TernaryWeight needs in_features")
+        self._values = values  # (out, in) int8, or None when packed
+        self._packed = packed  # (out, ceil(in/256) * 64) uint8, or None
+        self._in_features = int(in_features) if packed is not None else int(values.shape[1])
+        self.beta = beta  # per-tensor scale, "multiply" semantics (FORMATS.md A.4)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.values.shape)
+        rows = self._packed.shape[0] if self._packed is not None else self._values.shape[0]
+        return (int(rows), self._in_features)
+
+    @property
+    def device(self) -> torch.device:
+        return (self._packed if self._packed is not None else self._values).device
+
+    @property
+    def is_packed(self) -> bool:
+        return self._packed is not None
+
+    @property
+    def values(self) -> torch.Tensor:
+        """(out, in) int8 in {-1, 0, 1}; unpacked (a new tensor) when held packed."""
+        if self._values is not None:
+            return self._values
+        return unpack_ternary(self._packed, self._in_features)[:, : self._in_features]
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """(out, ceil(in/256) * 64) uint8 in the packed layout; packed (a new tensor) when held as int8."""
+        return self._packed if self._packed is not None else pack_ternary(self._values)
+
+    def packed_form(self) -> "TernaryWeight":
+        """The same weight held packed (self when it already is)."""
+        return self if self.is_packed else TernaryWeight(packed=self.packed, in_features=self._in_features, beta=self.beta)
+
+    def with_beta(self, beta: float) -> "TernaryWeight":
+        if self.is_packed:
+            return TernaryWeight(packed=self._packed, in_features=self._in_features, beta=beta)
+        return TernaryWeight(self._values, beta)
+
+    def to(self, device: torch.device | str) -> "TernaryWeight":
+        """On `device`, in the form BitLinear keeps there (packed on CPU, int8 elsewhere)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            weight = self.packed_form()
+            return TernaryWeight(packed=weight._packed.to(device), in_features=self._in_features, beta=float(self.beta))
+        return TernaryWeight(self.values.to(device=device, dtype=torch.int8), float(self.beta))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.values.to(dtype) * self.beta
+
+    def __repr__(self) -> str:
+        form = "packed" if self.is_packed else "int8"
+        return f"TernaryWeight(shape={list(self.shape)}, beta={self.beta}, {form})"
 
 
 Weights = dict  # name -> torch.Tensor | TernaryWeight

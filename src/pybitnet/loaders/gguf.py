@@ -194,7 +194,7 @@ def _ternary_from_float(weight: torch.Tensor, name: str, path: str) -> TernaryWe
     if beta > 0 and not bool(((magnitude == 0) | (magnitude == beta)).all()):
         raise GGUFError(f"{path}: float projection {name!r} is not ternary * scale (values other than 0 and ±{beta})")
     values = torch.sign(weight).to(torch.int8)  # (out, in)
-    return TernaryWeight(values=values, beta=beta)
+    return TernaryWeight(values=values, beta=beta).packed_form()
 
 
 def _projection(reader: GGUFReader, info: TensorInfo, shape: tuple[int, int]) -> TernaryWeight:
@@ -215,7 +215,7 @@ def _projection(reader: GGUFReader, info: TensorInfo, shape: tuple[int, int]) ->
         scale = float(_dense(reader, scale_info).reshape(-1)[0])
         if not np.isfinite(scale):
             raise GGUFError(f"{reader.path}: scale tensor {scale_name!r} holds {scale}")
-        weight = TernaryWeight(weight.values, weight.beta * scale)
+        weight = weight.with_beta(weight.beta * scale)
     return weight
 
 

@@ -143,14 +143,14 @@ def load_hf_weights(path: str | Path) -> tuple[ModelConfig, Weights, dict]:
             if scale == 0.0 or scale != scale:
                 raise CheckpointError(f"{path}: tensor {hf_name + '_scale'!r} holds {scale}, not a usable scale")
             values = unpack_hf(tensor, out_features, hf_name)
-            weights[name] = TernaryWeight(values, 1.0 / scale if inverse_scale else scale)
+            weights[name] = TernaryWeight(values, 1.0 / scale if inverse_scale else scale).packed_form()
             packed_count += 1
         elif tensor.dtype.is_floating_point:
             if tuple(tensor.shape) != (out_features, in_features):
                 raise CheckpointError(f"{path}: tensor {hf_name!r} has shape {list(tensor.shape)}, "
                                       f"expected {[out_features, in_features]}")
             values, beta = absmean_ternarize(tensor)
-            weights[name] = TernaryWeight(values, beta)
+            weights[name] = TernaryWeight(values, beta).packed_form()
         else:
             raise CheckpointError(f"{path}: tensor {hf_name!r} has unsupported dtype {tensor.dtype}")
     check_weights(config, {k: v for k, v in weights.items()}, source=str(path))

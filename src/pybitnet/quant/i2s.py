@@ -41,7 +41,7 @@ def encode_i2s(values: torch.Tensor, beta: float) -> np.ndarray:
 
 
 def decode_i2s(data: np.ndarray, shape: tuple[int, int], name: str) -> TernaryWeight:
-    """(n/4 + 32,) uint8 I2_S payload -> TernaryWeight with values (out, in) int8 and the fp32 beta.
+    """(n/4 + 32,) uint8 I2_S payload -> packed TernaryWeight (out, in) with the fp32 beta.
 
     Works on 32-bit words, four packed bytes at a time (SWAR): for each group, shift the word and
     mask every byte lane to its 2-bit code, then map code c -> c - 1 in every lane at once with
@@ -73,4 +73,4 @@ def decode_i2s(data: np.ndarray, shape: tuple[int, int], name: str) -> TernaryWe
     np.subtract(lanes, 0x01010101, out=lanes)
     np.bitwise_xor(lanes, 0x80808080, out=lanes)
     values = torch.from_numpy(lanes.view(np.int8).reshape(out_features, in_features))  # (out, in) in {-1,0,1}
-    return TernaryWeight(values=values, beta=beta)
+    return TernaryWeight(values=values, beta=beta).packed_form()  # the int8 form lives for one tensor only

@@ -109,7 +109,7 @@ def _apply_block_scales(values: np.ndarray, d_bytes: np.ndarray, kind: str, name
 
 
 def decode_tq2_0(data: np.ndarray, shape: tuple[int, int], name: str) -> TernaryWeight:
-    """(nblk * 66,) uint8 -> TernaryWeight, values (out, in) int8, beta = the blocks' common |d|."""
+    """(nblk * 66,) uint8 -> packed TernaryWeight (out, in), beta = the blocks' common |d|."""
     nblk = _check_size(data, shape, TQ2_0_BLOCK_BYTES, "TQ2_0", name)
     blocks = data.reshape(nblk, TQ2_0_BLOCK_BYTES)
     qs = blocks[:, :64]
@@ -120,11 +120,11 @@ def decode_tq2_0(data: np.ndarray, shape: tuple[int, int], name: str) -> Ternary
     codes = (qs.reshape(nblk, 2, 1, 32) >> _TQ2_SHIFTS.reshape(1, 1, 4, 1)) & 3  # (nblk, h, n, m)
     values = codes.reshape(nblk, QK_K).view(np.int8) - np.int8(1)  # element 128h + 32n + m
     beta = _apply_block_scales(values, blocks[:, 64:66], "TQ2_0", name)
-    return TernaryWeight(values=torch.from_numpy(values).view(shape), beta=beta)
+    return TernaryWeight(values=torch.from_numpy(values).view(shape), beta=beta).packed_form()
 
 
 def decode_tq1_0(data: np.ndarray, shape: tuple[int, int], name: str) -> TernaryWeight:
-    """(nblk * 54,) uint8 -> TernaryWeight, values (out, in) int8, beta = the blocks' common |d|."""
+    """(nblk * 54,) uint8 -> packed TernaryWeight (out, in), beta = the blocks' common |d|."""
     nblk = _check_size(data, shape, TQ1_0_BLOCK_BYTES, "TQ1_0", name)
     blocks = data.reshape(nblk, TQ1_0_BLOCK_BYTES)
     part0 = _TRIT[:, blocks[:, :32]].transpose(1, 0, 2).reshape(nblk, 160)  # elements 32k + m
@@ -132,4 +132,4 @@ def decode_tq1_0(data: np.ndarray, shape: tuple[int, int], name: str) -> Ternary
     part2 = _TRIT[:4, blocks[:, 48:52]].transpose(1, 0, 2).reshape(nblk, 16)  # 240 + 4k + j
     values = np.concatenate([part0, part1, part2], axis=1)  # (nblk, 256) int8
     beta = _apply_block_scales(values, blocks[:, 52:54], "TQ1_0", name)
-    return TernaryWeight(values=torch.from_numpy(values).view(shape), beta=beta)
+    return TernaryWeight(values=torch.from_numpy(values).view(shape), beta=beta).packed_form()
