@@ -1,31 +1,73 @@
-"""The output projection (lm_head): final-normed hidden states -> logits over the vocabulary."""
+"""The output projection (lm_head): final-normed hidden states -> logits over the vocabulary.
+
+Two modes, chosen at load (`pybitnet.load(..., lm_head=...)`):
+
+    exact   logits = h @ Wᵀ with W in its checkpoint dtype (bf16 for 2B-4T) and fp32 products and
+            sums. On CPU with the native kernels, a bf16 GEMV (native/kernels.cpp) widens each
+            weight once and runs every row of the batch against it, reading W once per call.
+    int8    opt-in and lossy: a per-row int8 copy of W (scale = absmax/127 per vocabulary row)
+            against per-row int8 activations, exact int32 sums, like llama.cpp's quantized output
+            tensors; half the bytes of bf16 per token. scripts: benchmarks/head_agreement.py.
+
+Row independence: a row's logits never depend on the other rows of the batch (a server batches
+unrelated requests). The native GEMV computes each (row, vocabulary entry) dot product in one fixed
+order whatever the batch size; the int8 head's sums are exact integers.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-# A bf16/f16 head is computed in fp32 this many vocabulary rows at a time.
+from . import native
+from .errors import ConfigError
+from .quant.activations import quantize_activations
+
+HEAD_MODES = ("exact", "int8")
+# A bf16/f16 head without the native kernels is computed in fp32 this many vocabulary rows at a time.
 LM_HEAD_ROWS = 1024
 
 
-class LMHead(nn.Module):
-    """logits = h @ Wᵀ with W kept in its checkpoint dtype (bf16 for 2B-4T: half the memory of fp32).
+def check_head_mode(mode: str) -> str:
+    if mode not in HEAD_MODES:
+        raise ConfigError(f"unknown lm_head mode {mode!r}; choose one of: {', '.join(HEAD_MODES)}")
+    return mode
 
-    A 16-bit W is widened LM_HEAD_ROWS rows at a time into an fp32 buffer, so logits are exact fp32
-    products (a bf16 GEMM on CPU would round its output to bf16) without a float copy of the whole
-    vocabulary matrix. The buffer belongs to the call, not the module: several threads may run the
-    same model at once.
+
+class LMHead(nn.Module):
+    """logits = h @ Wᵀ, W (V, H) kept in its checkpoint dtype (shared with a tied embedding).
+
+    Without the native kernels, a 16-bit W is widened LM_HEAD_ROWS rows at a time into an fp32
+    buffer (a bf16 GEMM on CPU would round its output to bf16). Buffers belong to the call, not the
+    module: several threads may run the same model at once.
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, mode: str = "exact"):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # (V, H)
+        self.mode = check_head_mode(mode)
+        if mode == "int8":
+            codes, scales = quantize_rows_int8(weight)
+            self.register_buffer("int8_weight", codes)  # (V, H) int8
+            self.register_buffer("int8_scale", scales)  # (V,) float32: W[v] ≈ int8_weight[v] * int8_scale[v]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h (M, H) -> (M, V) in h's dtype."""
+        if self.mode == "int8":
+            return self._int8_logits(h)
         if self.weight.dtype == h.dtype:
             return h @ self.weight.t()
+        ops = native.ops() if h.device.type == "cpu" else None
+        if ops is not None and h.dtype == torch.float32 and self.weight.dtype == torch.bfloat16:
+            return ops.bf16_matmul(h.contiguous(), self.weight, native.isa())
+        return self._widened_logits(h)
+
+    def _int8_logits(self, h: torch.Tensor) -> torch.Tensor:
+        q, act_scale = quantize_activations(h.float(), as_int8=True)  # (M, H) int8, (M, 1)
+        acc = torch._int_mm(q, self.int8_weight.t())  # (M, V) int32, exact
+        return (acc.float() * (self.int8_scale / act_scale)).to(h.dtype)
+
+    def _widened_logits(self, h: torch.Tensor) -> torch.Tensor:
         vocab, width = self.weight.shape
         rows_buffer = torch.empty(min(LM_HEAD_ROWS, vocab), width, dtype=h.dtype, device=h.device)  # (R, H)
         out = torch.empty(h.shape[0], vocab, dtype=h.dtype, device=h.device)  # (M, V)
@@ -38,3 +80,17 @@ class LMHead(nn.Module):
             else:
                 target.copy_(h @ rows.t())
         return out
+
+
+def quantize_rows_int8(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (V, H) float -> (codes (V, H) int8, scales (V,) float32) with W[v] ≈ codes[v] * scales[v],
+    scale = absmax(W[v]) / 127, in row chunks so no fp32 copy of the whole matrix exists."""
+    vocab, width = weight.shape
+    codes = torch.empty(vocab, width, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(vocab, dtype=torch.float32, device=weight.device)
+    for start in range(0, vocab, chunk):
+        rows = weight[start : start + chunk].float()
+        scale = rows.abs().amax(dim=1).clamp_(min=1e-30) / 127.0  # (n,)
+        codes[start : start + chunk] = (rows / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        scales[start : start + chunk] = scale
+    return codes, scales
