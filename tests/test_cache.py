@@ -145,3 +145,24 @@ def test_bad_chunk_size_is_a_clear_error():
     model = synthetic.random_model("tiny", seed=0)
     with pytest.raises(InputError, match="chunk_size"):
         model.forward_full(torch.randint(0, 512, (1, 6)), chunk_size=2.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_prefill_into_rows_of_different_lengths_continues_each_row(dtype):
+    """A cache whose rows hold different lengths takes a block of new tokens per row: each row's
+    logits equal running that row's whole sequence alone."""
+    model = synthetic.random_model("tiny", seed=4, dtype=dtype)
+    gen = torch.Generator().manual_seed(4)
+    firsts = [torch.randint(0, 512, (1, n), generator=gen) for n in (3, 9, 1)]
+    block = torch.randint(0, 512, (3, 5), generator=gen)
+    cache = model.new_cache(3, 16)
+    for row, first in enumerate(firsts):  # rows filled to lengths 3, 9, 1
+        single = model.new_cache(1, 16)
+        model.prefill(first, single)
+        cache.copy_rows(single, [0], [row])
+    assert cache.lengths.tolist() == [3, 9, 1]
+    got = model.prefill(block, cache, logits="all")  # (3, 5, V)
+    assert cache.lengths.tolist() == [8, 14, 6]
+    for row, first in enumerate(firsts):
+        alone = model.forward_full(torch.cat([first, block[row : row + 1]], dim=1))[0, -5:]
+        (assert_float64_rule if dtype == torch.float64 else assert_float32_rule)(got[row], alone)

@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .errors import CacheError
+
+
+@dataclass
+class LayerWindow:
+    """One layer's part of a KVCache as one forward call sees it: where the call's K/V are written,
+    and how many positions its queries may look at. The model's layers know nothing of other layers."""
+
+    keys: torch.Tensor  # (B, Hkv, max_len, D), a view into the cache
+    values: torch.Tensor  # (B, Hkv, max_len, D)
+    write_at: int | torch.Tensor  # the start shared by every row, or (B, T) positions per row
+    length: int  # after the write, the call sees positions [0, length)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (B, Hkv, T, D) -> this call's positions."""
+        if isinstance(self.write_at, int):
+            end = self.write_at + k.shape[2]
+            self.keys[:, :, self.write_at : end] = k
+            self.values[:, :, self.write_at : end] = v
+            return
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1) against positions (B, T)
+        self.keys[rows, :, self.write_at] = k.transpose(1, 2)  # indexed view is (B, T, Hkv, D)
+        self.values[rows, :, self.write_at] = v.transpose(1, 2)
+
+    def visible(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Hkv, length, D) views of keys and values, no copy."""
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
 
 class KVCache:
@@ -38,23 +66,19 @@ class KVCache:
                 f"positions; allocate a larger cache (model.new_cache(batch, max_len))"
             )
 
-    def write_block(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v (B, Hkv, T, D) -> positions [start, start+T) of every row."""
-        end = start + k.shape[2]
-        self.check_room(end)
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
+    def windows(self, seq: int) -> tuple[list["LayerWindow"], torch.Tensor]:
+        """Each layer's window for a forward call that appends `seq` tokens to every row.
 
-    def write_positions(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v (B, Hkv, 1, D) -> row b at positions[b]."""
-        self.check_room(int(positions.max()) + 1)
-        rows = torch.arange(self.batch_size, device=positions.device)
-        self.keys[layer, rows, :, positions] = k[:, :, 0]
-        self.values[layer, rows, :, positions] = v[:, :, 0]
-
-    def view(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` positions of one layer: (B, Hkv, length, D) views, no copy."""
-        return self.keys[layer, :, :, :length], self.values[layer, :, :, :length]
+        Row b's tokens go to positions lengths[b] .. lengths[b]+seq-1. Returns the windows and those
+        positions, (B, seq). The caller advances `lengths` once the call has run.
+        """
+        positions = self.lengths[:, None] + torch.arange(seq, device=self.lengths.device)  # (B, T)
+        first, last = int(self.lengths.min()), int(self.lengths.max())
+        self.check_room(last + seq)
+        # Rows at one length write one slice; ragged rows write their own positions.
+        write_at: int | torch.Tensor = first if first == last else positions
+        return [LayerWindow(self.keys[i], self.values[i], write_at, last + seq)
+                for i in range(self.keys.shape[0])], positions
 
     def copy_rows(self, src: "KVCache", src_rows: list[int], dst_rows: list[int]) -> None:
         """Copy whole rows of another cache (same layers, heads and head dim) into rows of this one:

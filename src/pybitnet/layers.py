@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -10,12 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .cache import LayerWindow
 from .quant.activations import quantize_activations, quantize_normed
 from .weights import TernaryWeight
-
-
-# Rows of the FFN's elementwise work done at a time (see FeedForward.forward).
-GLUE_ROWS = 64
 
 
 class BitLinear(nn.Module):
@@ -107,29 +105,35 @@ class RotaryTables:
 
     def __init__(self, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device, length: int):
         self.head_dim, self.theta, self.dtype, self.device = head_dim, theta, dtype, device
-        self.cos = self.sin = torch.empty(0, head_dim, dtype=dtype, device=device)
-        self._build(length)
+        self._lock = threading.Lock()  # tables grow on demand; callers on several threads share them
+        self._pair = self._build(length)  # (cos, sin), each (L, D); replaced whole, never mutated
 
-    def _build(self, length: int) -> None:
+    def _tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin holding at least `length` positions: one consistent pair, grown under the lock."""
+        pair = self._pair
+        if length <= pair[0].shape[0]:
+            return pair
+        with self._lock:
+            if length > self._pair[0].shape[0]:
+                self._pair = self._build(max(length, 2 * self._pair[0].shape[0]))
+            return self._pair
+
+    def _build(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         # angles in float64, then rounded once to the model dtype
         inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
         angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (L, D/2)
         angles = torch.cat([angles, angles], dim=-1)  # (L, D)
-        self.cos = angles.cos().to(self.dtype).to(self.device)
-        self.sin = angles.sin().to(self.dtype).to(self.device)
+        return angles.cos().to(self.dtype).to(self.device), angles.sin().to(self.dtype).to(self.device)
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (...) long -> cos, sin (..., D)."""
-        need = int(positions.max()) + 1 if positions.numel() else 0
-        if need > self.cos.shape[0]:
-            self._build(max(need, 2 * self.cos.shape[0]))
-        return self.cos[positions], self.sin[positions]
+        cos, sin = self._tables(int(positions.max()) + 1 if positions.numel() else 0)
+        return cos[positions], sin[positions]
 
     def span(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (length, D) for positions start .. start+length-1."""
-        if start + length > self.cos.shape[0]:
-            self._build(max(start + length, 2 * self.cos.shape[0]))
-        return self.cos[start : start + length], self.sin[start : start + length]
+        cos, sin = self._tables(start + length)
+        return cos[start : start + length], sin[start : start + length]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -139,21 +143,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-@dataclass
-class AttentionContext:
-    """Where a forward pass takes keys/values from and which ones each query may see.
+@dataclass(frozen=True)
+class AttentionMask:
+    """Which keys the queries of one forward call see.
 
-    full:    no cache; the block's own K/V, causal.
-    prefill: the block's K/V are written to the cache at [start, start+T) (same for all rows);
-             queries see cache[:start+T] causally.
-    decode:  T == 1; row b writes at positions[b] and sees cache[:positions[b]+1].
+    own_block: no earlier position exists (a sequence from position 0), so the queries see their own
+               block's K/V causally: the fast causal SDPA path, whether or not a cache keeps them.
+    otherwise: the cache window's positions [0, length), filtered by `allowed` (None: all of them).
     """
 
-    mode: str
-    cache: object | None = None  # KVCache
-    start: int = 0
-    positions: torch.Tensor | None = None  # (B,) decode positions
-    mask: torch.Tensor | None = None  # bool, broadcastable to (B, H, T, S); True = may attend
+    own_block: bool
+    allowed: torch.Tensor | None = None  # bool, broadcastable to (B, Hq, T, S); True = may attend
 
 
 def _sdpa(q, k, v, *, mask=None, causal=False, scale=None):
@@ -185,25 +185,21 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
-        bsz, seq, _ = x.shape  # (B, T, H)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerWindow | None,
+                mask: AttentionMask) -> torch.Tensor:
+        """x (B, T, H) -> o_proj(attention) (B, T, H); the block's K/V go to `kv` when a cache is kept."""
+        bsz, seq, _ = x.shape
         q, k, v = self.qkv(x, norm=self.input_norm)
         q = apply_rope(q.view(bsz, seq, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hq, T, D)
         k = apply_rope(k.view(bsz, seq, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        if ctx.mode == "full":
+        if kv is not None:
+            kv.write(k, v)
+        if mask.own_block:
             out = _sdpa(q, k, v, causal=seq > 1, scale=self.scale)
-        elif ctx.mode == "prefill":
-            ctx.cache.write_block(layer, ctx.start, k, v)
-            if ctx.start == 0:  # nothing earlier to see: the block's own K/V, plain causal
-                out = _sdpa(q, k, v, causal=seq > 1, scale=self.scale)
-            else:
-                keys, values = ctx.cache.view(layer, ctx.start + seq)
-                out = _sdpa(q, keys, values, mask=ctx.mask, scale=self.scale)
-        else:  # decode
-            ctx.cache.write_positions(layer, ctx.positions, k, v)
-            keys, values = ctx.cache.view(layer, int(ctx.positions.max()) + 1)
-            out = _sdpa(q, keys, values, mask=ctx.mask, scale=self.scale)
+        else:
+            keys, values = kv.visible()  # (B, Hkv, S, D)
+            out = _sdpa(q, keys, values, mask=mask.allowed, scale=self.scale)
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)  # (B, T, Hq*D)
         return self.o_proj(out, norm=self.sub_norm)[0]
 
@@ -215,25 +211,14 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, H) residual stream -> down(sub_norm(act(gate) * up)) (B, T, H)."""
-        lead, width = x.shape[:-1], x.shape[-1]
-        acc, act_scale = self.gate_up.accumulate(x.reshape(-1, width), norm=self.input_norm)  # (M, 2F)
-        rows = acc.shape[0]
-        backend = self.down.choose_backend(rows, x.dtype, x.device)
-        q = torch.empty(rows, self.down.in_features, dtype=torch.int8 if backend == "int8" else x.dtype, device=x.device)
-        down_scale = torch.empty(rows, 1, dtype=x.dtype, device=x.device)
-        # The activation, sub-norm and quantization walk GLUE_ROWS rows at a time: their (rows, F)
-        # temporaries then stay in cache instead of streaming 14 MB tensors through memory once
-        # per step (every step is per row, so the result is the same as in one piece).
-        for r in range(0, rows, GLUE_ROWS):
-            z, row_scale = self._activate(acc[r : r + GLUE_ROWS], act_scale[r : r + GLUE_ROWS], x.dtype)
-            q[r : r + GLUE_ROWS], down_scale[r : r + GLUE_ROWS] = self.down.quantize(z, self.sub_norm, row_scale, backend)
-        out = self.down.scale_parts(kernels.accumulate(q, self.down.ternary_weights, backend), down_scale)[0]
-        return out.to(x.dtype).reshape(*lead, out.shape[-1])
+        gate_up, act_scale = self.gate_up.accumulate(x.reshape(-1, x.shape[-1]), norm=self.input_norm)  # (M, 2F)
+        z, row_scale = self._activate(gate_up, act_scale, x.dtype)  # (M, F), (M, 1)
+        return self.down(z, norm=self.sub_norm, row_scale=row_scale)[0].view_as(x)
 
     def _activate(self, acc: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate/up accumulators (m, 2F) -> (z (m, F), row factor (m, 1)) with act(gate)·up = factor · z."""
+        """gate/up accumulators (M, 2F) -> (z (M, F), row factor (M, 1)) with act(gate)·up = factor · z."""
         (g0, g1), (u0, u1) = self.gate_up.part_bounds()
-        inv = act_scale.reciprocal()  # (m, 1)
+        inv = act_scale.reciprocal()  # (M, 1)
         up = acc[:, u0:u1].to(dtype)
         if self.act == "relu2":
             # relu(a·g)²·(b·u) = a²b · relu(g)²·u with a = β_g/s, b = β_u/s per row: work on the integer
@@ -249,6 +234,7 @@ class Block(nn.Module):
         super().__init__()
         self.attention, self.ffn = attention, ffn
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
-        h = h + self.attention(h, cos, sin, ctx, layer)  # a new tensor: the caller's h is never modified
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerWindow | None,
+                mask: AttentionMask) -> torch.Tensor:
+        h = h + self.attention(h, cos, sin, kv, mask)  # a new tensor: the caller's h is never modified
         return h.add_(self.ffn(h))

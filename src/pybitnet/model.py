@@ -1,8 +1,9 @@
-"""Transformer: embedding -> blocks -> final norm -> logits, run full-sequence or step by step.
+"""Transformer: embedding -> blocks -> final norm -> logits.
 
+One `forward` runs every layer, with or without a KV cache; the public entry points are thin callers:
     forward_full           all tokens of all rows through each layer at once (the hot path)
-    forward_step_by_step   one position at a time through a KV cache (the reference / decode path)
     prefill, decode_step   a full-sequence pass that fills a cache, then one token per row
+    forward_step_by_step   one position at a time through a KV cache (the reference for forward_full)
 No I/O and no sampling here: loaders build the weights, generate/evaluate consume the logits.
 """
 
@@ -14,19 +15,36 @@ from torch import nn
 from . import kernels, runtime
 from .cache import KVCache
 from .config import ModelConfig
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .head import LMHead
-from .layers import Attention, AttentionContext, BitLinear, Block, FeedForward, RMSNorm, RotaryTables
+from .layers import Attention, AttentionMask, BitLinear, Block, FeedForward, RMSNorm, RotaryTables
 from .weights import PROJECTIONS, TernaryWeight, Weights, check_weights
 
 # Longer sequences are prefilled in chunks of this many tokens, bounding activation memory.
 DEFAULT_CHUNK = 1024
+# Float dtypes a model runs in. Half precision is refused: relu² of the FFN accumulators overflows
+# float16 (all-NaN logits), and bfloat16's 8-bit mantissa moves logits by ~0.1 and makes a row's
+# result depend on the rest of its batch. Checkpoints stored in bf16 still load (into float32).
+DTYPES = (torch.float32, torch.float64)
+
+
+def check_dtype(dtype: torch.dtype) -> torch.dtype:
+    """`dtype` if the model can run in it, else a ConfigError saying which can."""
+    if dtype not in DTYPES:
+        raise ConfigError(
+            f"unsupported model dtype {dtype!r}: use torch.float32 (fast) or torch.float64 (exactness checks); "
+            "half precision overflows (float16) or loses the accuracy BitNet's activations need (bfloat16)"
+        )
+    return dtype
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, weights: Weights, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", backend: str = kernels.AUTO, release_weights: bool = False):
         """Build from a weight set. `release_weights` empties `weights` as each layer is built, so a
         loader's copy and the model's fused copy of a layer never both exist for the whole model."""
         super().__init__()
+        check_dtype(dtype)
         runtime.tune_allocator()
         check_weights(config, weights, source="weights")
         self.config = config
@@ -76,12 +94,6 @@ class Transformer(nn.Module):
         self.rope = RotaryTables(config.head_dim, config.rope_theta, dtype, device,
                                  min(config.max_position_embeddings, 8192))
 
-    @classmethod
-    def from_weights(cls, config: ModelConfig, weights: Weights, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str = "cpu", backend: str = kernels.AUTO,
-                     release_weights: bool = False) -> "Transformer":
-        return cls(config, weights, dtype=dtype, device=device, backend=backend, release_weights=release_weights)
-
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.device
@@ -93,7 +105,32 @@ class Transformer(nn.Module):
             if isinstance(module, BitLinear):
                 module.backend = backend
 
-    # ------------------------------------------------------------------ full sequence
+    # ------------------------------------------------------------------ the one forward
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens (B, T) long, already checked -> final-normed hidden states (B, T, H).
+
+        Without a cache the tokens are a whole sequence from position 0. With one, row b's tokens
+        continue after the cache.lengths[b] positions it holds (rows may hold different lengths),
+        their K/V are written in place, and cache.lengths advances by T.
+        """
+        bsz, seq = tokens.shape
+        if cache is None:
+            windows, mask = [None] * len(self.layers), AttentionMask(own_block=True)
+            cos, sin = self.rope.span(0, seq)  # (T, D)
+            cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        else:
+            windows, positions = cache.windows(seq)  # positions (B, T)
+            cos, sin = self._rope_at(positions, windows[0].write_at)
+            mask = self._mask(positions, windows[0].length)
+        h = self._embed(tokens)  # (B, T, H)
+        for layer, window in zip(self.layers, windows):
+            h = layer(h, cos, sin, window, mask)
+        if cache is not None:
+            cache.lengths += seq
+        return self.norm(h)
+
+    # ------------------------------------------------------------------ callers
     def forward_full(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                      logits: str | torch.Tensor = "all", chunk_size: int | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V) for "all", (B, V) for "last" (each row's last real token),
@@ -118,27 +155,25 @@ class Transformer(nn.Module):
         lead = hidden.shape[:-1]
         return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).reshape(*lead, -1)
 
-    # ------------------------------------------------------------------ cache, prefill, decode
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         c = self.config
         return KVCache(c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None, *,
                 logits: str | torch.Tensor = "last", chunk_size: int | None = None) -> torch.Tensor:
-        """Run tokens (B, T) full-sequence, appending their K/V to `cache` (which must hold the same
-        length in every row), and return logits as in forward_full (default: each row's last real token).
-        Afterwards cache.lengths[b] counts row b's real tokens, so decoding continues right after them."""
+        """Run tokens (B, T) full-sequence after what `cache` holds, appending their K/V, and return
+        logits as in forward_full (default: each row's last real token). Afterwards cache.lengths[b]
+        counts row b's real tokens, so decoding continues right after them."""
         tokens, lengths = self._check_tokens(tokens, attention_mask)
         bsz, seq = tokens.shape
         if bsz != cache.batch_size:
             raise InputError(f"prefill: tokens have batch size {bsz} but the cache was made for {cache.batch_size}")
-        offset = self._uniform_length(cache)
-        cache.check_room(offset + seq)
+        offsets = cache.lengths.clone()  # (B,)
+        cache.check_room(int(offsets.max()) + seq)
         hidden = torch.cat([h for _, h in self._chunks(tokens, chunk_size, cache)], dim=1)  # (B, T, H)
-        cache.lengths.copy_(offset + lengths)
+        cache.lengths.copy_(offsets + lengths)  # padded positions are overwritten by later tokens
         return self._logits(hidden, lengths, logits)
 
-    @torch.no_grad()
     def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """token (B,) -> logits (B, V); row b's token goes to position cache.lengths[b]."""
         token = torch.as_tensor(token, device=self.device)
@@ -147,23 +182,8 @@ class Transformer(nn.Module):
         if token.dim() != 1 or token.shape[0] != cache.batch_size:
             raise InputError(f"decode_step expects one token per cache row, shape ({cache.batch_size},), got {tuple(token.shape)}")
         self._check_ids(token)
-        token = token.long()
-        positions = cache.lengths.clone()  # (B,)
-        cache.check_room(int(positions.max()) + 1)
-        mask = None
-        if bool((positions != positions[0]).any()):  # ragged rows: each sees only its own past
-            keys = torch.arange(int(positions.max()) + 1, device=self.device)
-            mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, S)
-        ctx = AttentionContext("decode", cache=cache, positions=positions, mask=mask)
-        h = self._embed(token[:, None])  # (B, 1, H)
-        cos, sin = self.rope.at(positions[:, None])  # (B, 1, D)
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, ctx, i)
-        cache.lengths += 1
-        return self.project(self.norm(h[:, 0]))
+        return self.project(self.forward(token.long()[:, None], cache)[:, 0])
 
-    @torch.no_grad()
     def forward_step_by_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Same contract as forward_full(logits="all"), one position at a time through a KV cache."""
         tokens, _ = self._check_tokens(tokens, attention_mask)
@@ -199,40 +219,41 @@ class Transformer(nn.Module):
 
         Without a cache, a sequence that fits one chunk runs as one causal block and keeps nothing;
         a longer one goes through a temporary cache. With a cache, the tokens continue after what it
-        holds, and their K/V are appended (cache.lengths then counts all of them).
+        holds and their K/V are appended.
         """
         bsz, seq = tokens.shape
         chunk = self._chunk_size(chunk_size)
         if cache is None and chunk >= seq:
-            yield 0, self._run(tokens, AttentionContext("full"), start=0)
+            yield 0, self.forward(tokens)
             return
         cache = cache if cache is not None else self.new_cache(bsz, seq)
-        offset = self._uniform_length(cache)
         for s in range(0, seq, chunk):
-            n = min(chunk, seq - s)
-            yield s, self._run(tokens[:, s : s + n], self._prefill_context(cache, offset + s, n), offset + s)
-        cache.lengths.fill_(offset + seq)
+            yield s, self.forward(tokens[:, s : s + chunk], cache)
 
-    @torch.no_grad()
-    def _run(self, tokens: torch.Tensor, ctx: AttentionContext, start: int) -> torch.Tensor:
-        """tokens (B, T) at positions [start, start+T) -> final-normed hidden (B, T, H)."""
-        h = self._embed(tokens)
-        cos, sin = self.rope.span(start, tokens.shape[1])  # (T, D)
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, ctx, i)
-        return self.norm(h)
+    def _rope_at(self, positions: torch.Tensor, write_at: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin broadcastable to (B, T, 1, D) for positions (B, T)."""
+        if isinstance(write_at, int):  # every row at the same positions: one (T, D) slice
+            cos, sin = self.rope.span(write_at, positions.shape[1])
+            return cos[None, :, None, :], sin[None, :, None, :]
+        cos, sin = self.rope.at(positions)  # (B, T, D)
+        return cos[:, :, None, :], sin[:, :, None, :]
+
+    @staticmethod
+    def _mask(positions: torch.Tensor, length: int) -> AttentionMask:
+        """Queries at positions (B, T) over cache keys [0, length): each sees the keys at or before it."""
+        bsz, seq = positions.shape
+        if int(positions[:, 0].max()) == 0:  # every row starts a sequence: its own block, causal
+            return AttentionMask(own_block=True)
+        if bool((positions[:, -1] == length - 1).all()):  # rows end together: a (T, S) causal mask
+            if seq == 1:
+                return AttentionMask(own_block=False)  # one query per row sees everything written
+            keys = torch.arange(length, device=positions.device)
+            return AttentionMask(own_block=False, allowed=keys[None, :] <= positions[0, :, None])  # (T, S)
+        keys = torch.arange(length, device=positions.device)
+        return AttentionMask(own_block=False, allowed=(keys[None, None, :] <= positions[:, :, None])[:, None])  # (B, 1, T, S)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens[tokens].to(self.dtype)
-
-    def _prefill_context(self, cache: KVCache, start: int, length: int) -> AttentionContext:
-        mask = None
-        if start > 0:  # a chunk after the first: query start+i sees keys 0..start+i
-            keys = torch.arange(start + length, device=self.device)
-            queries = torch.arange(start, start + length, device=self.device)
-            mask = keys[None, :] <= queries[:, None]  # (T, S)
-        return AttentionContext("prefill", cache=cache, start=start, mask=mask)
 
     def _logits(self, hidden: torch.Tensor, lengths: torch.Tensor, which: str | torch.Tensor) -> torch.Tensor:
         if isinstance(which, str):
@@ -248,6 +269,8 @@ class Transformer(nn.Module):
             raise InputError(f"logits index must be a 1-D integer tensor of positions, got {index.dtype} {tuple(index.shape)}")
         if index.numel() and (int(index.max()) >= seq or int(index.min()) < -seq):
             raise InputError(f"logits index out of range: positions must lie in [{-seq}, {seq})")
+        if index.numel() == 0:  # nothing asked for: an empty (B, 0, V), not a reshape of nothing
+            return hidden.new_empty(hidden.shape[0], 0, self.config.vocab_size)
         return self.project(hidden[:, index.long()])
 
     def _chunk_size(self, chunk_size: int | None) -> int:
@@ -256,13 +279,6 @@ class Transformer(nn.Module):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         return chunk_size
-
-    @staticmethod
-    def _uniform_length(cache: KVCache) -> int:
-        first = int(cache.lengths[0])
-        if bool((cache.lengths != first).any()):
-            raise InputError("prefill into a cache whose rows hold different lengths is not supported; decode instead")
-        return first
 
     def _check_ids(self, tokens: torch.Tensor) -> None:
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
