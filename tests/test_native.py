@@ -1,0 +1,182 @@
+"""The native kernels: every instruction-set path, the pure-PyTorch fallback and the reference give
+the same accumulators; the bf16 head is row-independent; builds fall back cleanly and race safely."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pybitnet import kernels, native, synthetic
+from pybitnet.head import LMHead
+from pybitnet.quant.packed import pack_ternary
+
+ops = native.ops()
+needs_native = pytest.mark.skipif(ops is None, reason="native kernels not built (no compiler or PYBITNET_NATIVE=0)")
+
+
+def _isas() -> list[str]:
+    """Instruction sets this CPU runs: scalar always, AVX2 and AVX-512 when present."""
+    if ops is None:
+        return []
+    features = int(ops.cpu_features())
+    names = ["scalar"]
+    if features & native.HAS_AVX2:
+        names.append("avx2")
+    if features & native.HAS_AVX512_VNNI:
+        names.append("avx512")
+    return names
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 64), n=st.integers(1, 37), k=st.integers(1, 800), seed=st.integers(0, 2**16),
+       extreme=st.booleans())
+def test_every_path_gives_the_reference_accumulators(m, n, k, seed, extreme):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    q = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    if extreme:  # every product at its bound
+        q.fill_(-128)
+        w.fill_(-1)
+    expected = (q.double() @ w.double().t()).to(torch.int32)
+    packed = pack_ternary(w)
+    for isa in _isas():
+        assert torch.equal(ops.ternary_matmul(q, packed, k, native.ISA_IDS[isa]), expected), isa
+    assert torch.equal(kernels.accumulate(q, packed, "int8"), expected)  # unpack + _int_mm
+    assert torch.equal(kernels.accumulate(q.double(), packed, "reference").to(torch.int32), expected)
+    assert torch.equal(kernels.accumulate(q, packed, "native"), expected)
+
+
+def test_fallback_unpacking_is_pure_torch(monkeypatch):
+    """With the library disabled, the int8 backend unpacks with torch ops and still matches."""
+    monkeypatch.setattr(native, "ops", lambda: None)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randint(-1, 2, (9, 300), generator=g, dtype=torch.int8)
+    q = torch.randint(-128, 128, (3, 300), generator=g, dtype=torch.int8)
+    assert kernels.available_backends() == ("reference", "int8")
+    assert kernels.select_backend("auto", 1, torch.float32, torch.device("cpu"), 300) == "int8"
+    assert torch.equal(kernels.accumulate(q, pack_ternary(w), "int8"), (q.double() @ w.double().t()).to(torch.int32))
+
+
+@needs_native
+def test_forced_avx2_runs_the_model_to_the_same_hidden_states(monkeypatch):
+    """BitLinear accumulators are integers, so the hidden states match bit for bit; the logits differ
+    only by the head's fp32 summation order (AVX2 lanes vs AVX-512 lanes)."""
+    from rules import assert_float32_rule
+
+    model = synthetic.random_model("tiny", seed=2)
+    tokens = torch.randint(0, 512, (3, 9), generator=torch.Generator().manual_seed(0))
+    hidden = next(model.hidden_states(tokens))[1]
+    logits = model.forward_full(tokens)
+    monkeypatch.setenv("PYBITNET_NATIVE_ISA", "avx2")
+    assert native.isa() == native.ISA_IDS["avx2"]
+    assert torch.equal(next(model.hidden_states(tokens))[1], hidden)
+    assert_float32_rule(model.forward_full(tokens), logits)
+
+
+def test_unknown_isa_name_is_a_clear_error(monkeypatch):
+    from pybitnet.errors import ConfigError
+
+    monkeypatch.setenv("PYBITNET_NATIVE_ISA", "sse9")
+    with pytest.raises(ConfigError, match="PYBITNET_NATIVE_ISA='sse9'"):
+        native.isa()
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_bf16_head_matches_float64_and_is_row_independent(monkeypatch, isa):
+    if isa not in _isas():
+        pytest.skip(f"CPU lacks {isa}")
+    monkeypatch.setenv("PYBITNET_NATIVE_ISA", isa)
+    g = torch.Generator().manual_seed(7)
+    weight = (torch.randn(999, 200, generator=g) * 0.05).bfloat16()  # H not a multiple of the vector width
+    h = torch.randn(11, 200, generator=g)
+    head = LMHead(weight)
+    logits = head(h)
+    expected = h.double() @ weight.double().t()
+    assert (logits.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    for rows in (slice(0, 1), slice(3, 4), slice(2, 9), slice(10, 11)):
+        assert torch.equal(head(h[rows]), logits[rows])  # the same bits alone or in any batch
+
+
+def test_int8_head_is_close_and_row_independent():
+    g = torch.Generator().manual_seed(8)
+    weight = (torch.randn(2000, 256, generator=g) * 0.05).bfloat16()
+    h = torch.randn(64, 256, generator=g)
+    exact = h.double() @ weight.double().t()
+    head = LMHead(weight, "int8")
+    assert head.int8_weight.dtype == torch.int8 and head.int8_scale.shape == (2000,)
+    logits = head(h)
+    # per-row int8 on both sides: errors of ~1/127 of each row's absmax, far below the logit spread
+    assert (logits.double() - exact).abs().max() <= 0.05 * exact.abs().max()
+    assert (logits.argmax(-1) == exact.argmax(-1)).double().mean() >= 0.9
+    assert torch.equal(head(h[5:6]), logits[5:6]) and torch.equal(head(h[:3]), logits[:3])
+
+
+def test_unknown_head_mode_is_a_clear_error():
+    from pybitnet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown lm_head mode 'fp4'"):
+        LMHead(torch.zeros(4, 8), "fp4")
+
+
+_RUN_TINY = textwrap.dedent("""
+    import torch
+    from pybitnet import kernels, synthetic
+    model = synthetic.random_model("tiny", seed=1)
+    logits = model.forward_full(torch.tensor([[1, 2, 3, 4]]), logits="last")
+    print(",".join(kernels.available_backends()), int(logits.argmax()))
+""")
+
+
+def _run(env_updates: dict[str, str], script: str = _RUN_TINY, cwd: Path | None = None):
+    env = {**os.environ, **env_updates}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_no_compiler_falls_back_with_one_line(tmp_path):
+    result = _run({"PATH": str(tmp_path), "CXX": "", "PYBITNET_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "reference,int8"
+    lines = [line for line in result.stderr.splitlines() if line.startswith("pybitnet:")]
+    assert len(lines) == 1 and "no C++ compiler" in lines[0]
+    forced = _run({"PYBITNET_NATIVE": "0"})
+    assert forced.returncode == 0 and forced.stdout.split()[0] == "reference,int8"
+    assert result.stdout.split()[1] == forced.stdout.split()[1]
+
+
+@needs_native
+def test_racing_builds_leave_one_whole_library(tmp_path):
+    """Two processes build into an empty cache at once (a stand-in compiler that copies the built
+    library slowly): both load it, one file remains, no temporary is left behind."""
+    built = native.library_path(native._compiler())
+    fake = tmp_path / "fake-cxx"
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import shutil, sys, time
+        if "--version" in sys.argv:
+            print("fake-cxx 1.0")
+            sys.exit(0)
+        out = sys.argv[sys.argv.index("-o") + 1]
+        with open({str(built)!r}, "rb") as src, open(out, "wb") as dst:
+            data = src.read()
+            dst.write(data[: len(data) // 2]); dst.flush(); time.sleep(0.5); dst.write(data[len(data) // 2 :])
+    """))
+    fake.chmod(0o755)
+    env = {**os.environ, "CXX": str(fake), "PYBITNET_CACHE": str(tmp_path / "cache")}
+    script = "from pybitnet import native; print(native.ops() is not None)"
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert [out.strip() for out, _ in outputs] == ["True", "True"], outputs
+    files = sorted(f.name for f in (tmp_path / "cache").iterdir())
+    assert len(files) == 1 and files[0].endswith(".so") and ".tmp" not in files[0]
