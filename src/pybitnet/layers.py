@@ -26,10 +26,18 @@ class BitLinear(nn.Module):
 
     def __init__(self, parts: list[TernaryWeight], backend: str = kernels.AUTO):
         super().__init__()
-        values = torch.cat([p.values for p in parts]) if len(parts) > 1 else parts[0].values
-        self.register_buffer("ternary_weights", values.to(torch.int8).contiguous())  # (N, K) int8
+        self.in_features = parts[0].shape[1]
+        if any(p.shape[1] != self.in_features for p in parts):
+            raise ValueError(f"fused parts differ in input width: {[p.shape for p in parts]}")
+        # Packed parts concatenate row-wise as they are: the layout is per output row.
+        if kernels.weight_storage(parts[0].device) == "packed":
+            stored = [p.packed for p in parts]
+        else:
+            stored = [p.values.to(torch.int8) for p in parts]
+        weights = torch.cat(stored) if len(stored) > 1 else stored[0].contiguous()
+        # (N, ceil(K/256) * 64) uint8 packed 2-bit codes on CPU, (N, K) int8 elsewhere: the only copy
+        self.register_buffer("ternary_weights", weights)
         self.out_features = [p.shape[0] for p in parts]
-        self.in_features = values.shape[1]
         self.betas = [float(p.beta) for p in parts]
         self.backend = kernels.check_backend(backend)
 
@@ -39,8 +47,8 @@ class BitLinear(nn.Module):
     def quantize(self, x: torch.Tensor, norm: "RMSNorm | None", row_scale: torch.Tensor | None,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         """x (M, K) -> (q (M, K), act_scale (M, 1)) of RMSNorm(row_scale * x) (norm/row_scale optional),
-        q as int8 for the int8 backend, else integer values in x's dtype."""
-        as_int8 = backend == "int8"
+        q as int8 for the int8 and native backends, else integer values in x's dtype."""
+        as_int8 = kernels.quantizes_to_int8(backend)
         if row_scale is None:
             # The reference op order (HF RMSNorm, then x * 127/absmax): at an exact rounding tie, which
             # bf16 embeddings and norm weights can produce in layer 0, the result then depends on the
@@ -79,8 +87,10 @@ class BitLinear(nn.Module):
 
     def part(self, index: int) -> TernaryWeight:
         start = sum(self.out_features[:index])
-        values = self.ternary_weights[start : start + self.out_features[index]]
-        return TernaryWeight(values, self.betas[index])
+        rows = self.ternary_weights[start : start + self.out_features[index]]
+        if rows.dtype == torch.uint8:
+            return TernaryWeight(packed=rows, in_features=self.in_features, beta=self.betas[index])
+        return TernaryWeight(rows, self.betas[index])
 
 
 class RMSNorm(nn.Module):

@@ -40,7 +40,8 @@ def check_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, weights: Weights, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", backend: str = kernels.AUTO, release_weights: bool = False):
+                 device: torch.device | str = "cpu", backend: str = kernels.AUTO, release_weights: bool = False,
+                 lm_head: str = "exact"):
         """Build from a weight set. `release_weights` empties `weights` as each layer is built, so a
         loader's copy and the model's fused copy of a layer never both exist for the whole model."""
         super().__init__()
@@ -88,9 +89,9 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Parameter(_embedding_storage(weights["embed_tokens"], dtype, device), requires_grad=False)
         head = weights["embed_tokens"] if config.tie_word_embeddings else weights["lm_head"]
         if config.tie_word_embeddings:
-            self.lm_head = LMHead(self.embed_tokens)
+            self.lm_head = LMHead(self.embed_tokens, lm_head)
         else:
-            self.lm_head = LMHead(_embedding_storage(head, dtype, device))
+            self.lm_head = LMHead(_embedding_storage(head, dtype, device), lm_head)
         self.rope = RotaryTables(config.head_dim, config.rope_theta, dtype, device,
                                  min(config.max_position_embeddings, 8192))
 

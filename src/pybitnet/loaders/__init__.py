@@ -30,11 +30,13 @@ def load_weights(path: str | Path) -> tuple[ModelConfig, Weights, dict]:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         backend: str = kernels.AUTO):
-    """Load a checkpoint (HF directory or .gguf file) as a ready-to-run Transformer."""
+         backend: str = kernels.AUTO, lm_head: str = "exact"):
+    """Load a checkpoint (HF directory or .gguf file) as a ready-to-run Transformer.
+    `lm_head="int8"` trades exact logits for a faster, smaller output projection (see head.py)."""
     from ..model import Transformer
 
     config, weights, info = load_weights(path)
-    model = Transformer(config, weights, dtype=dtype, device=device, backend=backend, release_weights=True)
+    model = Transformer(config, weights, dtype=dtype, device=device, backend=backend, release_weights=True,
+                        lm_head=lm_head)
     model.source = {"path": str(path), **info}
     return model
