@@ -325,7 +325,7 @@ class Transformer(nn.Module):
 
 
 def _on(weight: TernaryWeight, device: torch.device) -> TernaryWeight:
-    return TernaryWeight(weight.values.to(device=device, dtype=torch.int8), float(weight.beta))
+    return weight.to(device)  # packed on CPU as loaded (no int8 round trip), int8 elsewhere
 
 
 def _embedding_storage(weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
