@@ -1,0 +1,62 @@
+"""`pybitnet serve MODEL`: the OpenAI-compatible HTTP server (see docs/server.md)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import typer
+
+from ..errors import CheckpointError, InputError
+from .app import app
+from .model_spec import SYNTHETIC_PREFIX, open_model, open_tokenizer
+from .options import DtypeOpt, ThreadsOpt, set_threads
+
+
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Argument(..., help="HF directory, .gguf file, or synthetic:PRESET[:LAYERS] (token ids only)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback by default)"),
+    port: int = typer.Option(8000, "--port"),
+    max_batch: int = typer.Option(16, "--max-batch", help="requests decoded together (KV cache slots)"),
+    max_queue: int = typer.Option(64, "--max-queue", help="requests that may wait for a slot; more get 503"),
+    max_tokens_default: int = typer.Option(256, "--max-tokens-default", help="max_tokens when a request omits it"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PYBITNET_API_KEY",
+                                          help="require 'Authorization: Bearer KEY' (or env PYBITNET_API_KEY)"),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="positions per slot [default: the model's context]"),
+    prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="prompt tokens prefilled between decode steps"),
+    batch_invariant: bool = typer.Option(True, "--batch-invariant/--no-batch-invariant",
+                                         help="a request's logits never depend on the rest of the batch"),
+    name: Optional[str] = typer.Option(None, "--name", help="model id reported by /v1/models [default: MODEL]"),
+    threads: Optional[int] = ThreadsOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Serve MODEL over HTTP with the OpenAI API (completions, chat, models, tokenize, health, metrics)."""
+    if batch_invariant and "MKL_CBWR" not in os.environ:
+        # MKL's reproducible mode keeps attention independent of a row's place in the batch (see
+        # pybitnet.serve.engine). MKL reads it at its first call, which importing torch code has already made,
+        # so the command starts again in a process that has it from the beginning.
+        os.execve(sys.executable, [sys.executable, "-m", "pybitnet", *sys.argv[1:]], {**os.environ, "MKL_CBWR": "AUTO"})
+    from ..serve import ServerSettings, create_app, serve
+    for option, value in (("--max-batch", max_batch), ("--prefill-chunk", prefill_chunk),
+                          ("--max-tokens-default", max_tokens_default)):
+        if value < 1:
+            raise InputError(f"{option} must be >= 1, got {value}")
+    if max_queue < 0 or not 0 < port < 65536 or (ctx is not None and ctx < 2):
+        raise InputError(f"need --max-queue >= 0, --port in 1..65535 and --ctx >= 2; got {max_queue}, {port}, {ctx}")
+    set_threads(threads)
+
+    def load():
+        loaded = open_model(model, dtype)
+        if model.startswith(SYNTHETIC_PREFIX):
+            return loaded, None
+        try:
+            return loaded, open_tokenizer(model)
+        except CheckpointError:  # a checkpoint without a tokenizer is served with token-id prompts
+            return loaded, None
+
+    settings = ServerSettings(model_name=name or os.path.basename(model.rstrip("/")) or model, max_batch=max_batch,
+                              max_queue=max_queue, max_tokens_default=max_tokens_default, api_key=api_key or None,
+                              context=ctx, prefill_chunk=prefill_chunk, batch_invariant=batch_invariant)
+    serve(create_app(load, settings), host=host, port=port)

@@ -1,0 +1,104 @@
+"""Helpers for the server tests (no test functions here): a live server on a free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from pybitnet.serve import ServerSettings, create_app
+
+
+class LiveServer:
+    """create_app(...) served by uvicorn in a background thread on 127.0.0.1:<free port>."""
+
+    def __init__(self, model, tokenizer, **settings):
+        self.app = create_app(lambda: (model, tokenizer), ServerSettings(**settings))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        wait_healthy(self.url)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def wait_healthy(url: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not become healthy within {timeout} s")
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    """The value of one sample of /metrics, e.g. metric(url, "pybitnet_requests_running")."""
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    raise KeyError(wanted)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m pybitnet serve MODEL ...` in a subprocess on a free loopback port."""
+
+    def __init__(self, model: str, *args: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "pybitnet", "serve", model, "--port", str(self.port), *args]
+        self.log = tempfile.TemporaryFile("w+")  # a pipe nobody reads would fill up and block the server
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, **(env or {})})
+
+    def __enter__(self) -> "ServerProcess":
+        try:
+            wait_healthy(self.url, timeout=90, process=self.process)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> str:
+        """Kill the server if it still runs; returns everything it printed."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.log.seek(0)
+        return self.log.read()
