@@ -91,13 +91,14 @@ def test_unknown_isa_name_is_a_clear_error(monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_bf16_head_matches_float64_and_is_row_independent(monkeypatch, isa):
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_head_matches_float64_and_is_row_independent(monkeypatch, isa, dtype):
     if isa not in _isas():
         pytest.skip(f"CPU lacks {isa}")
     monkeypatch.setenv("PYBITNET_NATIVE_ISA", isa)
     g = torch.Generator().manual_seed(7)
-    weight = (torch.randn(999, 200, generator=g) * 0.05).bfloat16()  # H not a multiple of the vector width
+    weight = (torch.randn(999, 200, generator=g) * 0.05).to(dtype)  # H not a multiple of the vector width
     h = torch.randn(11, 200, generator=g)
     head = LMHead(weight)
     logits = head(h)

@@ -2,9 +2,9 @@
 
 Two modes, chosen at load (`pybitnet.load(..., lm_head=...)`):
 
-    exact   logits = h @ Wᵀ with W in its checkpoint dtype (bf16 for 2B-4T) and fp32 products and
-            sums. On CPU with the native kernels, a bf16 GEMV (native/kernels.cpp) widens each
-            weight once and runs every row of the batch against it, reading W once per call.
+    exact   logits = h @ Wᵀ with W in its checkpoint dtype (bf16 for 2B-4T, fp16 in GGUF files) and
+            fp32 products and sums. On CPU with the native kernels, a 16-bit GEMV (native/kernels.cpp)
+            widens each weight once and runs every row of the batch against it, reading W once per call.
     int8    opt-in and lossy: a per-row int8 copy of W (scale = absmax/127 per vocabulary row)
             against per-row int8 activations, exact int32 sums, like llama.cpp's quantized output
             tensors; half the bytes of bf16 per token. scripts: benchmarks/head_agreement.py.
@@ -58,8 +58,8 @@ class LMHead(nn.Module):
         if self.weight.dtype == h.dtype:
             return h @ self.weight.t()
         ops = native.ops() if h.device.type == "cpu" else None
-        if ops is not None and h.dtype == torch.float32 and self.weight.dtype == torch.bfloat16:
-            return ops.bf16_matmul(h.contiguous(), self.weight, native.isa())
+        if ops is not None and h.dtype == torch.float32 and self.weight.dtype in (torch.bfloat16, torch.float16):
+            return ops.half_matmul(h.contiguous(), self.weight, native.isa())
         return self._widened_logits(h)
 
     def _int8_logits(self, h: torch.Tensor) -> torch.Tensor:

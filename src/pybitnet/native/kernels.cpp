@@ -270,13 +270,13 @@ at::Tensor unpack_ternary_out(const at::Tensor& packed, at::Tensor out) {
 }
 
 // ------------------------------------------------------------------------------------------
-// bf16 weights x fp32 rows -> fp32 (the lm_head). Each (row, vocab entry) is one dot product in a
+// 16-bit (bf16 or fp16) weights x fp32 rows -> fp32 (the lm_head). Each (row, vocab entry) is one dot product in a
 // fixed order (lane-wise fp32 FMAs over the hidden dim, then a fixed tree and a scalar tail), the
 // same whatever the other rows of the batch: logits of a row do not depend on its neighbours.
 
 struct HeadArgs {
   const float* h;            // (M, H)
-  const uint16_t* w;         // (V, H) bf16 bits
+  const uint16_t* w;         // (V, H) bf16 or fp16 bits
   float* out;                // (M, V)
   int64_t M, V, H;
 };
@@ -288,17 +288,31 @@ inline float bf16_to_float(uint16_t bits) {
   return f;
 }
 
+inline float fp16_to_float(uint16_t bits) { return float(c10::Half(bits, c10::Half::from_bits())); }
+
+template <bool kHalf>
+inline float widen(uint16_t bits) {
+  return kHalf ? fp16_to_float(bits) : bf16_to_float(bits);
+}
+
+template <bool kHalf>
 void head_scalar(const HeadArgs& a, int64_t v0, int64_t v1) {
   for (int64_t v = v0; v < v1; ++v)
     for (int64_t m = 0; m < a.M; ++m) {
       float acc = 0.f;
-      for (int64_t i = 0; i < a.H; ++i) acc += a.h[m * a.H + i] * bf16_to_float(a.w[v * a.H + i]);
+      for (int64_t i = 0; i < a.H; ++i) acc += a.h[m * a.H + i] * widen<kHalf>(a.w[v * a.H + i]);
       a.out[m * a.V + v] = acc;
     }
 }
 
 #ifdef PYBITNET_X86
-template <int MT>
+template <bool kHalf>
+__attribute__((target("avx512f,avx512bw"))) inline __m512 widen16_avx512(__m256i raw) {
+  if (kHalf) return _mm512_cvtph_ps(raw);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <int MT, bool kHalf>
 __attribute__((target("avx512f,avx512bw"))) void head_tile_avx512(const HeadArgs& a, int64_t v, int64_t m0) {
   const uint16_t* w = a.w + v * a.H;
   __m512 acc0[MT], acc1[MT];
@@ -306,9 +320,8 @@ __attribute__((target("avx512f,avx512bw"))) void head_tile_avx512(const HeadArgs
   int64_t i = 0;
   for (; i + 32 <= a.H; i += 32) {
     const __m512i raw = _mm512_loadu_si512(w + i);
-    const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
-    const __m512 hi =
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+    const __m512 lo = widen16_avx512<kHalf>(_mm512_castsi512_si256(raw));
+    const __m512 hi = widen16_avx512<kHalf>(_mm512_extracti64x4_epi64(raw, 1));
     for (int m = 0; m < MT; ++m) {
       const float* h = a.h + (m0 + m) * a.H + i;
       acc0[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(h), acc0[m]);
@@ -317,7 +330,7 @@ __attribute__((target("avx512f,avx512bw"))) void head_tile_avx512(const HeadArgs
   }
   for (int m = 0; m < MT; ++m) {
     float acc = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
-    for (int64_t t = i; t < a.H; ++t) acc += a.h[(m0 + m) * a.H + t] * bf16_to_float(w[t]);
+    for (int64_t t = i; t < a.H; ++t) acc += a.h[(m0 + m) * a.H + t] * widen<kHalf>(w[t]);
     a.out[(m0 + m) * a.V + v] = acc;
   }
 }
@@ -329,17 +342,22 @@ __attribute__((target("avx2,fma"))) inline float hsum_ps_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int MT>
-__attribute__((target("avx2,fma"))) void head_tile_avx2(const HeadArgs& a, int64_t v, int64_t m0) {
+template <bool kHalf>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 widen16_avx2(__m128i raw) {
+  if (kHalf) return _mm256_cvtph_ps(raw);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+template <int MT, bool kHalf>
+__attribute__((target("avx2,fma,f16c"))) void head_tile_avx2(const HeadArgs& a, int64_t v, int64_t m0) {
   const uint16_t* w = a.w + v * a.H;
   __m256 acc0[MT], acc1[MT];
   for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= a.H; i += 16) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
-    const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16));
-    const __m256 hi =
-        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
+    const __m256 lo = widen16_avx2<kHalf>(_mm256_castsi256_si128(raw));
+    const __m256 hi = widen16_avx2<kHalf>(_mm256_extracti128_si256(raw, 1));
     for (int m = 0; m < MT; ++m) {
       const float* h = a.h + (m0 + m) * a.H + i;
       acc0[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(h), acc0[m]);
@@ -348,12 +366,13 @@ __attribute__((target("avx2,fma"))) void head_tile_avx2(const HeadArgs& a, int64
   }
   for (int m = 0; m < MT; ++m) {
     float acc = hsum_ps_avx2(_mm256_add_ps(acc0[m], acc1[m]));
-    for (int64_t t = i; t < a.H; ++t) acc += a.h[(m0 + m) * a.H + t] * bf16_to_float(w[t]);
+    for (int64_t t = i; t < a.H; ++t) acc += a.h[(m0 + m) * a.H + t] * widen<kHalf>(w[t]);
     a.out[(m0 + m) * a.V + v] = acc;
   }
 }
 #endif
 
+template <bool kHalf>
 void head_range(const HeadArgs& a, int64_t isa, int64_t v0, int64_t v1) {
 #ifdef PYBITNET_X86
   if (isa != kScalar) {
@@ -364,17 +383,17 @@ void head_range(const HeadArgs& a, int64_t isa, int64_t v0, int64_t v1) {
           const int64_t mt = std::min<int64_t>(4, mend - m);
           if (isa == kAvx512) {
             switch (mt) {
-              case 1: head_tile_avx512<1>(a, v, m); break;
-              case 2: head_tile_avx512<2>(a, v, m); break;
-              case 3: head_tile_avx512<3>(a, v, m); break;
-              default: head_tile_avx512<4>(a, v, m); break;
+              case 1: head_tile_avx512<1, kHalf>(a, v, m); break;
+              case 2: head_tile_avx512<2, kHalf>(a, v, m); break;
+              case 3: head_tile_avx512<3, kHalf>(a, v, m); break;
+              default: head_tile_avx512<4, kHalf>(a, v, m); break;
             }
           } else {
             switch (mt) {
-              case 1: head_tile_avx2<1>(a, v, m); break;
-              case 2: head_tile_avx2<2>(a, v, m); break;
-              case 3: head_tile_avx2<3>(a, v, m); break;
-              default: head_tile_avx2<4>(a, v, m); break;
+              case 1: head_tile_avx2<1, kHalf>(a, v, m); break;
+              case 2: head_tile_avx2<2, kHalf>(a, v, m); break;
+              case 3: head_tile_avx2<3, kHalf>(a, v, m); break;
+              default: head_tile_avx2<4, kHalf>(a, v, m); break;
             }
           }
         }
@@ -382,22 +401,26 @@ void head_range(const HeadArgs& a, int64_t isa, int64_t v0, int64_t v1) {
     return;
   }
 #endif
-  head_scalar(a, v0, v1);
+  head_scalar<kHalf>(a, v0, v1);
 }
 
-at::Tensor bf16_matmul(const at::Tensor& h, const at::Tensor& weight, int64_t isa) {
-  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat, "pybitnet.bf16_matmul: h must be 2-D float32");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pybitnet.bf16_matmul: weight must be 2-D bf16");
-  TORCH_CHECK(h.size(1) == weight.size(1), "pybitnet.bf16_matmul: h has ", h.size(1), " columns, weight ",
+at::Tensor half_matmul(const at::Tensor& h, const at::Tensor& weight, int64_t isa) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat, "pybitnet.half_matmul: h must be 2-D float32");
+  const bool half = weight.scalar_type() == at::kHalf;
+  TORCH_CHECK(weight.dim() == 2 && (half || weight.scalar_type() == at::kBFloat16),
+              "pybitnet.half_matmul: weight must be 2-D bf16 or fp16");
+  TORCH_CHECK(h.size(1) == weight.size(1), "pybitnet.half_matmul: h has ", h.size(1), " columns, weight ",
               weight.size(1));
   const int64_t chosen = resolve_isa(isa);
   at::Tensor hc = h.contiguous(), wc = weight.contiguous();
   const int64_t M = hc.size(0), V = wc.size(0), H = hc.size(1);
   at::Tensor out = at::empty({M, V}, h.options());
   if (M == 0 || V == 0) return out;
-  const HeadArgs a{hc.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()),
-                   out.data_ptr<float>(), M, V, H};
-  at::parallel_for(0, V, 256, [&](int64_t v0, int64_t v1) { head_range(a, chosen, v0, v1); });
+  const HeadArgs a{hc.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wc.data_ptr()), out.data_ptr<float>(), M,
+                   V, H};
+  at::parallel_for(0, V, 256, [&](int64_t v0, int64_t v1) {
+    half ? head_range<true>(a, chosen, v0, v1) : head_range<false>(a, chosen, v0, v1);
+  });
   return out;
 }
 
@@ -406,12 +429,12 @@ at::Tensor bf16_matmul(const at::Tensor& h, const at::Tensor& weight, int64_t is
 TORCH_LIBRARY(pybitnet, m) {
   m.def("ternary_matmul(Tensor q, Tensor packed, int k, int isa=0) -> Tensor");
   m.def("unpack_ternary(Tensor packed, Tensor(a!) out) -> Tensor(a!)");
-  m.def("bf16_matmul(Tensor h, Tensor weight, int isa=0) -> Tensor");
+  m.def("half_matmul(Tensor h, Tensor weight, int isa=0) -> Tensor");
   m.def("cpu_features() -> int", &cpu_features);
 }
 
 TORCH_LIBRARY_IMPL(pybitnet, CPU, m) {
   m.impl("ternary_matmul", &ternary_matmul);
   m.impl("unpack_ternary", &unpack_ternary_out);
-  m.impl("bf16_matmul", &bf16_matmul);
+  m.impl("half_matmul", &half_matmul);
 }
