@@ -289,7 +289,7 @@ def _spec(body, ids: list[int], max_tokens: int | None, top_logprobs: int | None
         raise ApiError(400, str(err), param=str(err).split(" ", 1)[0]) from None
     return GenerationSpec(
         prompt=ids, max_tokens=max_tokens or state.settings.max_tokens_default, sampling=sampling, seed=body.seed,
-        n=body.n, stop_token_ids=stop_ids, stop_strings=stop_strings + stops,
+        n=body.n, stop_token_ids=[] if body.ignore_eos else stop_ids, stop_strings=stop_strings + stops,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
     )

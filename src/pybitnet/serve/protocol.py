@@ -46,6 +46,7 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = Field(False, description="keep generating past end-of-text tokens (as vLLM's)")
 
 
 class CompletionRequest(SamplingFields):

@@ -1,0 +1,282 @@
+"""The server's HTTP API against a live server on a loopback port: the official `openai` client, raw bodies,
+errors, cancellation, back-pressure and health."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+import pybitnet
+from pybitnet.tokenizer import load_tokenizer
+from test_serve_support import LiveServer, metric
+from test_tokenizer_helpers import write_tiny_checkpoint
+
+PROMPT = "The quick brown fox"
+MESSAGES = [{"role": "user", "content": "what is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("serve-api"), max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return pybitnet.load(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    return load_tokenizer(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer):
+    with LiveServer(model, tokenizer, max_batch=4, max_queue=8, context=256, model_name="tiny") as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _stream_text(stream) -> tuple[str, list[str | None], object]:
+    """Concatenated text, each chunk's finish_reason, and the usage chunk's usage of a completions stream."""
+    text, finishes, usage = "", [], None
+    for chunk in stream:
+        if not chunk.choices:
+            usage = chunk.usage
+            continue
+        choice = chunk.choices[0]
+        text += choice.delta.content or "" if hasattr(choice, "delta") else choice.text
+        finishes.append(choice.finish_reason)
+    return text, finishes, usage
+
+
+def test_completion_logprobs_match_the_model(client, model, tokenizer):
+    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=3)
+    choice = result.choices[0]
+    prompt_ids = tokenizer.encode(PROMPT)
+    generated = choice.model_extra["token_ids"]
+    assert result.usage.prompt_tokens == len(prompt_ids)
+    assert result.usage.completion_tokens == len(generated) == len(choice.logprobs.token_logprobs)
+    assert result.usage.total_tokens == len(prompt_ids) + len(generated)
+    assert choice.text == tokenizer.decode(generated)
+    # Independent expectation: one full-sequence pass over prompt + output, log-softmax at each position.
+    with torch.no_grad():
+        logits = model.forward_full(torch.tensor([prompt_ids + generated]))[0].double()
+    expected = torch.log_softmax(logits, -1)[len(prompt_ids) - 1 : -1]
+    for step, token in enumerate(generated):
+        assert choice.logprobs.token_logprobs[step] == pytest.approx(float(expected[step, token]), abs=1e-4)
+        assert token == int(expected[step].argmax())  # greedy
+        top = choice.logprobs.top_logprobs[step]
+        assert 1 <= len(top) <= 3 and max(top.values())  # alternatives that decode alike share a key == pytest.approx(choice.logprobs.token_logprobs[step])
+
+
+def test_streamed_text_equals_non_streamed_for_the_same_seed(client):
+    params = dict(model="tiny", max_tokens=16, temperature=0.9, top_p=0.95, seed=5)
+    whole = client.completions.create(prompt=PROMPT, **params)
+    text, finishes, usage = _stream_text(client.completions.create(
+        prompt=PROMPT, stream=True, stream_options={"include_usage": True}, **params))
+    assert text == whole.choices[0].text
+    assert finishes[-1] == whole.choices[0].finish_reason and all(f is None for f in finishes[:-1])
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    chat = client.chat.completions.create(messages=MESSAGES, **params)
+    text, finishes, usage = _stream_text(client.chat.completions.create(
+        messages=MESSAGES, stream=True, stream_options={"include_usage": True}, **params))
+    assert text == chat.choices[0].message.content
+    assert finishes[-1] == chat.choices[0].finish_reason
+    assert usage.total_tokens == chat.usage.total_tokens
+
+
+def test_chat_n_choices_logprobs_and_usage(client, tokenizer):
+    result = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, n=2, temperature=1.0,
+                                            seed=3, logprobs=True, top_logprobs=2)
+    assert [c.index for c in result.choices] == [0, 1]
+    prompt_tokens = len(tokenizer.encode_chat(MESSAGES))
+    assert result.usage.prompt_tokens == prompt_tokens
+    assert result.usage.completion_tokens == sum(len(c.model_extra["token_ids"]) for c in result.choices)
+    assert result.choices[0].model_extra["token_ids"] != result.choices[1].model_extra["token_ids"]
+    for choice in result.choices:
+        entries = choice.logprobs.content
+        assert [e.token for e in entries] == [tokenizer.decode([t], skip_special_tokens=False)
+                                              for t in choice.model_extra["token_ids"]]
+        assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+
+
+def test_stop_string_cuts_the_text(client):
+    free = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
+    assert len(free) > 6
+    stop = free[3:6]
+    cut = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop, "@@"])
+    assert cut.choices[0].text == free[: free.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed, finishes, _ = _stream_text(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24,
+                                                                    temperature=0, stop=stop, stream=True))
+    assert streamed == cut.choices[0].text and finishes[-1] == "stop"
+
+
+def test_echo_token_prompts_and_lists_of_prompts(client, tokenizer):
+    ids = tokenizer.encode(PROMPT)
+    echoed = client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0, echo=True,
+                                       logprobs=1)
+    plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert echoed.choices[0].text == tokenizer.decode(ids) + plain.choices[0].text
+    logprobs = echoed.choices[0].logprobs
+    assert len(logprobs.tokens) == len(ids) + 4 and logprobs.token_logprobs[0] is None
+    two = client.completions.create(model="tiny", prompt=[PROMPT, "Hello world"], max_tokens=4, temperature=0, n=2)
+    assert [c.index for c in two.choices] == [0, 1, 2, 3]
+    assert two.choices[0].text == two.choices[1].text == plain.choices[0].text  # greedy: both choices alike
+
+
+def test_models_tokenize_detokenize_health(server, tokenizer):
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 256
+    tokens = httpx.post(f"{server.url}/tokenize", json={"content": PROMPT}).json()["tokens"]
+    assert tokens == tokenizer.encode(PROMPT)
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": tokens}).json()["content"] == PROMPT
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": PROMPT, "top_p": 2}, "top_p"),
+    ("/v1/completions", {"prompt": PROMPT, "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 99}, "n"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": [""]}, "stop"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 50}, "logprobs"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": []}, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2, 10**6]}, "prompt"),
+    ("/v1/completions", {"prompt": [5] * 300}, "prompt"),
+    ("/v1/completions", {"max_tokens": 3}, "prompt"),
+    ("/v1/completions", {"prompt": PROMPT, "seed": -1}, "seed"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.role"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage"),
+    ("/detokenize", {"tokens": [-1]}, "tokens"),
+])
+def test_bad_bodies_are_400_naming_the_field(server, path, body, param):
+    response = httpx.post(f"{server.url}{path}", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", b'{"prompt": NaN}'])
+def test_malformed_json_is_400(server, content):
+    response = httpx.post(f"{server.url}/v1/completions", content=content,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] in ("body", "prompt")
+
+
+def test_unknown_parameters_are_ignored(client):
+    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0,
+                                       extra_body={"mirostat": 2, "best_of_unknown": True})
+    assert result.choices[0].finish_reason in ("length", "stop")
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    cancelled = metric(server.url, "pybitnet_requests_finished_total", 'outcome="cancelled"') \
+        if "cancelled" in httpx.get(f"{server.url}/metrics").text else 0.0
+    body = {"prompt": PROMPT, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert metric(server.url, "pybitnet_requests_running") == 1.0
+    deadline = time.monotonic() + 10
+    while metric(server.url, "pybitnet_requests_running") != 0.0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert metric(server.url, "pybitnet_requests_running") == 0.0
+    assert metric(server.url, "pybitnet_requests_finished_total", 'outcome="cancelled"') == cancelled + 1
+
+
+def test_queue_full_is_503_with_retry_after(model, tokenizer):
+    with LiveServer(model, tokenizer, max_batch=1, max_queue=1, context=256) as live:
+        body = {"prompt": PROMPT, "max_tokens": 240, "ignore_eos": True}  # one runs, one waits, the rest bounce
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda _: httpx.post(f"{live.url}/v1/completions", json=body, timeout=60),
+                                      range(6)))
+    refused = [r for r in responses if r.status_code == 503]
+    answered = [r for r in responses if r.status_code == 200]
+    assert refused and len(answered) >= 2 and len(refused) + len(answered) == 6
+    assert all(r.headers["retry-after"] == "1" for r in refused)
+    assert all(r.json()["error"]["type"] == "server_overloaded" for r in refused)
+    assert all(r.json()["usage"]["completion_tokens"] == 240 for r in answered)
+
+
+def test_api_key_is_required_when_set(model, tokenizer):
+    with LiveServer(model, tokenizer, max_batch=1, context=256, api_key="sekrit") as live:
+        assert httpx.get(f"{live.url}/v1/models").status_code == 401
+        wrong = httpx.get(f"{live.url}/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="sekrit", max_retries=0)
+        assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+        assert httpx.get(f"{live.url}/health").status_code == 200  # health and metrics stay open
+
+
+def test_health_is_503_while_the_model_loads(model, tokenizer):
+    loaded = threading.Event()
+
+    def slow_load():
+        loaded.wait(30)
+        return model, tokenizer
+
+    from pybitnet.serve import ServerSettings, create_app
+    import uvicorn
+    import socket
+
+    app = create_app(slow_load, ServerSettings(max_batch=1, context=64))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                response = httpx.get(f"{url}/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert response.status_code == 503 and response.json() == {"status": "loading"}
+        early = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT})
+        assert early.status_code == 503 and "loading" in early.json()["error"]["message"]
+        loaded.set()
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{url}/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    finally:
+        loaded.set()
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_sse_wire_format(server):
+    body = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        data = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
