@@ -1,0 +1,54 @@
+"""Peak resident memory of a process that loads a 2B-4T-shaped I2_S GGUF and decodes a few tokens.
+
+The file is written first (random ternary weights, F16 embeddings) by this script's parent process;
+a fresh child loads it with `pybitnet.load` and decodes, and its VmHWM (peak RSS) is reported, so
+the figure counts only what loading and decoding need.
+
+    python benchmarks/load_rss.py [--layers 30] [--lm-head exact|int8] [--keep FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD = """
+import sys, torch, pybitnet
+model = pybitnet.load(sys.argv[1], lm_head=sys.argv[2])
+cache = model.new_cache(1, 160)
+logits = model.prefill(torch.randint(0, model.config.vocab_size, (1, 128)), cache)
+for _ in range(8):
+    logits = model.decode_step(logits.argmax(-1), cache)
+peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(int(peak) * 1024)
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--lm-head", default="exact", choices=("exact", "int8"))
+    parser.add_argument("--keep", help="write the GGUF here and keep it (default: a temporary file)")
+    args = parser.parse_args()
+    from pybitnet import preset
+    from pybitnet.loaders.gguf import write_gguf
+    from pybitnet.synthetic import random_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.keep or os.path.join(tmp, "model-i2_s.gguf")
+        if not os.path.exists(path):
+            config = preset("bitnet-b1.58-2b-4t").replace(num_layers=args.layers)
+            write_gguf(path, config, random_weights(config, 0), "i2_s", embed_type="f16")
+        out = subprocess.run([sys.executable, "-c", CHILD, path, args.lm_head], capture_output=True, text=True, check=True)
+        peak = int(out.stdout.split()[-1])
+    print(json.dumps({"layers": args.layers, "lm_head": args.lm_head, "peak_rss_bytes": peak,
+                      "peak_rss_gib": peak / 2**30}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
