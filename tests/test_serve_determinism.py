@@ -17,7 +17,7 @@ from test_serve_support import LiveServer, ServerProcess, metric
 from test_tokenizer_helpers import write_tiny_checkpoint
 
 CROWD = 16
-NEW_TOKENS = 20
+NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def tokenizer(checkpoint):
 
 def _prompts(vocab: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(7)
-    lengths = [3 + 11 * i for i in range(CROWD)]  # 3 .. 168 tokens: a ragged crowd
+    lengths = [3 + 9 * i for i in range(CROWD)]  # 3 .. 138 tokens: a ragged crowd
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 

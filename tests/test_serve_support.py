@@ -74,7 +74,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m pybitnet serve MODEL ...` in a subprocess on a free loopback port."""
+    """`python -m pybitnet serve MODEL ...` in a subprocess on a free loopback port (with MKL_CBWR set, as
+    the command would otherwise restart itself to set it)."""
 
     def __init__(self, model: str, *args: str, env: dict[str, str] | None = None):
         self.port = free_port()
@@ -82,7 +83,7 @@ class ServerProcess:
         command = [sys.executable, "-m", "pybitnet", "serve", model, "--port", str(self.port), *args]
         self.log = tempfile.TemporaryFile("w+")  # a pipe nobody reads would fill up and block the server
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, **(env or {})})
+                                        env={**os.environ, "MKL_CBWR": "AUTO", **(env or {})})
 
     def __enter__(self) -> "ServerProcess":
         try:

@@ -142,6 +142,8 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                            kind="authentication_error")
 
+    # The schema declares bearer auth only when a key is required, so it describes the running server.
+    guarded = [Depends(authorized)] if state.settings.api_key is not None else []
     errors = {status: {"model": ErrorResponse} for status in (400, 401, 500, 503)}
     streamed = {200: {"content": {"text/event-stream": {}}}}
 
@@ -155,19 +157,19 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", response_model=ModelList, responses=errors, dependencies=[Depends(authorized)])
+    @app.get("/v1/models", response_model=ModelList, responses=errors, dependencies=guarded)
     async def models():
         engine = state.ready()
         card = ModelCard(id=state.settings.model_name, created=state.created, max_model_len=engine.context)
         return ModelList(data=[card])
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=errors, dependencies=[Depends(authorized)])
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=errors, dependencies=guarded)
     async def tokenize(body: TokenizeRequest):
         state.ready()
         tokenizer = _need_tokenizer(state, "content")
         return TokenizeResponse(tokens=tokenizer.encode(body.content, add_special_tokens=body.add_special))
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=errors, dependencies=[Depends(authorized)])
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=errors, dependencies=guarded)
     async def detokenize(body: DetokenizeRequest):
         engine = state.ready()
         tokenizer = _need_tokenizer(state, "tokens")
@@ -175,7 +177,7 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
         return DetokenizeResponse(content=tokenizer.decode(body.tokens))
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**errors, **streamed},
-              dependencies=[Depends(authorized)])
+              dependencies=guarded)
     async def completions(body: CompletionRequest, raw: Request):
         engine = state.ready()
         prompts = _completion_prompts(body.prompt, state.tokenizer, engine.vocab_size)
@@ -190,7 +192,7 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
         return await _complete_completion(call, body, echo, state, raw)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**errors, **streamed},
-              dependencies=[Depends(authorized)])
+              dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         engine = state.ready()
         tokenizer = state.chat_tokenizer
