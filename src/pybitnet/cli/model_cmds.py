@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -120,44 +119,6 @@ def score(model: str = typer.Argument(..., help="HF directory, .gguf file, or sy
         table.add_row(str(i), str(tok), f"{lp:.4f}")
     console.print(table)
     console.print(f"total log p = {sum(logp):.4f} over {len(logp)} tokens")
-
-
-@app.command()
-def perplexity(model: str = typer.Argument(..., help="HF directory, .gguf file, or synthetic:PRESET[:LAYERS]"),
-               text_file: Optional[Path] = typer.Argument(None, help="raw text file, tokenized with the model's tokenizer"),
-               tokens_file: Optional[Path] = typer.Option(None, "--tokens-file", help="token ids: whitespace/comma separated, or a JSON list"),
-               ctx: int = typer.Option(2048, "--ctx", help="window length in tokens"),
-               stride: Optional[int] = typer.Option(None, "--stride", help="window step (default: ctx)"),
-               dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt):
-    """Sliding-window perplexity of a raw text file or a token file."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from ..evaluate import perplexity as run_perplexity
-
-    set_threads(threads)
-    if (text_file is None) == (tokens_file is None):
-        raise InputError("give exactly one of a text FILE or --tokens-file")
-    source = text_file or tokens_file
-    if not source.is_file():
-        raise InputError(f"{source}: no such file")
-    content = source.read_text(errors="replace")
-    if text_file is not None:
-        from ..tokenizer import load_tokenizer
-
-        ids = load_tokenizer(model).encode(content)
-    else:
-        content = content.strip()
-        ids = json.loads(content) if content.startswith("[") else parse_token_list(content)
-    m = open_model(model, dtype)
-    start = time.perf_counter()
-    with Progress(TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("windows", total=None)
-        result = run_perplexity(m, ids, ctx=ctx, stride=stride,
-                                progress=lambda done, total: bar.update(task, completed=done, total=total))
-    elapsed = time.perf_counter() - start
-    console.print(f"perplexity {result.perplexity:.4f}  (nll {result.nll:.4f} nats/token, {result.tokens_scored} tokens "
-                  f"scored in {result.windows} windows of {ctx}, {len(ids) / elapsed:.1f} tokens/s)")
 
 
 @app.command()
