@@ -130,7 +130,7 @@ def test_missing_tensor_is_named(tmp_path):
     tensors = load_file(str(tmp_path / "model.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.weight"], tensors["model.layers.1.mlp.up_proj.weight_scale"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"missing tensor 'layers\.1\.up_proj'"):
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight' \(layers\.1\.up_proj\)"):
         pybitnet.load(tmp_path)
 
 
@@ -157,7 +157,7 @@ def test_wrong_norm_shape_is_named(tmp_path):
     tensors = load_file(str(tmp_path / "model.safetensors"))
     tensors["model.norm.weight"] = torch.ones(7)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"'norm' has shape \[7\], expected \[128\]"):
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' \(norm\) has shape \[7\], expected \[128\]"):
         pybitnet.load(tmp_path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -48,6 +49,11 @@ class ModelConfig:
             raise ConfigError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"unknown hidden activation {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        # NaN fails every comparison, so these are written as "must hold" rather than "must not"
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ConfigError(f"rope_theta must be a finite number > 0, got {self.rope_theta}")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0):
+            raise ConfigError(f"rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps}")
 
     @property
     def q_size(self) -> int:

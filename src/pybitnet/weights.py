@@ -8,6 +8,9 @@ Names are internal and format-free (`loaders/names.py` maps HF and GGUF names on
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
 from .config import ModelConfig
@@ -15,7 +18,6 @@ from .errors import CheckpointError
 from .quant.packed import pack_ternary, unpack_ternary
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LAYER_NORMS = ("input_layernorm", "attn_sub_norm", "post_attention_layernorm", "ffn_sub_norm")
 
 
 class TernaryWeight:
@@ -113,17 +115,45 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_weights(config: ModelConfig, weights: Weights, source: str = "checkpoint") -> None:
-    """Raise CheckpointError naming the first missing tensor or wrong shape."""
+def is_projection(name: str) -> bool:
+    """Whether an internal weight name (`layers.3.q_proj`) is one of the seven ternary projections."""
+    return name.rsplit(".", 1)[-1] in PROJECTIONS
+
+
+# Rows checked for inf/NaN at a time: the bool temporary of a 128k-row embedding stays a few MB.
+_FINITE_ROWS = 4096
+
+
+def require_finite(tensor: torch.Tensor, label: str, source: str = "checkpoint") -> None:
+    """CheckpointError naming `label` when the float tensor holds inf or NaN."""
+    rows = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(1, -1)
+    for start in range(0, rows.shape[0], _FINITE_ROWS):
+        if not bool(torch.isfinite(rows[start : start + _FINITE_ROWS]).all()):
+            raise CheckpointError(f"{source}: tensor {label} holds non-finite values (inf or NaN)")
+
+
+def check_weights(config: ModelConfig, weights: Weights, source: str = "checkpoint",
+                  stored_name: Callable[[str], str] | None = None) -> None:
+    """Raise CheckpointError naming the first missing tensor, wrong shape, non-finite float tensor, or
+    projection scale that is not a finite number > 0 (float32 rounding would otherwise turn those into
+    finite, wrong logits). `stored_name` maps internal names to the file's own, for the messages."""
     for name, shape in expected_shapes(config).items():
+        label = repr(name) if stored_name is None else f"{stored_name(name)!r} ({name})"
         if name not in weights:
-            raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {list(shape)})")
-        got = tuple(weights[name].shape)
+            raise CheckpointError(f"{source}: missing tensor {label} (expected shape {list(shape)})")
+        weight = weights[name]
+        got = tuple(weight.shape)
         if got != shape:
             raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {list(got)}, expected {list(shape)} from the config"
+                f"{source}: tensor {label} has shape {list(got)}, expected {list(shape)} from the config"
             )
-        is_ternary = name.rsplit(".", 1)[-1] in PROJECTIONS
-        if is_ternary != isinstance(weights[name], TernaryWeight):
+        is_ternary = is_projection(name)
+        if is_ternary != isinstance(weight, TernaryWeight):
             kind = "a ternary projection" if is_ternary else "a float tensor"
-            raise CheckpointError(f"{source}: tensor {name!r} should be {kind}")
+            raise CheckpointError(f"{source}: tensor {label} should be {kind}")
+        if is_ternary:
+            beta = float(weight.beta)
+            if not (math.isfinite(beta) and beta > 0):
+                raise CheckpointError(f"{source}: tensor {label} has scale {beta}; a scale must be a finite number > 0")
+        else:
+            require_finite(weight, label, source)

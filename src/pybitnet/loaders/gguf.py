@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, GGUFError
 from ..quant.i2s import decode_i2s, encode_i2s
 from ..quant.tq import decode_tq1_0, decode_tq2_0, encode_tq1_0, encode_tq2_0
-from ..weights import PROJECTIONS, TernaryWeight, Weights, check_weights, expected_shapes
+from ..weights import TernaryWeight, Weights, check_weights, expected_shapes, is_projection
 from .gguf_file import (
     I2_S_TYPE_ID,
     TYPE_BY_NAME,
@@ -33,7 +33,7 @@ from .gguf_file import (
     read_gguf_metadata,
     write_gguf_file,
 )
-from .names import internal_to_gguf
+from .names import check_layer_count, gguf_to_internal, internal_to_gguf
 
 __all__ = ["load_gguf_weights", "write_gguf", "read_gguf_metadata", "config_from_gguf", "QTYPES"]
 
@@ -226,23 +226,15 @@ def _shape_of(info: TensorInfo) -> tuple[int, ...]:
     return shape
 
 
-def _check_block_count(config: ModelConfig, tensors: Mapping[str, TensorInfo], path: str) -> None:
-    """Compare block_count with the blocks present before building per-layer tables (a corrupt count
-    of 2**40 layers must be an error, not a 2**40-entry dict)."""
-    blocks = {name.split(".", 2)[1] for name in tensors if name.startswith("blk.")}
-    if config.num_layers > len(blocks):
-        first_missing = next(i for i in range(config.num_layers) if str(i) not in blocks)
-        raise GGUFError(f"{path}: metadata block_count is {config.num_layers} but the file holds tensors of "
-                        f"{len(blocks)} blocks (missing tensor 'blk.{first_missing}.attn_norm.weight' and others)")
-
-
 def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, Weights]:
     """(config, weights) of a BitNet GGUF file, config from its metadata only (FORMATS.md D.2)."""
     path = str(path)
     reader = GGUFReader(path)
     try:
         config = config_from_gguf(reader.fields, reader.tensors, path)
-        _check_block_count(config, reader.tensors, path)
+        # before any per-layer table is built: a corrupt block_count of 2**40 must cost nothing
+        check_layer_count(config.num_layers, filter(None, map(gguf_to_internal, reader.tensors)),
+                          f"{path}: metadata {config.extra['gguf_architecture']}.block_count", GGUFError)
         weights: Weights = {}
         for name, shape in expected_shapes(config).items():
             gguf_name = internal_to_gguf(name)
@@ -252,7 +244,7 @@ def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, Weights]:
             if _shape_of(info) != shape:
                 raise GGUFError(f"{path}: tensor {gguf_name!r} has shape {list(info.shape)} (ne {list(info.ne)}), "
                                 f"expected {list(shape)} from the metadata")
-            if name.rsplit(".", 1)[-1] in PROJECTIONS:
+            if is_projection(name):
                 weights[name] = _projection(reader, info, shape)
             elif name in ("embed_tokens", "lm_head"):
                 weights[name] = _dense(reader, info).reshape(shape)  # kept in its stored 16-bit dtype
@@ -261,7 +253,7 @@ def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, Weights]:
             reader.release(info)
     finally:
         reader.close()
-    check_weights(config, weights, source=path)
+    check_weights(config, weights, source=path, stored_name=internal_to_gguf)
     return config, weights
 
 

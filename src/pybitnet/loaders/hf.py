@@ -8,7 +8,9 @@ Reads packed uint8 ternaries with `weight_scale` (FORMATS.md A.4/A.5: multiplied
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,8 +20,8 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..quant.hf_pack import pack_hf, unpack_hf
 from ..quant.ternary import absmean_ternarize
-from ..weights import PROJECTIONS, TernaryWeight, Weights, check_weights, expected_shapes
-from .names import hf_to_internal, internal_to_hf
+from ..weights import TernaryWeight, Weights, check_weights, expected_shapes, is_projection, require_finite
+from .names import check_layer_count, hf_to_internal, internal_to_hf
 
 # architectures -> whether they carry the two sub-norms
 ARCHITECTURES = {
@@ -30,61 +32,122 @@ ARCHITECTURES = {
 HF_ACTIVATIONS = {"relu2": "relu2", "silu": "silu", "swish": "silu"}
 
 
+def _read_json_file(file: Path, what: str) -> Any:
+    """A JSON file's value; CheckpointError naming the file when it is not UTF-8 JSON."""
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{file}: {what} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file}: invalid JSON ({err})") from None
+
+
 def read_config(path: str | Path) -> dict:
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
-    try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({err})") from None
+    raw = _read_json_file(cfg_path, "config.json")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path}: config.json must hold a JSON object, got a {type(raw).__name__}")
+    return raw
+
+
+_MISSING = object()
+
+
+def _field(raw: dict, key: str, kind: type, source: str, default: Any = _MISSING) -> Any:
+    """raw[key] as `kind` (int, float, bool or str); ConfigError naming the key when it is absent or of another
+    type. JSON has one number type, so an integral float passes as an int and an int as a float."""
+    value = raw.get(key, default)
+    if value is _MISSING:
+        raise ConfigError(f"{source}: missing key {key!r}")
+    if value is None and default is None:
+        return None
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool)
+        or isinstance(value, float) and value.is_integer(),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConfigError(f"{source}: {key} must be {_KIND_WORDS[kind]}, got {shown}")
+    return kind(value)
+
+
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _token_ids(raw: dict, key: str, source: str) -> tuple[int, ...]:
+    value = raw.get(key)
+    values = value if isinstance(value, list) else ([] if value is None else [value])
+    return tuple(_field({key: v}, key, int, source) for v in values)
 
 
 def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
     archs = raw.get("architectures") or []
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if not isinstance(archs, list):
+        raise ConfigError(f"{source}: architectures must be a list of class names, got {archs!r}")
+    arch = next((a for a in archs if isinstance(a, str) and a in ARCHITECTURES), None)
     if arch is None:
         raise ConfigError(f"{source}: unknown architecture {archs or raw.get('model_type')!r}; "
                           f"supported: {', '.join(ARCHITECTURES)}")
     quant = raw.get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        raise ConfigError(f"{source}: quantization_config must be a JSON object, got {quant!r}")
     if arch == "LlamaForCausalLM" and quant.get("quant_method") != "bitnet":
         raise ConfigError(f"{source}: LlamaForCausalLM without a bitnet quantization_config is not a BitNet model")
     if quant.get("use_rms_norm"):
         raise ConfigError(f"{source}: quantization_config.use_rms_norm=true is not supported")
-    act = raw.get("hidden_act", "silu")
+    linear_class = _field(quant, "linear_class", str, f"{source} quantization_config", "bitlinear")
+    act = _field(raw, "hidden_act", str, source, "silu")
     if act not in HF_ACTIVATIONS:
         raise ConfigError(f"{source}: unknown activation hidden_act={act!r}; supported: relu2, silu")
-    eos = raw.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    try:
-        return ModelConfig(
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=int(raw["hidden_size"]),
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=int(raw["num_attention_heads"]),
-            num_kv_heads=int(raw.get("num_key_value_heads") or raw["num_attention_heads"]),
-            head_dim=int(raw.get("head_dim") or 0),
-            hidden_act=HF_ACTIVATIONS[act],
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-            sub_norms=ARCHITECTURES[arch],
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            architecture=arch,
-            extra={"linear_class": quant.get("linear_class", "bitlinear"), "quant_method": quant.get("quant_method")},
-        )
-    except KeyError as err:
-        raise ConfigError(f"{source}: missing key {err.args[0]!r}") from None
+    heads = _field(raw, "num_attention_heads", int, source)
+    bos = _token_ids(raw, "bos_token_id", source)
+    return ModelConfig(
+        vocab_size=_field(raw, "vocab_size", int, source),
+        hidden_size=_field(raw, "hidden_size", int, source),
+        intermediate_size=_field(raw, "intermediate_size", int, source),
+        num_layers=_field(raw, "num_hidden_layers", int, source),
+        num_heads=heads,
+        num_kv_heads=_field(raw, "num_key_value_heads", int, source, None) or heads,
+        head_dim=_field(raw, "head_dim", int, source, None) or 0,
+        hidden_act=HF_ACTIVATIONS[act],
+        rope_theta=_field(raw, "rope_theta", float, source, 10000.0),
+        rms_norm_eps=_field(raw, "rms_norm_eps", float, source, 1e-5),
+        max_position_embeddings=_field(raw, "max_position_embeddings", int, source, 2048),
+        tie_word_embeddings=_field(raw, "tie_word_embeddings", bool, source, True),
+        sub_norms=ARCHITECTURES[arch],
+        bos_token_id=bos[0] if bos else None,
+        eos_token_ids=_token_ids(raw, "eos_token_id", source),
+        architecture=arch,
+        extra={"linear_class": linear_class, "quant_method": quant.get("quant_method")},
+    )
+
+
+def _inside(directory: Path, name: Any, source: Path) -> Path:
+    """directory / name for a file a checkpoint names; CheckpointError when the name leaves the directory.
+    Checked on the name itself, not the resolved path: the hub cache links files to blobs elsewhere."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{source}: file names must be non-empty strings, got {name!r}")
+    normal = os.path.normpath(name)
+    if os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep):
+        raise CheckpointError(f"{source}: names {name!r}, which lies outside the model directory {directory}")
+    return directory / normal
 
 
 def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted({path / f for f in weight_map.values()})
+        spec = _read_json_file(index, "the shard index")
+        weight_map = spec.get("weight_map") if isinstance(spec, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' object of tensor -> file")
+        files = sorted({_inside(path, f, index) for f in weight_map.values()})
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -101,11 +164,11 @@ def load_hf_weights(path: str | Path) -> tuple[ModelConfig, Weights, dict]:
     raw = read_config(path)
     config = config_from_hf(raw, str(path / "config.json"))
     inverse_scale = config.extra["linear_class"] != "autobitlinear"
-    shapes = expected_shapes(config.replace(tie_word_embeddings=False))
     tensors: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
-    for file in _shard_files(path):
+    files = _shard_files(path)
+    for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for hf_name in handle.keys():
@@ -118,16 +181,18 @@ def load_hf_weights(path: str | Path) -> tuple[ModelConfig, Weights, dict]:
                         origin[name] = hf_name
         except SafetensorError as err:
             raise CheckpointError(f"{file}: cannot read safetensors file (truncated or corrupt?): {err}") from None
+    # before any per-layer table is built: a corrupt layer count must cost nothing
+    check_layer_count(config.num_layers, tensors, f"{path / 'config.json'}: num_hidden_layers")
     if "lm_head" in tensors and config.tie_word_embeddings and "tie_word_embeddings" not in raw:
         config = config.replace(tie_word_embeddings=False)
     if config.tie_word_embeddings:
         tensors.pop("lm_head", None)
+    shapes = expected_shapes(config.replace(tie_word_embeddings=False))
 
     weights: Weights = {}
     packed_count = 0
     for name, tensor in tensors.items():
-        kind = name.rsplit(".", 1)[-1]
-        if kind not in PROJECTIONS:
+        if not is_projection(name):
             weights[name] = tensor if name in ("embed_tokens", "lm_head") else tensor.float()
             continue
         hf_name = origin[name]
@@ -140,21 +205,22 @@ def load_hf_weights(path: str | Path) -> tuple[ModelConfig, Weights, dict]:
             if hf_name not in scales:
                 raise CheckpointError(f"{path}: missing tensor {hf_name + '_scale'!r} for packed weight {hf_name!r}")
             scale = float(scales[hf_name].float().reshape(-1)[0])
-            if scale == 0.0 or scale != scale:
-                raise CheckpointError(f"{path}: tensor {hf_name + '_scale'!r} holds {scale}, not a usable scale")
+            # a zero or non-finite scale is refused by check_weights below, with the tensor named
+            beta = 1.0 / scale if inverse_scale and scale != 0 else scale
             values = unpack_hf(tensor, out_features, hf_name)
-            weights[name] = TernaryWeight(values, 1.0 / scale if inverse_scale else scale).packed_form()
+            weights[name] = TernaryWeight(values, beta).packed_form()
             packed_count += 1
         elif tensor.dtype.is_floating_point:
             if tuple(tensor.shape) != (out_features, in_features):
                 raise CheckpointError(f"{path}: tensor {hf_name!r} has shape {list(tensor.shape)}, "
                                       f"expected {[out_features, in_features]}")
+            require_finite(tensor, repr(hf_name), str(path))  # absmean would spread a NaN into every weight
             values, beta = absmean_ternarize(tensor)
             weights[name] = TernaryWeight(values, beta).packed_form()
         else:
             raise CheckpointError(f"{path}: tensor {hf_name!r} has unsupported dtype {tensor.dtype}")
-    check_weights(config, {k: v for k, v in weights.items()}, source=str(path))
-    info = {"format": "hf", "packed": packed_count > 0, "files": len(_shard_files(path)),
+    check_weights(config, weights, source=str(path), stored_name=lambda name: origin.get(name, internal_to_hf(name)))
+    info = {"format": "hf", "packed": packed_count > 0, "files": len(files),
             "embed_dtype": str(weights["embed_tokens"].dtype).replace("torch.", "")}
     return config, weights, info
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+
+from ..errors import CheckpointError
 
 # internal per-layer suffix -> (HF suffix, GGUF suffix)
 LAYER_NAMES = {
@@ -31,6 +34,7 @@ GLOBAL_NAMES = {
 
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+_INTERNAL_LAYER = re.compile(r"^layers\.(\d+)\.")
 _HF_TO_INTERNAL = {hf: internal for internal, (hf, _) in LAYER_NAMES.items()}
 _GGUF_TO_INTERNAL = {gg: internal for internal, (_, gg) in LAYER_NAMES.items()}
 
@@ -70,3 +74,18 @@ def internal_to_gguf(name: str) -> str:
         return GLOBAL_NAMES[name][1]
     _, idx, suffix = name.split(".", 2)
     return f"blk.{idx}.{LAYER_NAMES[suffix][1]}"
+
+
+def check_layer_count(num_layers: int, internal_names: Iterable[str], what: str,
+                      error: type[CheckpointError] = CheckpointError) -> None:
+    """CheckpointError unless the tensors hold exactly layers 0..num_layers-1. Runs before anything is
+    sized by num_layers, so a corrupt count of 10**7 costs one pass over the names. `what` names the
+    count's origin ("config.json: num_hidden_layers")."""
+    present = {int(m.group(1)) for m in map(_INTERNAL_LAYER.match, internal_names) if m}
+    if num_layers == len(present) and (not present or max(present) == num_layers - 1):
+        return
+    first_missing = next(i for i in range(len(present) + 1) if i not in present)
+    detail = (f"layer {first_missing} has no tensors" if first_missing < max(present, default=-1)
+              else f"the tensors hold {len(present)} layers")
+    span = f" (names up to layer {max(present)})" if present else ""
+    raise error(f"{what} is {num_layers} but {detail}{span}")
