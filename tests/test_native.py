@@ -144,7 +144,7 @@ def _run(env_updates: dict[str, str], script: str = _RUN_TINY, cwd: Path | None 
 
 
 def test_no_compiler_falls_back_with_one_line(tmp_path):
-    result = _run({"PATH": str(tmp_path), "CXX": "", "PYBITNET_CACHE": str(tmp_path / "cache")})
+    result = _run({"PATH": str(tmp_path), "CXX": "", "PYBITNET_CACHE": str(tmp_path / "cache"), "PYBITNET_NATIVE": "1"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == "reference,int8"
     lines = [line for line in result.stderr.splitlines() if line.startswith("pybitnet:")]
