@@ -58,32 +58,43 @@ class PerplexityResult:
     windows: int
 
 
+def perplexity_windows(num_tokens: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, first_target, end) of each window: tokens[begin:end] go through the model and
+    targets first_target..end-1 are scored, each predicted from tokens[begin:target].
+
+    The targets of the windows are 1..num_tokens-1, each exactly once. The first window is
+    tokens[:ctx]; each later one scores the next `stride` targets (at most ctx - 1, all a window of
+    ctx tokens can predict) and reaches back ctx tokens from its last one, so every target has at
+    least ctx - stride tokens of context, or all before it.
+    """
+    step = min(stride, ctx - 1)
+    end = min(ctx, num_tokens)
+    windows = [(0, 1, end)]
+    while end < num_tokens:
+        first, end = end, min(end + step, num_tokens)
+        windows.append((max(0, end - ctx), first, end))
+    return windows
+
+
 def perplexity(model, tokens: torch.Tensor | list[int], *, ctx: int = 2048, stride: int | None = None,
                chunk_size: int | None = None, progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
-    """Sliding-window perplexity: windows of `ctx` tokens moving by `stride` (default ctx); each token is
-    scored once, with as much left context as its window gives (the HF "strided perplexity" recipe)."""
+    """Sliding-window perplexity over windows of at most `ctx` tokens that score `stride` (default
+    ctx) new tokens each: every token but the first is scored exactly once, with as much left
+    context as its window gives (`perplexity_windows`). With ctx >= len(tokens) it is one pass."""
     tokens = _one_sequence(tokens)
     stride = stride or ctx
     if ctx < 2 or stride < 1 or stride > ctx:
         raise InputError(f"perplexity needs ctx >= 2 and 1 <= stride <= ctx, got ctx={ctx}, stride={stride}")
     if tokens.numel() < 2:
         raise InputError(f"perplexity needs at least 2 tokens, got {tokens.numel()}")
-    total, count, windows = 0.0, 0, 0
-    scored_until = 1  # tokens[:scored_until] are done (the first token is never predicted)
-    starts = list(range(0, max(tokens.numel() - 1, 1), stride))
-    for i, begin in enumerate(starts):
-        end = min(begin + ctx, tokens.numel())
-        window = tokens[begin:end]
-        logp = token_logprobs(model, window, chunk_size=chunk_size)  # predicts window[1:]
-        first_new = max(scored_until, begin + 1) - (begin + 1)  # skip tokens already scored
-        new = logp[first_new:]
+    windows = perplexity_windows(tokens.numel(), ctx, stride)
+    total, count = 0.0, 0
+    for i, (begin, first_target, end) in enumerate(windows):
+        logp = token_logprobs(model, tokens[begin:end], chunk_size=chunk_size)  # predicts tokens[begin+1:end]
+        new = logp[first_target - begin - 1 :]
         total -= float(new.sum())
         count += new.numel()
-        scored_until = end
-        windows += 1
         if progress:
-            progress(i + 1, len(starts))
-        if end == tokens.numel():
-            break
-    nll = total / max(count, 1)
-    return PerplexityResult(math.exp(nll), nll, count, windows)
+            progress(i + 1, len(windows))
+    nll = total / count
+    return PerplexityResult(math.exp(nll), nll, count, len(windows))
