@@ -184,3 +184,13 @@ def test_top_k_ties_keep_every_tied_token():
     drawn = {sample(logits, SamplingParams(temperature=0.1, top_k=2), g).item()
              for g in [make_generator(0)] for _ in range(200)}
     assert drawn == {0, 1, 2}
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-38, 1e-30, 1e-12])
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.1)])
+def test_tiny_temperature_picks_the_argmax(temperature, top_k, top_p, min_p):
+    # logits / temperature overflows float32 for these: the draw must still be the most likely token
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(7)) * 30  # (B, V)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    got = sample(logits, params, make_generator(0))
+    assert torch.equal(got, logits.argmax(-1))

@@ -1,7 +1,8 @@
 """Choosing the next token from logits: pure functions plus one seeded torch.Generator, no model, no text.
 
 Order (as in transformers): repetition penalty -> temperature -> top-k -> top-p -> min-p -> draw.
-Temperature 0 is greedy: the argmax of the penalised logits (lowest id on ties), with no randomness used.
+Temperature 0 is greedy: the argmax of the penalised logits (lowest id on ties), with no randomness used; so is a
+temperature below float32's smallest normal number, which leaves nothing but the argmax to draw anyway.
 Filters mark removed tokens with -inf so that every step works on one [B, V] tensor for the whole batch.
 """
 
@@ -13,6 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+
+# Below this (float32's smallest normal number) a temperature is read as 0: dividing by it is no longer meaningful
+# in the float32 the logits are scaled in, and every token but the most likely one would get probability 0.
+GREEDY_BELOW = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -135,7 +140,9 @@ def candidate_distribution(logits: torch.Tensor, params: SamplingParams) -> tupl
     Equal (up to normalisation) to softmax of the filter chain temperature -> top-k -> top-p -> min-p over the
     whole vocabulary, computed on the few most likely tokens when they provably contain every kept token.
     """
-    logits = apply_temperature(logits.float(), params.temperature)  # (B, V)
+    logits = logits.float()
+    # the row maximum first: scaled by a tiny temperature, logits then go to -inf (probability 0), never to +inf
+    logits = apply_temperature(logits - logits.amax(-1, keepdim=True), params.temperature)  # (B, V), max 0
     batch, vocab = logits.shape
     filtered = params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
     if filtered:
