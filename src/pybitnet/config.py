@@ -112,6 +112,23 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=1,
         eos_token_ids=(2,),
     ),
+    # The 2B-4T architecture scaled down to a few million parameters (relu², sub-norms, tied
+    # embeddings, GQA 4:1): the shape of the built-in trained model. Widths are multiples of 256
+    # so every GGUF ternary type (TQ1_0/TQ2_0 need 256-element rows) can hold it.
+    "small": ModelConfig(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=1,
+        hidden_act="relu2",
+        rope_theta=10000.0,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_ids=(1, 2),
+    ),
 }
 
 
