@@ -8,6 +8,7 @@ from ..errors import PyBitNetError
 from .app import app
 from . import model_cmds, gguf_cmds, text_cmds  # noqa: E402,F401  (each registers its commands on `app`)
 from . import corpus_cmds  # noqa: E402,F401
+from . import train_cmds  # noqa: E402,F401
 
 
 def main() -> None:
