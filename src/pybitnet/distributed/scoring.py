@@ -56,19 +56,15 @@ def _document_rows(documents) -> list[dict]:
              "error": d.error} for d in documents]
 
 
-class FileReader:
-    """Ray Data map_batches function: rows of (path, file number) -> one row per document in those files."""
+def read_files(files, text_field: str):
+    """Ray Data map_batches function (stateless, so Ray runs it as tasks): rows of (path, file number) ->
+    one row per document in those files."""
+    import pyarrow as pa
 
-    def __init__(self, text_field: str):
-        self.text_field = text_field
-
-    def __call__(self, files):
-        import pyarrow as pa
-
-        rows = []
-        for path, number in zip(files["path"].to_pylist(), files["file"].to_pylist()):
-            rows += _document_rows(corpus.file_documents(path, number, text_field=self.text_field))
-        return pa.Table.from_pylist(rows, schema=_document_schema())
+    rows = []
+    for path, number in zip(files["path"].to_pylist(), files["file"].to_pylist()):
+        rows += _document_rows(corpus.file_documents(path, number, text_field=text_field))
+    return pa.Table.from_pylist(rows, schema=_document_schema())
 
 
 class DocumentScorer:
@@ -90,7 +86,7 @@ class DocumentScorer:
     def _document(self, row: dict) -> corpus.Document:
         index = (row.get("file") or 0, row.get("position") or 0)
         doc_id = row.get("id")
-        if "file" in row:  # rows made by FileReader: already parsed
+        if "file" in row:  # rows made by read_files: already parsed
             return corpus.Document(doc_id, index, text=row["text"], tokens=row["tokens"], error=row["error"])
         if doc_id is None:
             return corpus.Document("<missing id>", index, error="a document without an \"id\"")
@@ -127,8 +123,8 @@ def _documents_dataset(dataset, text_field: str, read_cpus: float):
     if not paths:
         raise InputError("no documents: give a ray.data.Dataset or at least one file")
     files = ray.data.from_items([{"path": str(p), "file": i} for i, p in enumerate(paths)])
-    return files.map_batches(FileReader, fn_constructor_kwargs={"text_field": text_field}, batch_size=1,
-                             batch_format="pyarrow", num_cpus=read_cpus)
+    return files.map_batches(read_files, fn_kwargs={"text_field": text_field}, batch_size=1, batch_format="pyarrow",
+                             num_cpus=read_cpus)
 
 
 def score_corpus(model_spec: str | Callable[[], object], dataset, *, actors: int = 2, threads_per_actor: int = 1,
