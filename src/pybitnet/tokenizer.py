@@ -12,6 +12,8 @@ about turning ids into text and nothing else.
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, PyBitNetError
 
 # LLaMA-3 pre-tokenizer split (tokenizer.json of every LLaMA-3 vocab; llama.cpp "llama-bpe").
 LLAMA3_SPLIT_REGEX = (
@@ -210,28 +212,106 @@ def format_bitnet_chat(
     return "".join(parts)
 
 
+# Bounds on rendering a checkpoint's chat template, which is code from the checkpoint: wall time, characters
+# of output beyond the conversation's own, and the size of any number, string or list it builds with * or **.
+CHAT_TEMPLATE_SECONDS = 2.0
+CHAT_TEMPLATE_MAX_CHARS = 1 << 20
+CHAT_TEMPLATE_MAX_ITEMS = 1 << 20  # elements of a string or list made by *
+CHAT_TEMPLATE_MAX_BITS = 1 << 16  # of an integer made by * or **
+
+
+class _TemplateLimit(Exception):
+    """A bound of the chat template sandbox was reached (never escapes this module)."""
+
+
+def _sandbox():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        # Checked before Python builds the value, which could take minutes or all memory; jinja also stops
+        # folding these operators at compile time once they are intercepted.
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            _check_binop_size(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedSandbox
+
+
+def _check_binop_size(operator: str, left: Any, right: Any) -> None:
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if operator == "**" and is_int(left) and is_int(right) and right > 0:
+        bits = max(abs(left).bit_length() - 1, 0) * right  # log2 of the result, give or take one per factor
+        if bits > CHAT_TEMPLATE_MAX_BITS:
+            raise _TemplateLimit(f"{left} ** {right} is too large (about {bits} bits)")
+    if operator == "*":
+        if is_int(left) and is_int(right):
+            if left.bit_length() + right.bit_length() > CHAT_TEMPLATE_MAX_BITS:
+                raise _TemplateLimit("a product of two huge integers is too large")
+            return
+        sequence, count = (left, right) if is_int(right) else (right, left)
+        if is_int(count) and hasattr(sequence, "__len__") and len(sequence) * max(count, 0) > CHAT_TEMPLATE_MAX_ITEMS:
+            raise _TemplateLimit(f"a {type(sequence).__name__} of {len(sequence)} repeated {count} times is too large")
+
+
+def _trace_with_deadline(seconds: float):
+    """A sys.settrace hook that raises _TemplateLimit in template code (jinja compiles it as "<template>")
+    once `seconds` have passed: loops of template code are checked line by line."""
+    deadline = time.monotonic() + seconds
+
+    def local(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _TemplateLimit(f"rendering took longer than {seconds:g} s")
+        return local
+
+    def hook(frame, event, arg):
+        return local if frame.f_code.co_filename == "<template>" else None
+
+    return hook
+
+
 def _render_jinja_template(template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
                            tokenizer: Tokenizer) -> str:
     # Same environment settings as transformers' apply_chat_template so checkpoints' templates render identically.
     try:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        sandbox = _sandbox()
     except ImportError as err:
         raise CheckpointError("this checkpoint's chat template needs the jinja2 package (pip install jinja2)") from err
 
     def raise_exception(message: str) -> None:
         raise InputError(f"chat template refused the conversation: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = sandbox(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
+    max_chars = CHAT_TEMPLATE_MAX_CHARS + sum(len(str(m["content"])) for m in messages)
+    pieces: list[str] = []
+    size = 0
+    previous_trace = sys.gettrace()
+    sys.settrace(_trace_with_deadline(CHAT_TEMPLATE_SECONDS))
     try:
-        return env.from_string(template).render(
+        compiled = env.from_string(template)
+        for piece in compiled.generate(
             messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
             bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
-        )
-    except TemplateError as err:
-        raise CheckpointError(f"chat template of {tokenizer.source} failed to render: {err}") from err
+        ):
+            size += len(piece)
+            if size > max_chars:
+                raise _TemplateLimit(f"its output grew past {max_chars} characters")
+            pieces.append(piece)
+    except PyBitNetError:
+        raise
+    except _TemplateLimit as err:
+        raise CheckpointError(f"chat template of {tokenizer.source} stopped: {err}") from None
+    except Exception as err:  # MemoryError, RecursionError, OverflowError, TemplateError, ... from template code
+        raise CheckpointError(
+            f"chat template of {tokenizer.source} failed to render ({type(err).__name__}: {err})") from None
+    finally:
+        sys.settrace(previous_trace)
+    return "".join(pieces)
 
 
 # -- streaming ---------------------------------------------------------------------------------------------------
