@@ -1,4 +1,4 @@
-"""The model commands as a user runs them: info, score, perplexity, bench; errors without tracebacks."""
+"""The model commands as a user runs them: info and score; errors without tracebacks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from conftest import write_text_checkpoint
 from pybitnet import synthetic
 from pybitnet.evaluate import token_logprobs
 from pybitnet.loaders.hf import save_hf
@@ -41,54 +42,40 @@ def test_score_prints_the_log_probs_of_forward_full(tmp_path):
     assert torch.allclose(torch.tensor(out["logprobs"], dtype=torch.float64), expected, rtol=1e-9)
 
 
-def test_perplexity_command(tmp_path):
-    path = _checkpoint(tmp_path)
-    tokens = tmp_path / "tokens.txt"
-    tokens.write_text(" ".join(str(i % 500) for i in range(0, 3000, 7)))
-    out = run("perplexity", str(path), "--tokens-file", str(tokens), "--ctx", "128", "--stride", "64").stdout
-    assert "perplexity" in out and "tokens/s" in out
-
-
-def test_bench_writes_json_and_markdown(tmp_path):
-    out = tmp_path / "b.json"
-    md = tmp_path / "b.md"
-    run("bench", "--layers", "1", "--threads", "1", "--quick", "--sections", "full_vs_step,decode", "--json", str(out),
-        "--markdown", str(md))
-    results = json.loads(out.read_text())
-    assert results["threads"] == 1 and results["layers"] == 1
-    assert [r["T"] for r in results["full_vs_step"]] == [64, 128]
-    assert all(r["speedup"] > 0 for r in results["full_vs_step"])
-    assert "Full-sequence vs step-by-step" in md.read_text()
-
-
-def test_errors_are_messages_not_tracebacks(tmp_path):
+def test_errors_are_messages_not_tracebacks(tmp_path, cli):
     for args, needle in [
         (("info", str(tmp_path / "missing")), "no such file"),
         (("score", "synthetic:tiny", "--tokens", "1,x"), "comma-separated integers"),
         (("score", "synthetic:tiny", "--tokens", "1,99999"), "token id out of range"),
         (("bench", "--sections", "nope"), "unknown --sections"),
+        (("info", "synthetic:tiny:x"), "LAYERS in synthetic:PRESET[:LAYERS] must be an integer"),
+        (("score", "synthetic:tiny", "--tokens", "1," + "9" * 30), "out of range"),
     ]:
-        proc = run(*args, check=False)
-        assert proc.returncode != 0
-        assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        done = cli(*args)
+        assert done.code != 0
+        assert needle in done.err and len(done.err.splitlines()) == 1, done.err
 
 
-def test_score_and_perplexity_on_text(tmp_path):
-    from test_tokenizer_helpers import write_tiny_checkpoint
-
+def test_score_text_goes_through_the_models_tokenizer(tmp_path, cli):
     import pybitnet
     from pybitnet.tokenizer import load_tokenizer
 
-    path = write_tiny_checkpoint(tmp_path / "m")
+    path = write_text_checkpoint(tmp_path / "m")
     text = "the quick brown fox jumps over the lazy dog"
-    out = json.loads(run("score", str(path), "--text", text, "--json", "--dtype", "float64").stdout)
+    out = json.loads(cli("score", str(path), "--text", text, "--json", "--dtype", "float64").out)
     ids = load_tokenizer(path).encode(text)
     assert out["tokens"] == ids
     expected = token_logprobs(pybitnet.load(path, dtype=torch.float64), ids)
     assert torch.allclose(torch.tensor(out["logprobs"], dtype=torch.float64), expected, rtol=1e-9)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text((text + ". ") * 40)
-    ppl = run("perplexity", str(path), str(corpus), "--ctx", "64", "--stride", "32").stdout
-    assert "perplexity" in ppl
-    proc = run("score", str(path), "--tokens", "1,2", "--text", "x", check=False)
-    assert proc.returncode != 0 and "exactly one of" in proc.stderr
+    done = cli("score", str(path), "--tokens", "1,2", "--text", "x")
+    assert done.code == 1 and "exactly one of" in done.err
+
+
+def test_score_refuses_positions_past_the_context(tmp_path, cli):
+    path = write_text_checkpoint(tmp_path / "m", max_position_embeddings=24)
+    done = cli("score", str(path), "--tokens", ",".join(["5"] * 25))
+    assert done.code == 1 and "25 tokens but the model's context is 24" in done.err
+    done = cli("score", str(path), "--text", "the quick brown fox jumps over the lazy dog " * 4)
+    assert done.code == 1 and "but the model's context is 24" in done.err
+    done = cli("score", str(path), "--tokens", ",".join(["5"] * 24), "--json")
+    assert done.code == 0 and len(json.loads(done.out)["logprobs"]) == 23

@@ -3,62 +3,55 @@
 from __future__ import annotations
 
 import builtins
-import io
 import re
-import sys
 
 import pytest
 
 import pybitnet
-from pybitnet.cli import main
+from conftest import write_text_checkpoint
+from pybitnet import generate as generate_module
 from pybitnet.cli import text_cmds
 from pybitnet.generate import generate
 from pybitnet.sampling import SamplingParams
 from pybitnet.tokenizer import load_tokenizer
-from test_tokenizer_helpers import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("cli-tiny"))
+    return write_text_checkpoint(tmp_path_factory.mktemp("cli-tiny"))
 
 
 @pytest.fixture(scope="module")
 def short_context_checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("cli-short"), max_position_embeddings=24)
+    return write_text_checkpoint(tmp_path_factory.mktemp("cli-short"), max_position_embeddings=24)
 
 
-def run_cli(monkeypatch, capsys, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["pybitnet", *args])
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = 0
-    try:
-        main()
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+@pytest.fixture
+def run_cli(cli):
+    def run(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
+        done = cli(*args, stdin=stdin)
+        return done.code, done.out, done.err
+    return run
 
 
-def test_generate_greedy_prints_the_api_text_and_timing(checkpoint, monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "generate", str(checkpoint), "Hello world", "-n", "10",
+def test_generate_greedy_prints_the_api_text_and_timing(checkpoint, run_cli):
+    code, out, err = run_cli("generate", str(checkpoint), "Hello world", "-n", "10",
                              "--temperature", "0", "--no-stream", "--threads", "1")
     assert code == 0
     expected = generate(pybitnet.load(checkpoint), load_tokenizer(checkpoint), ["Hello world"], max_new_tokens=10)
     assert out == expected.texts[0] + "\n"
     assert re.search(r"\[prompt \d+ tokens · first token \d+ ms · \d+ tokens · [\d.]+ tok/s decode · stop: \w+\]", err)
     # Streaming prints the same text, piece by piece.
-    code, streamed, _ = run_cli(monkeypatch, capsys, "generate", str(checkpoint), "Hello world", "-n", "10",
+    code, streamed, _ = run_cli("generate", str(checkpoint), "Hello world", "-n", "10",
                                 "--temperature", "0", "--threads", "1")
     assert code == 0 and streamed == out
 
 
-def test_generate_same_seed_same_text(checkpoint, monkeypatch, capsys):
+def test_generate_same_seed_same_text(checkpoint, run_cli):
     args = ("generate", str(checkpoint), "The quick brown fox", "-n", "12", "--temperature", "1.0", "--threads", "1")
-    first = run_cli(monkeypatch, capsys, *args, "--seed", "5")[1]
-    again = run_cli(monkeypatch, capsys, *args, "--seed", "5")[1]
-    other = run_cli(monkeypatch, capsys, *args, "--seed", "6")[1]
+    first = run_cli(*args, "--seed", "5")[1]
+    again = run_cli(*args, "--seed", "5")[1]
+    other = run_cli(*args, "--seed", "6")[1]
     assert first == again and first != other
     expected = generate(pybitnet.load(checkpoint), load_tokenizer(checkpoint), ["The quick brown fox"], max_new_tokens=12,
                         sampling=SamplingParams(temperature=1.0, top_k=40, top_p=0.95, min_p=0.05), seed=5)
@@ -74,43 +67,74 @@ def test_generate_same_seed_same_text(checkpoint, monkeypatch, capsys):
         (["x", "--top-k", "-2"], "error: top_k must be an integer >= 0"),
         (["x", "--min-p", "1.5"], "error: min_p must be in [0, 1)"),
         (["x", "--repeat-penalty", "0"], "error: repetition_penalty must be > 0"),
-        (["x", "--max-tokens", "0"], "error: --max-tokens must be >= 1"),
         ([], "error: give either a prompt text or --tokens"),
     ],
 )
-def test_generate_bad_input_exits_1_with_a_message(checkpoint, monkeypatch, capsys, extra, message):
-    code, out, err = run_cli(monkeypatch, capsys, "generate", str(checkpoint), *extra, "--threads", "1")
+def test_generate_bad_input_exits_1_with_a_message(checkpoint, run_cli, extra, message):
+    code, out, err = run_cli("generate", str(checkpoint), *extra, "--threads", "1")
     assert code == 1 and message in err and "Traceback" not in err + out
 
 
-def test_model_without_tokenizer_or_missing_path(checkpoint, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("extra, option", [(["--max-tokens", "0"], "--max-tokens"), (["--threads", "0"], "--threads"),
+                                           (["--seed", "-1"], "--seed"), (["--seed", str(2**64)], "--seed")])
+def test_out_of_range_options_are_refused_before_loading(run_cli, extra, option):
+    code, out, err = run_cli("generate", "synthetic:nonexistent-preset", "x", *extra)
+    assert code == 2 and err.startswith(f"error: Invalid value for '{option}") and "Traceback" not in err + out
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_model_without_tokenizer_or_missing_path(checkpoint, tmp_path, run_cli):
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((checkpoint / name).read_bytes())
-    code, _, err = run_cli(monkeypatch, capsys, "generate", str(tmp_path), "hello", "--threads", "1")
+    code, _, err = run_cli("generate", str(tmp_path), "hello", "--threads", "1")
     assert code == 1 and f"error: no tokenizer in {tmp_path}" in err and "Traceback" not in err
-    code, _, err = run_cli(monkeypatch, capsys, "chat", str(tmp_path), "--threads", "1", stdin="hi\n")
+    code, _, err = run_cli("chat", str(tmp_path), "--threads", "1", stdin="hi\n")
     assert code == 1 and "error: no tokenizer in" in err
-    code, _, err = run_cli(monkeypatch, capsys, "generate", str(tmp_path / "nope"), "hello", "--threads", "1")
-    assert code == 1 and "error: no such model file or directory" in err
-    # Token ids still work on a model without a tokenizer (here: a synthetic one).
-    code, out, err = run_cli(monkeypatch, capsys, "generate", "synthetic:tiny", "--tokens", "1,2,3", "-n", "4",
-                             "--temperature", "0", "--threads", "1")
+    # Token ids still work on a model without a tokenizer: ids in, ids out.
+    code, out, err = run_cli("generate", str(tmp_path), "--tokens", "1,2,3", "-n", "4", "--temperature", "0",
+                             "--threads", "1")
     assert code == 0 and re.fullmatch(r"\d+(,\d+){3}\n", out)
-    code, _, err = run_cli(monkeypatch, capsys, "generate", "synthetic:tiny", "hello", "--threads", "1")
-    assert code == 1 and "has no tokenizer: give the prompt as --tokens" in err
+    expected = generate(pybitnet.load(tmp_path), None, [[1, 2, 3]], max_new_tokens=4).token_ids[0]
+    assert out == ",".join(map(str, expected)) + "\n"
 
 
-def test_prompt_longer_than_context_errors_or_truncates(short_context_checkpoint, monkeypatch, capsys):
+def test_a_path_that_is_not_a_model_is_reported_as_such_not_as_a_tokenizer_problem(tmp_path, run_cli):
+    not_a_model = tmp_path / "notamodel.txt"
+    not_a_model.write_text("hello")
+    for model in (not_a_model, tmp_path / "nope"):
+        code, _, err = run_cli("generate", str(model), "hi", "--threads", "1")
+        assert code == 1 and str(model) in err and "tokenizer" not in err, err
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_ctrl_c_keeps_the_text_generated_so_far(checkpoint, run_cli, monkeypatch, stream):
+    args = ("generate", str(checkpoint), "Hello world", "--temperature", "0", "--threads", "1", stream)
+    full = generate(pybitnet.load(checkpoint), load_tokenizer(checkpoint), ["Hello world"], max_new_tokens=8)
+    real_sample, calls = generate_module.sample, []
+
+    def interrupted_after_eight_tokens(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 8:
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "sample", interrupted_after_eight_tokens)
+    code, out, err = run_cli(*args, "-n", "50")
+    assert code == 130 and err.strip().endswith("interrupted")
+    assert out.rstrip("\n") == full.texts[0].rstrip("\n")  # the first eight tokens' text was kept and shown
+
+
+def test_prompt_longer_than_context_errors_or_truncates(short_context_checkpoint, run_cli):
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 4
     args = ("generate", str(short_context_checkpoint), long_prompt, "-n", "4", "--temperature", "0", "--threads", "1")
-    code, _, err = run_cli(monkeypatch, capsys, *args)
+    code, _, err = run_cli(*args)
     assert code == 1 and "but the model's context is 24 tokens" in err and "--truncate" in err
-    code, out, err = run_cli(monkeypatch, capsys, *args, "--truncate")
+    code, out, err = run_cli(*args, "--truncate")
     assert code == 0 and re.search(r"prompt truncated by \d+ tokens", err) and "[prompt 20 tokens" in err
 
 
-def test_chat_keeps_history_resets_and_exits_on_eof(checkpoint, monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "chat", str(checkpoint), "-n", "5", "--temperature", "0", "--stats",
+def test_chat_keeps_history_resets_and_exits_on_eof(checkpoint, run_cli):
+    code, out, err = run_cli("chat", str(checkpoint), "-n", "5", "--temperature", "0", "--stats",
                              "--threads", "1", stdin="hello there\n\nsecond message\n/reset\nhello there\n")
     assert code == 0 and "Traceback" not in err
     assert out.count("bitnet> ") == 3 and "[conversation cleared]" in err and err.rstrip().endswith("bye")
@@ -121,7 +145,7 @@ def test_chat_keeps_history_resets_and_exits_on_eof(checkpoint, monkeypatch, cap
     assert replies[0] == replies[2]  # greedy: same history, same reply
 
 
-def test_chat_ctrl_c_stops_a_reply_then_exits_cleanly(checkpoint, monkeypatch, capsys):
+def test_chat_ctrl_c_stops_a_reply_then_exits_cleanly(checkpoint, run_cli, monkeypatch):
     lines = iter(["hello", "again"])
 
     def fake_input(prompt: str = "") -> str:
@@ -150,7 +174,7 @@ def test_chat_ctrl_c_stops_a_reply_then_exits_cleanly(checkpoint, monkeypatch, c
 
     monkeypatch.setattr(builtins, "input", fake_input)
     monkeypatch.setattr(text_cmds, "stream", first_reply_interrupted)
-    code, out, err = run_cli(monkeypatch, capsys, "chat", str(checkpoint), "-n", "3", "--threads", "1")
+    code, out, err = run_cli("chat", str(checkpoint), "-n", "3", "--threads", "1")
     assert code == 0 and "bitnet> partial [interrupted]" in out and err.rstrip().endswith("bye")
     tokenizer = load_tokenizer(checkpoint)
     # The interrupted reply stays in the history as far as it was shown.
@@ -159,9 +183,9 @@ def test_chat_ctrl_c_stops_a_reply_then_exits_cleanly(checkpoint, monkeypatch, c
                                       add_generation_prompt=False))
 
 
-def test_chat_drops_old_turns_to_fit_the_context(short_context_checkpoint, monkeypatch, capsys):
+def test_chat_drops_old_turns_to_fit_the_context(short_context_checkpoint, run_cli):
     long_message = "The quick brown fox jumps over the lazy dog. " * 4
-    code, out, err = run_cli(monkeypatch, capsys, "chat", str(short_context_checkpoint), "-n", "4", "--temperature", "0",
+    code, out, err = run_cli("chat", str(short_context_checkpoint), "-n", "4", "--temperature", "0",
                              "--stats", "--threads", "1", stdin=f"hi\nhello again\nand again\n{long_message}\nok\n")
     assert code == 0 and "Traceback" not in err
     assert "oldest messages dropped to fit the context of 24 tokens" in err

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,14 +14,14 @@ from pybitnet.loaders.gguf_file import GGUFReader, ValueType
 from pybitnet.loaders.hf import load_hf_weights
 from pybitnet.tokenizer import load_tokenizer
 from pybitnet.weights import TernaryWeight
-from test_tokenizer_helpers import CORPUS, write_tiny_checkpoint
+from conftest import write_text_checkpoint
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("hf"), tied=True)
+    return write_text_checkpoint(tmp_path_factory.mktemp("hf"), tied=True)
 
 
 @pytest.mark.parametrize("qtype", ["i2_s", "f16"])  # tiny's rows of 128 cannot be TQ blocks
@@ -40,7 +38,7 @@ def test_convert_hf_dir(hf_dir: Path, tmp_path: Path, qtype: str):
             assert torch.equal(weights[name].values, value.values), name
     # the tokenizer travels: the GGUF-built tokenizer encodes like the HF one
     gguf_tok, hf_tok = load_tokenizer(dst), load_tokenizer(hf_dir)
-    for text in CORPUS[:5] + ["unseen words: zyxwvut"]:
+    for text in ["The quick brown fox jumps over the lazy dog.", "Unicode: café, 日本語, 🙂", "unseen words: zyxwvut"]:
         assert gguf_tok.encode(text) == hf_tok.encode(text), text
     with GGUFReader(dst) as reader:
         assert reader.fields["tokenizer.ggml.token_type"].elem_type == ValueType.INT32
@@ -72,15 +70,54 @@ def test_convert_without_tokenizer_writes_no_vocab(tmp_path: Path):
     assert read_gguf_metadata(dst)["tokenizer.ggml.model"] == "no_vocab"
 
 
-def test_convert_errors_are_one_line(hf_dir: Path, tmp_path: Path):
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pybitnet", "convert", *args], capture_output=True, text=True)
+@pytest.fixture
+def convert(cli):
+    return lambda *args: cli("convert", *args)
+
+
+def test_convert_errors_are_one_line(hf_dir: Path, tmp_path: Path, convert):
+    run = convert
 
     bad_type = run(str(hf_dir), str(tmp_path / "x.gguf"), "--type", "q4_0")
-    assert bad_type.returncode == 1 and "error: --type must be one of i2_s, tq1_0, tq2_0, f16" in bad_type.stderr
+    assert bad_type.code == 1 and "error: --type must be one of i2_s, tq1_0, tq2_0, f16" in bad_type.err
     tq_tiny = run(str(hf_dir), str(tmp_path / "x.gguf"), "--type", "tq2_0")
-    assert tq_tiny.returncode == 1 and "not a multiple of 256" in tq_tiny.stderr
-    assert "Traceback" not in tq_tiny.stderr and not (tmp_path / "x.gguf").exists()
+    assert tq_tiny.code == 1 and "not a multiple of 256" in tq_tiny.err
+    assert "Traceback" not in tq_tiny.err and not (tmp_path / "x.gguf").exists()
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
     junk = run(str(tmp_path / "junk.gguf"), str(tmp_path / "y.gguf"))
-    assert junk.returncode == 1 and "not a GGUF file: magic b'not '" in junk.stderr
+    assert junk.code == 1 and "not a GGUF file: magic b'not '" in junk.err
+
+
+def test_convert_never_writes_over_its_source(hf_dir: Path, tmp_path: Path, convert):
+    before = {p.name: p.read_bytes() for p in hf_dir.iterdir()}
+    for name in ("model.safetensors", "config.json"):
+        for force in ((), ("--force",)):
+            done = convert(str(hf_dir), str(hf_dir / name), *force)
+            assert done.code == 1 and "is part of the source model" in done.err, done.err
+    gguf = tmp_path / "m.gguf"
+    assert convert(str(hf_dir), str(gguf)).code == 0
+    written = gguf.read_bytes()
+    done = convert(str(gguf), str(gguf), "--force")
+    assert done.code == 1 and "is part of the source model" in done.err
+    assert gguf.read_bytes() == written
+    assert {p.name: p.read_bytes() for p in hf_dir.iterdir()} == before
+
+
+def test_convert_replaces_an_existing_file_only_with_force(hf_dir: Path, tmp_path: Path, convert):
+    dst = tmp_path / "out.gguf"
+    dst.write_text("precious")
+    done = convert(str(hf_dir), str(dst))
+    assert done.code == 1 and f"{dst} exists; pass --force to replace it" in done.err
+    assert dst.read_text() == "precious"
+    assert convert(str(hf_dir), str(dst), "--force").code == 0
+    assert load_gguf_weights(dst)[0] == load_hf_weights(hf_dir)[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]  # no temporary file left behind
+
+
+def test_convert_destination_problems_are_one_line(hf_dir: Path, tmp_path: Path, convert):
+    for dst, message in [(tmp_path, "is a directory; give the output file"),
+                         (tmp_path / "no" / "such" / "out.gguf", f"no such directory {tmp_path / 'no' / 'such'}")]:
+        done = convert(str(hf_dir), str(dst))
+        assert done.code == 1 and message in done.err and "Traceback" not in done.err
+        assert len(done.err.splitlines()) == 1
+    assert not (tmp_path / "no").exists()

@@ -3,6 +3,9 @@
 Runs on a synthetic model with the exact bitnet-b1.58-2B-4T shape (random ternary weights, no
 download). Every ratio is measured side by side in one run; the machine's load average is
 recorded first, since one other busy process halves every figure on a 2-core machine.
+
+QUICK is the default workload (a first answer within minutes on a small machine); FULL is the
+whole suite behind BENCHMARKS.md. Each step reports its estimated cost, so a caller can show an ETA.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import tempfile
 import platform
 import subprocess
 import sys
@@ -20,13 +24,63 @@ import torch
 
 from . import runtime
 from .config import preset
+from .errors import InputError
 
 PRESET = "bitnet-b1.58-2b-4t"
 FULL_VS_STEP_T = (64, 128, 256, 512)
 SCALING_T = (128, 256, 512, 1024, 2048, 4096)
 DECODE_CONTEXTS = (128, 1024)
 MEMORY_T = 2048
-Progress = Callable[[str], None]
+SECTIONS = ("full_vs_step", "scaling", "memory", "decode", "gemm_peak")
+FULL = {"sections": SECTIONS, "full_vs_step_t": FULL_VS_STEP_T, "scaling_t": SCALING_T,
+        "decode_contexts": DECODE_CONTEXTS}
+# The real depth, the steps that answer "how fast on this machine": prefill, decode, full vs step.
+QUICK = {"sections": ("full_vs_step", "scaling", "decode", "gemm_peak"), "full_vs_step_t": (64,),
+         "scaling_t": (128, 512), "decode_contexts": (128,)}
+Progress = Callable[[str, float], None]  # (what starts now, its estimated cost in seconds)
+
+# Rough seconds on an idle 2-core AVX-512 machine, only to show progress and an ETA (not results).
+_BUILD_S_PER_LAYER = 0.6
+_FULL_S_PER_TOKEN_LAYER = 0.25e-3  # forward_full
+_STEP_S_PER_TOKEN_LAYER = 5e-3  # one decode step
+_LOGITS_S_PER_TOKEN = 4e-3  # a position's logits over the 128k vocabulary
+
+
+def _full_cost(seq: int, layers: int, all_logits: bool = False) -> float:
+    return seq * (layers * _FULL_S_PER_TOKEN_LAYER + (_LOGITS_S_PER_TOKEN if all_logits else 0.0))
+
+
+def _step_cost(steps: int, layers: int) -> float:
+    return steps * (layers * _STEP_S_PER_TOKEN_LAYER + _LOGITS_S_PER_TOKEN)
+
+
+def _step_repeats(seq: int) -> int:
+    return 2 if seq <= 256 else 1
+
+
+def estimated_seconds(layers: int = 30, sections=SECTIONS, full_vs_step_t=FULL_VS_STEP_T, scaling_t=SCALING_T,
+                      decode_contexts=DECODE_CONTEXTS) -> float:
+    """What run_suite's steps should take on an idle 2-core machine, roughly: the total for a progress bar."""
+    total = 2.0  # the idle check before starting
+    if any(s in sections for s in ("full_vs_step", "scaling", "decode")):
+        total += layers * _BUILD_S_PER_LAYER
+    if "gemm_peak" in sections:
+        total += 0.5
+    if "full_vs_step" in sections:
+        total += _full_cost(16, layers) + sum(
+            2 * _full_cost(t, layers, True) + _step_repeats(t) * _step_cost(t, layers) for t in full_vs_step_t)
+    if "scaling" in sections:
+        total += sum((3 if t <= 1024 else 2) * _full_cost(t, layers) for t in scaling_t)
+    if "decode" in sections:
+        total += sum(_full_cost(c, layers) + _step_cost(25, layers) for c in decode_contexts)
+    if "memory" in sections:
+        total += 2 * layers * _BUILD_S_PER_LAYER + _full_cost(MEMORY_T, layers)
+    return total
+
+
+def _report(progress: Progress | None, message: str, seconds: float) -> None:
+    if progress:
+        progress(message, seconds)
 
 
 def _timed(fn: Callable[[], object], repeats: int = 1) -> float:
@@ -50,28 +104,27 @@ def ternary_ops_per_token(layers: int) -> int:
 
 def full_vs_step(model, seqs=FULL_VS_STEP_T, progress: Progress | None = None) -> list[dict]:
     rows = []
-    vocab = model.config.vocab_size
+    vocab, layers = model.config.vocab_size, model.config.num_layers
+    _report(progress, "warm-up", _full_cost(16, layers))
     model.forward_full(_tokens(16, vocab), logits="last")  # warm up kernels and buffers
     for seq in seqs:
         tokens = _tokens(seq, vocab, seq)
-        if progress:
-            progress(f"full T={seq}")
+        _report(progress, f"full T={seq}", 2 * _full_cost(seq, layers, True))
         full = _timed(lambda: model.forward_full(tokens), repeats=2)
-        if progress:
-            progress(f"step T={seq}")
-        step = _timed(lambda: model.forward_step_by_step(tokens), repeats=2 if seq <= 256 else 1)
+        _report(progress, f"step T={seq}", _step_repeats(seq) * _step_cost(seq, layers))
+        step = _timed(lambda: model.forward_step_by_step(tokens), repeats=_step_repeats(seq))
         rows.append({"T": seq, "full_tok_s": seq / full, "step_tok_s": seq / step, "speedup": step / full})
     return rows
 
 
 def scaling(model, seqs=SCALING_T, progress: Progress | None = None) -> list[dict]:
     rows = []
-    vocab = model.config.vocab_size
+    vocab, layers = model.config.vocab_size, model.config.num_layers
     for seq in seqs:
-        if progress:
-            progress(f"scaling T={seq}")
+        repeats = 3 if seq <= 1024 else 2
+        _report(progress, f"scaling T={seq}", repeats * _full_cost(seq, layers))
         tokens = _tokens(seq, vocab, seq)
-        elapsed = _timed(lambda: model.forward_full(tokens, logits="last"), repeats=3 if seq <= 1024 else 2)
+        elapsed = _timed(lambda: model.forward_full(tokens, logits="last"), repeats=repeats)
         rows.append({"T": seq, "full_ms_per_token": 1e3 * elapsed / seq, "full_tok_s": seq / elapsed})
     return rows
 
@@ -80,18 +133,30 @@ def decode(model, contexts=DECODE_CONTEXTS, steps: int = 8, rounds: int = 3, pro
     """decode_step tokens/s after a prefill of `context` tokens: the best of `rounds` runs of `steps`
     steps (a shared VM stalls now and then for a few hundred ms; the best round is the machine's)."""
     rows = []
-    vocab = model.config.vocab_size
+    vocab, layers = model.config.vocab_size, model.config.num_layers
+    step_bytes = weight_bytes_per_step(model)
     for ctx in contexts:
-        if progress:
-            progress(f"decode at context {ctx}")
+        _report(progress, f"decode at context {ctx}", _full_cost(ctx, layers) + _step_cost(rounds * steps + 1, layers))
         cache = model.new_cache(1, ctx + rounds * steps + 1)
         model.prefill(_tokens(ctx, vocab, ctx), cache)
         token = torch.tensor([1])
         model.decode_step(token, cache)  # warm-up step
         best = min(_timed(lambda: [model.decode_step(token, cache) for _ in range(steps)]) for _ in range(rounds))
         rows.append({"context": ctx, "tok_s": steps / best, "ms_per_token": 1e3 * best / steps,
+                     "weight_gb_s": step_bytes * steps / best / 1e9, "weight_bytes_per_step": step_bytes,
                      "steps": steps, "rounds": rounds})
     return rows
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: every ternary projection as stored (2 bits per weight
+    on CPU) and the output projection (its int8 copy for lm_head="int8")."""
+    from .layers import BitLinear
+
+    ternary = sum(m.ternary_weights.nbytes for m in model.modules() if isinstance(m, BitLinear))
+    head = model.lm_head
+    head_bytes = head.int8_weight.nbytes + head.int8_scale.nbytes if head.mode == "int8" else head.weight.nbytes
+    return ternary + head_bytes
 
 
 def gemm_peak(rows: int = 512, repeats: int = 5) -> dict:
@@ -124,11 +189,9 @@ def peak_rss(layers: int, seq: int, threads: int) -> int:
 
 
 def memory(layers: int, threads: int, progress: Progress | None = None) -> dict:
-    if progress:
-        progress("memory: model only")
+    _report(progress, "memory: model only", layers * _BUILD_S_PER_LAYER)
     model_only = peak_rss(layers, 0, threads)
-    if progress:
-        progress(f"memory: forward_full T={MEMORY_T}")
+    _report(progress, f"memory: forward_full T={MEMORY_T}", layers * _BUILD_S_PER_LAYER + _full_cost(MEMORY_T, layers))
     with_forward = peak_rss(layers, MEMORY_T, threads)
     return {"model_only_peak_rss": model_only, f"forward_full_T{MEMORY_T}_peak_rss": with_forward,
             "forward_overhead": with_forward - model_only, "logits": "last"}
@@ -182,37 +245,34 @@ def machine_info(threads: int) -> dict:
     }
 
 
-SECTIONS = ("full_vs_step", "scaling", "memory", "decode", "gemm_peak")
-
-
 def run_suite(layers: int = 30, threads: int | None = None, sections=SECTIONS, backend: str = "auto",
-              progress: Progress | None = None, full_vs_step_t=FULL_VS_STEP_T, scaling_t=SCALING_T) -> dict:
+              progress: Progress | None = None, full_vs_step_t=FULL_VS_STEP_T, scaling_t=SCALING_T,
+              decode_contexts=DECODE_CONTEXTS) -> dict:
     from .synthetic import random_model
 
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    _report(progress, "checking the machine is idle", 2.0)
     info = machine_info(threads)
     steal_start = _cpu_times()
     results: dict = {"threads": threads, "torch_version": torch.__version__, "layers": layers, "backend": backend,
                      "model": PRESET, "machine": info}
-    if not info["idle"] and progress:
-        progress(f"WARNING: {100 * (info['cpu_busy_before'] or 0):.0f}% of the CPU busy before start "
-                 f"(load average {info['load_average_before'][0]}): the machine is not idle")
+    if not info["idle"]:
+        _report(progress, f"WARNING: {100 * (info['cpu_busy_before'] or 0):.0f}% of the CPU busy before start "
+                f"(load average {info['load_average_before'][0]}): the machine is not idle", 0.0)
     model = None
     if any(s in sections for s in ("full_vs_step", "scaling", "decode")):
-        if progress:
-            progress("building the model")
+        _report(progress, "building the model", layers * _BUILD_S_PER_LAYER)
         model = random_model(PRESET, seed=0, num_layers=layers, backend=backend)
     if "gemm_peak" in sections:
-        if progress:
-            progress("int8 GEMM peak")
+        _report(progress, "int8 GEMM peak", 0.5)
         results["gemm_peak"] = gemm_peak()
     if "full_vs_step" in sections:
         results["full_vs_step"] = full_vs_step(model, full_vs_step_t, progress)
     if "scaling" in sections:
         results["scaling"] = scaling(model, scaling_t, progress)
     if "decode" in sections:
-        results["decode"] = decode(model, progress=progress)
+        results["decode"] = decode(model, decode_contexts, progress=progress)
     if "memory" in sections:
         del model
         results["memory"] = memory(layers, threads, progress)
@@ -232,7 +292,7 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
         "# Benchmarks", "",
-        f"Model: `{results['model']}` shape, random ternary weights, {results['layers']} layers, backend `{results['backend']}`.",
+        f"Model: `{results['model']}` shape, random ternary weights, {_layers(results['layers'])}, backend `{results['backend']}`.",
         f"Machine: {m['cpu']} ({m['cores']} cores, {m['cpu_capability']}), {results['threads']} torch threads, "
         f"torch {results['torch_version']}, Python {m['python']}. Date: {m['date']}. "
         f"Before the run: {100 * (m.get('cpu_busy_before') or 0):.0f}% of the CPU busy, load average "
@@ -256,8 +316,10 @@ def markdown(results: dict) -> str:
         lines += [f"Six layers ({rows['note']}): " + ", ".join(f"T={t} {ms:.2f}" for t, ms in by_t.items())
                   + f" ms/token; T=4096 costs {by_t[4096] / by_t[256]:.2f}× T=256 per token.", ""]
     if "decode" in results:
-        lines += ["## Decode (decode_step, batch 1)", "", "| context | tok/s | ms/token |", "|---:|---:|---:|"]
-        lines += [f"| {r['context']} | {r['tok_s']:.2f} | {r['ms_per_token']:.1f} |" for r in results["decode"]]
+        lines += ["## Decode (decode_step, batch 1)", "", "| context | tok/s | ms/token | weights read (GB/s) |",
+                  "|---:|---:|---:|---:|"]
+        lines += [f"| {r['context']} | {r['tok_s']:.2f} | {r['ms_per_token']:.1f} | {r.get('weight_gb_s', float('nan')):.1f} |"
+                  for r in results["decode"]]
         lines.append("")
     if "memory" in results:
         mem = results["memory"]
@@ -304,7 +366,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T")
     ax.set_ylabel("ms per token")
-    ax.set_title(f"{results['model']} shape, {results['layers']} layers, {results['threads']} threads")
+    ax.set_title(f"{results['model']} shape, {_layers(results['layers'])}, {results['threads']} threads")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -312,12 +374,56 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def save(results: dict, json_path: str | None = None, markdown_path: str | None = None, plot_path: str | None = None) -> None:
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=2)
-    if markdown_path:
-        with open(markdown_path, "w") as f:
-            f.write(markdown(results))
+def _layers(count: int) -> str:
+    return f"{count} layer{'' if count == 1 else 's'}"
+
+
+def check_outputs(json_path: str | None = None, markdown_path: str | None = None,
+                  plot_path: str | None = None) -> None:
+    """InputError now, before minutes of work, for an output that could not be written afterwards."""
+    for path in (json_path, markdown_path, plot_path):
+        if not path:
+            continue
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise InputError(f"{path} is a directory; give a file name for the results")
+        if not os.path.isdir(directory):
+            raise InputError(f"cannot write {path}: no such directory {directory}")
+        if not os.access(directory, os.W_OK):
+            raise InputError(f"cannot write {path}: the directory {directory} is not writable")
     if plot_path:
-        plot(results, plot_path)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("a plot needs matplotlib: pip install matplotlib (or pip install -e '.[dev]')") from None
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """write(temp path) next to `path`, then rename over it: a reader never sees half a file."""
+    directory, name = os.path.split(os.path.abspath(path))
+    # the name keeps its extension: matplotlib picks the image format from it
+    handle, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp" + os.path.splitext(name)[1], dir=directory)
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def _write_text(text: str) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return write
+
+
+def save(results: dict, json_path: str | None = None, markdown_path: str | None = None, plot_path: str | None = None) -> None:
+    """Write the results; the plot last, so that the numbers are safe if plotting fails."""
+    if json_path:
+        _write_atomically(json_path, _write_text(json.dumps(results, indent=2)))
+    if markdown_path:
+        _write_atomically(markdown_path, _write_text(markdown(results)))
+    if plot_path:
+        _write_atomically(plot_path, lambda temp: plot(results, temp))

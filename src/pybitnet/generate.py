@@ -72,16 +72,18 @@ def generate(
     add_special_tokens: bool = True,
     truncate: bool = False,
     on_text: Callable[[int, str], None] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Generate for every prompt (text, or token ids when `tokenizer` is None or ids are given).
 
     stop_token_ids defaults to the tokenizer's EOS/EOT (none without a tokenizer). A prompt longer than the
     model's context (max_position_embeddings) is an InputError unless truncate=True, which keeps its last tokens
-    (and its BOS) and reports how many were dropped in `truncated_tokens`. on_text(row, piece) streams text.
+    (and its BOS) and reports how many were dropped in `truncated_tokens`. on_text(row, piece) streams text;
+    on_token(row, token_id) streams each generated id (stop tokens are not generated output).
     """
     steps = _generation_steps(model, tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                               seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings,
-                              add_special_tokens=add_special_tokens, truncate=truncate)
+                              add_special_tokens=add_special_tokens, truncate=truncate, on_token=on_token)
     while True:
         try:
             row, piece = next(steps)
@@ -124,7 +126,7 @@ def stream(model, tokenizer: Tokenizer, prompt: str | Sequence[int], **options) 
 
 def _generation_steps(model, tokenizer, prompts, *, max_new_tokens=128, sampling=None, seed=None,
                       stop_token_ids=None, stop_strings=(), add_special_tokens=True,
-                      truncate=False) -> Generator[tuple[int, str], None, GenerationResult]:
+                      truncate=False, on_token=None) -> Generator[tuple[int, str], None, GenerationResult]:
     start_time = time.perf_counter()
     params = sampling if sampling is not None else SamplingParams()
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -176,7 +178,10 @@ def _generation_steps(model, tokenizer, prompts, *, max_new_tokens=128, sampling
             decode_tokens += len(active)
         keep = []
         for slot, (b, token) in enumerate(zip(active, next_tokens.tolist())):
-            for piece in _advance(rows[b], token, stop_ids, stop_strings):
+            pieces = list(_advance(rows[b], token, stop_ids, stop_strings))
+            if on_token is not None and token not in stop_ids:
+                on_token(b, token)
+            for piece in pieces:
                 yield b, piece
             if rows[b].finish is None:
                 keep.append(slot)

@@ -1,7 +1,8 @@
 """Text commands: `pybitnet generate MODEL "prompt"` and `pybitnet chat MODEL` (interactive, streaming).
 
-Generated text goes to stdout; timing and status lines go to stderr, so `pybitnet generate ... > out.txt` keeps
-only the text. Bad input raises our InputError/CheckpointError, which cli.main prints as "error: ..." (exit 1).
+Generated text goes to stdout as it decodes; timing and status lines go to stderr, so
+`pybitnet generate ... > out.txt` keeps only the text. Ctrl-C stops generating and keeps what was printed.
+Bad input raises our InputError/CheckpointError, which cli.main prints as "error: ..." (exit 1).
 """
 
 from __future__ import annotations
@@ -11,41 +12,13 @@ from typing import Optional
 
 import typer
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..generate import GenerationResult, generate, stream
 from ..sampling import SamplingParams
-from ..tokenizer import Tokenizer, load_tokenizer
-from .app import app
-from .model_cmds import DtypeOpt, ThreadsOpt, open_model, parse_token_list, set_threads
-
-ModelArg = typer.Argument(..., help="HF directory or .gguf file with a tokenizer (or synthetic:PRESET with --tokens)")
-MaxTokensOpt = typer.Option(None, "--max-tokens", "-n", help="most tokens to generate [default: 128; chat 512]")
-TemperatureOpt = typer.Option(0.8, "--temperature", help="0 = greedy (deterministic)")
-TopKOpt = typer.Option(40, "--top-k", help="keep the k most likely tokens (0 = off)")
-TopPOpt = typer.Option(0.95, "--top-p", help="keep the most likely tokens up to this probability mass (1 = off)")
-MinPOpt = typer.Option(0.05, "--min-p", help="drop tokens below this fraction of the top probability (0 = off)")
-RepeatOpt = typer.Option(1.0, "--repeat-penalty", help="penalise tokens already seen (1 = off)")
-SeedOpt = typer.Option(None, "--seed", help="random seed for sampling (same seed, same text)")
-
-
-def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float) -> SamplingParams:
-    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repetition_penalty=repeat_penalty)
-
-
-def _max_tokens(value: Optional[int], default: int) -> int:
-    if value is None:
-        return default
-    if value < 1:
-        raise InputError(f"--max-tokens must be >= 1, got {value}")
-    return value
-
-
-def _open_tokenizer(model: str) -> Tokenizer | None:
-    """The model's tokenizer; None for synthetic models, which only take token ids."""
-    if model.startswith("synthetic:"):
-        return None
-    return load_tokenizer(model)  # CheckpointError naming the path when there is none
+from ..tokenizer import Tokenizer
+from .app import INTERRUPTED_EXIT_CODE, app, one_line
+from .model_spec import open_model, open_tokenizer
+from .options import DtypeOpt, ModelArg, ThreadsOpt, parse_token_ids, sampling_options, set_threads
 
 
 # C0 control characters other than tab/newline (and DEL): a model can emit ESC sequences that would drive the
@@ -65,92 +38,89 @@ def _status(result: GenerationResult) -> str:
 
 
 @app.command("generate")
+@sampling_options
 def generate_cmd(
     model: str = ModelArg,
-    prompt: Optional[str] = typer.Argument(None, help="the prompt text"),
+    prompt: Optional[str] = typer.Argument(None, help="the prompt text", show_default=False),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="prompt as comma-separated token ids instead of text"),
-    max_tokens: Optional[int] = MaxTokensOpt,
-    temperature: float = TemperatureOpt,
-    top_k: int = TopKOpt,
-    top_p: float = TopPOpt,
-    min_p: float = MinPOpt,
-    repeat_penalty: float = RepeatOpt,
-    seed: Optional[int] = SeedOpt,
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="most tokens to generate"),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop when this text appears (repeatable)"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat format"),
     do_stream: bool = typer.Option(True, "--stream/--no-stream", help="print text as it is generated"),
     truncate: bool = typer.Option(False, "--truncate", help="drop the front of a prompt longer than the context"),
     threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
+    sampling: SamplingParams = None,
+    seed: Optional[int] = None,
 ):
     """Generate text from a prompt; prints time to first token and decode tokens/s at the end."""
-    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty)  # bad values fail before loading
-    new_tokens = _max_tokens(max_tokens, 128)
     if (prompt is None) == (tokens is None):
         raise InputError('give either a prompt text or --tokens ids, e.g. pybitnet generate MODEL "Once upon a time"')
     if prompt is not None and not prompt.strip():
         raise InputError("the prompt is empty")
+    prompt_ids = parse_token_ids(tokens) if tokens is not None else None
     set_threads(threads)
-    tokenizer = _open_tokenizer(model)
-    if tokenizer is None and (prompt is not None or chat or stop):
-        raise InputError(f"{model} has no tokenizer: give the prompt as --tokens ids (and no --chat/--stop)")
-    if tokens is not None:
-        source = [parse_token_list(tokens)]
-    elif chat:
-        source = [tokenizer.encode_chat([{"role": "user", "content": prompt}])]
+    m = open_model(model, dtype)  # a bad MODEL is reported as such, before any tokenizer question
+    if prompt_ids is None or chat or stop:
+        tokenizer = open_tokenizer(model)  # CheckpointError naming the path when there is none
     else:
-        source = [prompt]
-    m = open_model(model, dtype)
-    options = dict(max_new_tokens=new_tokens, sampling=params, seed=seed, stop_strings=stop or (), truncate=truncate,
-                   stop_token_ids=tokenizer.stop_token_ids if tokenizer is not None else ())
+        try:
+            tokenizer = open_tokenizer(model)  # to show the ids as text
+        except CheckpointError as err:
+            print(f"[generated ids shown as numbers: {one_line(str(err), 200)}]", file=sys.stderr)
+            tokenizer = None  # ids in, ids out
+    if chat:
+        source = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    else:
+        source = prompt_ids if prompt_ids is not None else prompt
+    is_terminal = sys.stdout.isatty()
+    shown: list[str] = []  # what the user has (or, with --no-stream, will have) seen
+
+    def show(piece: str) -> None:
+        shown.append(piece)
+        if do_stream:
+            print(_for_terminal(piece, is_terminal), end="", flush=True)
+
+    def show_id(_row: int, token_id: int) -> None:
+        show(f"{',' if shown else ''}{token_id}")
+
+    options = dict(max_new_tokens=max_tokens, sampling=sampling, seed=seed, stop_strings=stop or (),
+                   truncate=truncate, stop_token_ids=tokenizer.stop_token_ids if tokenizer is not None else ())
     try:
-        if tokenizer is not None and do_stream:
-            text_stream = stream(m, tokenizer, source[0], **options)
-            is_terminal = sys.stdout.isatty()
-            for piece in text_stream:
-                print(_for_terminal(piece, is_terminal), end="", flush=True)
-            print()
-            result = text_stream.result
+        if tokenizer is not None:
+            result = generate(m, tokenizer, [source], on_text=lambda _row, piece: show(piece), **options)
         else:
-            result = generate(m, tokenizer, source, **options)
-            text = result.texts[0] if result.texts is not None else ",".join(map(str, result.token_ids[0]))
-            print(_for_terminal(text, sys.stdout.isatty()))
+            result = generate(m, None, [source], on_token=show_id, **options)
     except KeyboardInterrupt:
-        print("\n[interrupted]", file=sys.stderr)
-        raise typer.Exit(130) from None
+        if not do_stream:
+            print(_for_terminal("".join(shown), is_terminal), end="")
+        print(flush=True)  # what was shown stays, on a line of its own
+        raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+    print("" if do_stream else _for_terminal("".join(shown), is_terminal))
     print(_status(result), file=sys.stderr)
 
 
 @app.command("chat")
+@sampling_options
 def chat_cmd(
     model: str = ModelArg,
     system: Optional[str] = typer.Option(None, "--system", help="a system message that opens the conversation"),
-    max_tokens: Optional[int] = MaxTokensOpt,
-    temperature: float = TemperatureOpt,
-    top_k: int = TopKOpt,
-    top_p: float = TopPOpt,
-    min_p: float = MinPOpt,
-    repeat_penalty: float = RepeatOpt,
-    seed: Optional[int] = SeedOpt,
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="most tokens per reply"),
     show_stats: bool = typer.Option(False, "--stats", help="print tokens/s after each reply"),
     threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
+    sampling: SamplingParams = None,
+    seed: Optional[int] = None,
 ):
     """Chat with a model: streaming replies, multi-turn history. /reset clears it; /exit, Ctrl-D or Ctrl-C quits."""
-    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty)
-    new_tokens = _max_tokens(max_tokens, 512)
+    new_tokens = max_tokens
     set_threads(threads)
-    tokenizer = _open_tokenizer(model)
-    if tokenizer is None:
-        raise InputError(f"{model} has no tokenizer; chat needs one")
+    m = open_model(model, dtype)
+    tokenizer = open_tokenizer(model)  # CheckpointError naming the path when there is none: chat needs one
     try:
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
     except ImportError:
         pass
-    try:
-        m = open_model(model, dtype)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
     opening = [{"role": "system", "content": system}] if system else []
     history = list(opening)
     print(f"pybitnet chat · {model} · /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
@@ -183,7 +153,7 @@ def chat_cmd(
             print(f"[that message is too long for the model's context of {context} tokens]", file=sys.stderr)
             continue
         print("bitnet> ", end="", flush=True)
-        text_stream = stream(m, tokenizer, prompt_ids, max_new_tokens=new_tokens, sampling=params,
+        text_stream = stream(m, tokenizer, prompt_ids, max_new_tokens=new_tokens, sampling=sampling,
                              seed=None if seed is None else seed + turn)
         pieces: list[str] = []
         try:

@@ -1,0 +1,63 @@
+"""What the command line does with what goes wrong: one line on stderr, a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from pybitnet.cli import model_spec, text_cmds
+
+
+def test_ctrl_c_while_the_model_loads_exits_130_with_a_short_message(cli, monkeypatch):
+    def interrupted_load(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(text_cmds, "open_model", interrupted_load)
+    done = cli("generate", "synthetic:tiny", "--tokens", "1,2", "--threads", "1")
+    assert done.code == 130 and done.err.strip() == "interrupted" and done.out == ""
+
+
+def test_a_long_bad_input_gives_a_short_error(cli, tmp_path):
+    junk = ",".join(["12", "x" * 60_000])
+    done = cli("score", "synthetic:tiny", "--tokens", junk, "--threads", "1")
+    assert done.code == 1 and done.err.startswith("error: --tokens must be comma-separated integers")
+    assert len(done.err) < 500 and len(done.err.splitlines()) == 1
+
+
+def test_a_bug_surfaces_as_one_line_naming_the_exception(cli, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(text_cmds, "open_model", broken)
+    done = cli("generate", "synthetic:tiny", "--tokens", "1,2", "--threads", "1")
+    assert done.code == 1 and len(done.err.splitlines()) == 1
+    assert "internal error ZeroDivisionError: division by zero second line" in done.err
+    monkeypatch.setenv("PYBITNET_TRACEBACK", "1")
+    with pytest.raises(ZeroDivisionError):
+        cli("generate", "synthetic:tiny", "--tokens", "1,2", "--threads", "1")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("synthetic:tiny:x", "LAYERS in synthetic:PRESET[:LAYERS] must be an integer >= 1, got 'x'"),
+    ("synthetic:tiny:0", "LAYERS in synthetic:PRESET[:LAYERS] must be an integer >= 1, got '0'"),
+    ("synthetic:nope", "unknown preset 'nope'"),
+])
+def test_bad_synthetic_specs_name_the_problem(cli, spec, message):
+    done = cli("info", spec)
+    assert done.code == 1 and message in done.err and len(done.err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ("1,99999999999999999999999", "token id 99999999999999999999999 at item 1 is out of range"),
+    ("1,-3", "token id -3 at item 1 is out of range"),
+    ("[1, 2", "not a JSON list of token ids"),
+    ('[1, "a"]', "item 1 is not an integer"),
+    (" , ", "holds no token ids"),
+])
+def test_malformed_token_ids_are_refused(cli, tokens, message):
+    done = cli("score", "synthetic:tiny", "--tokens", tokens, "--threads", "1")
+    assert done.code == 1 and message in done.err and len(done.err.splitlines()) == 1
+
+
+def test_the_model_spec_parser_takes_presets_and_layers():
+    assert model_spec.parse_synthetic("synthetic:tiny") == ("tiny", None)
+    assert model_spec.parse_synthetic("synthetic:tiny:3") == ("tiny", 3)
