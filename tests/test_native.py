@@ -48,8 +48,11 @@ def test_every_path_gives_the_reference_accumulators(m, n, k, seed, extreme):
         w.fill_(-1)
     expected = (q.double() @ w.double().t()).to(torch.int32)
     packed = pack_ternary(w)
+    unpacked = torch.empty(n, packed.shape[1] * 4, dtype=torch.int8)
     for isa in _isas():
         assert torch.equal(ops.ternary_matmul(q, packed, k, native.ISA_IDS[isa]), expected), isa
+        ops.unpack_ternary(packed, unpacked, native.ISA_IDS[isa])
+        assert torch.equal(unpacked[:, :k], w) and not unpacked[:, k:].any(), isa
     assert torch.equal(kernels.accumulate(q, packed, "int8"), expected)  # unpack + _int_mm
     assert torch.equal(kernels.accumulate(q.double(), packed, "reference").to(torch.int32), expected)
     assert torch.equal(kernels.accumulate(q, packed, "native"), expected)

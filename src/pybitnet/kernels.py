@@ -120,7 +120,7 @@ def _unpacked(packed: torch.Tensor, k: int) -> torch.Tensor:
     out = buffer[:size].view(n, cols * 4)
     ops = native.ops() if packed.device.type == "cpu" else None
     if ops is not None:
-        return ops.unpack_ternary(packed, out)
+        return ops.unpack_ternary(packed, out, native.isa())
     return unpack_ternary(packed, k, out=out)
 
 

@@ -250,8 +250,43 @@ at::Tensor ternary_matmul(const at::Tensor& q, const at::Tensor& packed, int64_t
   return out;
 }
 
+// packed blocks [b0, b1) -> int8 values: each 64-byte block becomes four 64-byte runs of w = code - 1
+void unpack_blocks_scalar(const uint8_t* src, int8_t* dst, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t s = 0; s < 4; ++s)
+      for (int64_t j = 0; j < kBlockBytes; ++j)
+        dst[b * kBlock + 64 * s + j] = int8_t(((src[b * kBlockBytes + j] >> (2 * s)) & 3) - 1);
+}
+
+#ifdef PYBITNET_X86
+__attribute__((target("avx512f,avx512bw"))) void unpack_blocks_avx512(const uint8_t* src, int8_t* dst, int64_t b0,
+                                                                        int64_t b1) {
+  const __m512i mask = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
+  for (int64_t b = b0; b < b1; ++b) {
+    __m512i v = _mm512_loadu_si512(src + b * kBlockBytes);
+    for (int s = 0; s < 4; ++s) {
+      _mm512_storeu_si512(dst + b * kBlock + 64 * s, _mm512_sub_epi8(_mm512_and_si512(v, mask), one));
+      v = _mm512_srli_epi16(v, 2);
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void unpack_blocks_avx2(const uint8_t* src, int8_t* dst, int64_t b0, int64_t b1) {
+  const __m256i mask = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+  for (int64_t b = b0; b < b1; ++b)
+    for (int h = 0; h < 2; ++h) {
+      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b * kBlockBytes + 32 * h));
+      for (int s = 0; s < 4; ++s) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + b * kBlock + 64 * s + 32 * h),
+                            _mm256_sub_epi8(_mm256_and_si256(v, mask), one));
+        v = _mm256_srli_epi16(v, 2);
+      }
+    }
+}
+#endif
+
 // packed (N, KB * 64) -> out int8 (N, KB * 256) ternary values (padding decodes to 0)
-at::Tensor unpack_ternary_out(const at::Tensor& packed, at::Tensor out) {
+at::Tensor unpack_ternary_out(const at::Tensor& packed, at::Tensor out, int64_t isa) {
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte, "pybitnet.unpack_ternary: uint8 2-D input");
   TORCH_CHECK(out.scalar_type() == at::kChar && out.is_contiguous() && out.dim() == 2 &&
                   out.size(0) == packed.size(0) && out.size(1) == packed.size(1) * 4,
@@ -260,11 +295,13 @@ at::Tensor unpack_ternary_out(const at::Tensor& packed, at::Tensor out) {
   const uint8_t* src = w.data_ptr<uint8_t>();
   int8_t* dst = out.data_ptr<int8_t>();
   const int64_t nblocks = w.numel() / kBlockBytes;
+  const int64_t chosen = resolve_isa(isa);
   at::parallel_for(0, nblocks, 1024, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t s = 0; s < 4; ++s)
-        for (int64_t j = 0; j < kBlockBytes; ++j)  // vectorized by the compiler
-          dst[b * kBlock + 64 * s + j] = int8_t(((src[b * kBlockBytes + j] >> (2 * s)) & 3) - 1);
+#ifdef PYBITNET_X86
+    if (chosen == kAvx512) return unpack_blocks_avx512(src, dst, b0, b1);
+    if (chosen == kAvx2) return unpack_blocks_avx2(src, dst, b0, b1);
+#endif
+    unpack_blocks_scalar(src, dst, b0, b1);
   });
   return out;
 }
@@ -428,7 +465,7 @@ at::Tensor half_matmul(const at::Tensor& h, const at::Tensor& weight, int64_t is
 
 TORCH_LIBRARY(pybitnet, m) {
   m.def("ternary_matmul(Tensor q, Tensor packed, int k, int isa=0) -> Tensor");
-  m.def("unpack_ternary(Tensor packed, Tensor(a!) out) -> Tensor(a!)");
+  m.def("unpack_ternary(Tensor packed, Tensor(a!) out, int isa=0) -> Tensor(a!)");
   m.def("half_matmul(Tensor h, Tensor weight, int isa=0) -> Tensor");
   m.def("cpu_features() -> int", &cpu_features);
 }
