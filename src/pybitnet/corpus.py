@@ -5,8 +5,8 @@ A document is a text (tokenized with the model's tokenizer) or a list of token i
 - JSONL (`.jsonl`, `.ndjson`): one document per line, its "text" (or "tokens") field, "id" if present;
 - parquet (`.parquet`): one document per row, its "text" (or "tokens") column, "id" if present.
 
-Each document is scored independently: its first token is context only, every other token is scored
-exactly once, with up to `ctx` tokens of window (see `document_logprobs`). The corpus figure is
+Each document is scored independently, with the windows of `evaluate.perplexity`: its first token is
+context only, every other token is scored exactly once, in windows of at most `ctx` tokens. The corpus figure is
 total NLL over total scored tokens. A bad document (invalid UTF-8, empty, unreadable line, ids out of
 range) gets an `error` and no figures; it never stops the job.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, PyBitNetError
-from .evaluate import token_logprobs
+from .evaluate import perplexity_windows, token_logprobs
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -76,7 +76,7 @@ def _parse_tokens(value, where: str) -> list[int]:
     return [int(t) for t in value]
 
 
-def _record_document(record, where: str, index: tuple[int, int], text_field: str) -> Document:
+def record_document(record, where: str, index: tuple[int, int], text_field: str) -> Document:
     """A JSONL object or parquet row as a Document (errors become the document's error)."""
     if not isinstance(record, dict):
         return Document(where, index, error=f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -114,7 +114,7 @@ def _jsonl_documents(data: bytes, source: str, file_number: int, text_field: str
         except json.JSONDecodeError as err:
             yield Document(where, index, error=f"{where}: not valid JSON ({err.msg})")
             continue
-        yield _record_document(record, where, index, text_field)
+        yield record_document(record, where, index, text_field)
 
 
 def _pyarrow():
@@ -141,7 +141,7 @@ def _parquet_documents(data: bytes, source: str, file_number: int, text_field: s
         return
     # binary columns are read as bytes and decoded strictly, so invalid UTF-8 is reported, not replaced
     for row_number, record in enumerate(table.to_pylist()):
-        yield _record_document(record, f"{source}:{row_number}", (file_number, row_number), text_field)
+        yield record_document(record, f"{source}:{row_number}", (file_number, row_number), text_field)
 
 
 def file_documents(path: str | Path, file_number: int = 0, *, text_field: str = "text") -> Iterator[Document]:
@@ -226,29 +226,13 @@ def open_tokenizer(spec: str):
 
 # ---------------------------------------------------------------------------------------------- scoring
 
-def windows(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first_target) per window: the window is tokens[begin:end] and scores the targets
-    tokens[first_target:end], each with at least one token of context in its window. Windows start every
-    `stride` tokens (at most ctx - 1, so no target is left without context); every token after the first
-    is a target of exactly one window."""
-    if ctx < 2 or stride < 1:
-        raise InputError(f"scoring needs ctx >= 2 and stride >= 1, got ctx={ctx}, stride={stride}")
-    step = min(stride, ctx - 1)
-    out, begin, scored_until = [], 0, 1
-    while scored_until < n_tokens:
-        end = min(begin + ctx, n_tokens)
-        out.append((begin, end, scored_until))
-        scored_until = end
-        begin += step
-    return out
-
-
 def document_logprobs(model, tokens: list[int] | torch.Tensor, *, ctx: int, stride: int) -> tuple[torch.Tensor, int]:
-    """(log p of tokens[1:] (T-1,) float64, windows used): strided windows over `evaluate.token_logprobs`."""
+    """(log p of tokens[1:] (T-1,) float64, windows used): the windows of `evaluate.perplexity`
+    (`perplexity_windows`), keeping every token's log-prob instead of only their sum."""
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     parts = []
-    spans = windows(tokens.numel(), ctx, stride)
-    for begin, end, first_target in spans:
+    spans = perplexity_windows(tokens.numel(), ctx, stride)
+    for begin, first_target, end in spans:
         logp = token_logprobs(model, tokens[begin:end])  # predicts tokens[begin + 1 : end]
         parts.append(logp[first_target - (begin + 1):])
     return torch.cat(parts), len(spans)

@@ -90,7 +90,7 @@ class DocumentScorer:
             return corpus.Document(doc_id, index, text=row["text"], tokens=row["tokens"], error=row["error"])
         if doc_id is None:
             return corpus.Document("<missing id>", index, error="a document without an \"id\"")
-        return corpus._record_document(row, str(doc_id), index, self.text_field)
+        return corpus.record_document(row, str(doc_id), index, self.text_field)
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -142,6 +142,8 @@ def score_corpus(model_spec: str | Callable[[], object], dataset, *, actors: int
     ctx, stride: window length and step as in `corpus.score_documents` (default: the model's context, at most 2048).
     cpus_per_actor: CPUs Ray reserves per actor (default threads_per_actor).
     output: a `.parquet` or `.json` file of per-document rows (written atomically), or None.
+    The result's rows are in corpus order: files in the order given, then position in the file; a
+    Dataset's rows by id.
     Uses the running Ray instance (`ray.init(address=...)` first to join a cluster), else starts a local one.
     """
     ray = require_ray()
