@@ -29,6 +29,7 @@ def serve_cmd(
     batch_invariant: bool = typer.Option(True, "--batch-invariant/--no-batch-invariant",
                                          help="a request's logits never depend on the rest of the batch"),
     name: Optional[str] = typer.Option(None, "--name", help="model id reported by /v1/models [default: MODEL]"),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug"),
     threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -43,6 +44,8 @@ def serve_cmd(
                           ("--max-tokens-default", max_tokens_default)):
         if value < 1:
             raise InputError(f"{option} must be >= 1, got {value}")
+    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+        raise InputError(f"--log-level must be one of critical, error, warning, info, debug; got {log_level!r}")
     if max_queue < 0 or not 0 < port < 65536 or (ctx is not None and ctx < 2):
         raise InputError(f"need --max-queue >= 0, --port in 1..65535 and --ctx >= 2; got {max_queue}, {port}, {ctx}")
     set_threads(threads)
@@ -59,4 +62,4 @@ def serve_cmd(
     settings = ServerSettings(model_name=name or os.path.basename(model.rstrip("/")) or model, max_batch=max_batch,
                               max_queue=max_queue, max_tokens_default=max_tokens_default, api_key=api_key or None,
                               context=ctx, prefill_chunk=prefill_chunk, batch_invariant=batch_invariant)
-    serve(create_app(load, settings), host=host, port=port)
+    serve(create_app(load, settings), host=host, port=port, log_level=log_level)
