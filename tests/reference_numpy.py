@@ -1,4 +1,4 @@
-"""An independent float64 BitNet b1.58 forward pass in plain numpy, written from FORMATS.md A.2-A.5 only.
+"""An independent float64 BitNet b1.58 forward pass in plain numpy, written from docs/exactness.md and docs/formats.md only.
 
 It shares no code with pybitnet (and imports neither pybitnet nor torch): it reads a Hugging Face
 directory itself (config.json + *.safetensors via `safetensors.numpy`), unpacks the packed uint8

@@ -1,4 +1,4 @@
-"""The two agreement rules of DESIGN.md §2, shared by the tests.
+"""The two agreement rules of docs/exactness.md, shared by the tests.
 
 float64: max |Δlogit| <= 1e-9 · max|logit| and argmax identical at every real position.
 float32: max |Δlogit| <= 5e-2 · max|logit| and argmax identical at >= 90% of real positions.

@@ -1,4 +1,4 @@
-"""forward_full == forward_step_by_step == prefill + decode, on random configs (issue 2 acceptance)."""
+"""forward_full == forward_step_by_step == prefill + decode, on random configs."""
 
 from __future__ import annotations
 

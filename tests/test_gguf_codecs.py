@@ -55,7 +55,7 @@ def test_i2s_round_trip():
 
 def test_i2s_zero_tensor_packs_to_0x55():
     data = encode_i2s(torch.zeros(4, 128, dtype=torch.int8), 1.0)
-    assert (data[:128] == 0x55).all()  # FORMATS.md B.5: "a zero tensor packs to bytes 0x55"
+    assert (data[:128] == 0x55).all()  # docs/formats.md: "a zero tensor packs to bytes 0x55"
     assert (data[132:] == 0).all()
 
 

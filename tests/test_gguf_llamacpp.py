@@ -79,7 +79,7 @@ def test_silu_tq2_0_matches_llama_cpp(tmp_path: Path):
 
 def test_relu2_against_float64_reference(tmp_path: Path):
     # llama.cpp would run this file with SiLU (see below), so the independent check is a float64
-    # forward written from FORMATS.md that reads the HF twin of the same weights itself.
+    # forward written from docs/ that reads the HF twin of the same weights itself.
     # Same parameters on both sides: betas exact in fp16 (TQ2_0's block scale), floats kept in f32.
     # (bf16 norms next to a bf16 embedding make exact .5 ties in layer 0's activation quantization
     # likely, e.g. x = -absmax/2 -> x*s = -63.5, and a float64 tie then breaks either way.)
@@ -98,7 +98,7 @@ def test_relu2_against_float64_reference(tmp_path: Path):
         assert np.abs(got64 - expected).max() <= 1e-9 * np.abs(expected).max()  # same parameters, float64
         assert (got64.argmax(-1) == expected.argmax(-1)).all()
         got32 = ours32.forward_full(torch.tensor([tokens]))[0].double().numpy()
-        assert np.abs(got32 - expected).max() <= 5e-2 * np.abs(expected).max()  # DESIGN.md §2 float32 rule
+        assert np.abs(got32 - expected).max() <= 5e-2 * np.abs(expected).max()  # docs/exactness.md float32 rule
         assert (got32.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
 
 

@@ -120,7 +120,7 @@ def test_2b4t_shape_two_layers(b158_2layers: Twin, tmp_path: Path, qtype: str):
 
 
 def test_i2s_file_size_matches_formats_b3(b158_2layers: Twin, tmp_path: Path):
-    # FORMATS.md B.3 per layer: 2*(2560*2560/4+32) + 2*(2560*640/4+32) + 3*(2560*6912/4+32) I2_S bytes,
+    # docs/formats.md per layer: 2*(2560*2560/4+32) + 2*(2560*640/4+32) + 3*(2560*6912/4+32) I2_S bytes,
     # 4 F32 norms (3*2560 + 6912 floats); plus output_norm and the F16 embedding 128256*2560*2.
     path = tmp_path / "size.gguf"
     write_gguf(path, B158_2L, b158_2layers.weights, "i2_s")

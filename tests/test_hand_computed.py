@@ -1,4 +1,4 @@
-"""One BitLinear, one RMSNorm position and one RoPE position, worked out by hand (FORMATS.md A.2/A.3).
+"""One BitLinear, one RMSNorm position and one RoPE position, worked out by hand (docs/exactness.md).
 
 Every expected number below is written as a literal with its derivation in the comments; nothing is
 computed by the code under test or by a second implementation.

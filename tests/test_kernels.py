@@ -1,4 +1,4 @@
-"""Every kernel backend gives the reference accumulators bit for bit (DESIGN.md §2)."""
+"""Every kernel backend gives the reference accumulators bit for bit (docs/exactness.md)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Each case writes a random tiny checkpoint with our HF writer; pybitnet loads it as a user would
 (`pybitnet.load(dir, dtype=float64)`) and the numpy reference reads the same files by itself.
-float64 rule (DESIGN.md §2): max |dlogit| <= 1e-9 * max|logit| and the same argmax at every position.
+float64 rule (docs/exactness.md): max |dlogit| <= 1e-9 * max|logit| and the same argmax at every position.
 """
 
 from __future__ import annotations

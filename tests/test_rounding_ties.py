@@ -2,7 +2,7 @@
 
 bf16 embeddings and norm weights (every real checkpoint) make such ties common in layer 0: a row
 element that is exactly half the row's absmax lands on ±63.5. Whether it rounds to 63 or 64 then
-depends on the last bit of 127/absmax, so we must compute it the same way as FORMATS.md A.3 reads:
+depends on the last bit of 127/absmax, so we must compute it the same way as docs/exactness.md reads:
 one division, one multiply, round half to even.
 """
 

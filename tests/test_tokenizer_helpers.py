@@ -1,4 +1,4 @@
-"""Builders of small tokenizers for the text tests (no test functions here; imported by test_*.py of issue 5).
+"""Builders of small tokenizers for the text tests (no test functions here; imported by the text tests).
 
 Tokenizers are trained on the spot with HF `tokenizers`, shaped like the real vocabularies: a LLaMA-3-style
 byte-level BPE (split regex, ignore_merges, BOS template, <|eot_id|>) for 2B-4T, and a SentencePiece BPE for the
@@ -29,7 +29,7 @@ CORPUS = [
     "In the beginning the model knew nothing; after training it predicts the next token.",
 ] * 4
 
-# The 2B-4T chat template, as a jinja string in tokenizer_config.json (FORMATS.md A.1).
+# The 2B-4T chat template, as a jinja string in tokenizer_config.json (docs/formats.md).
 BITNET_CHAT_TEMPLATE = (
     "{% for message in messages %}{% set content = message['role'] | capitalize + ': ' + "
     "message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"

@@ -101,7 +101,7 @@ def test_exported_weights_are_absmean_ternaries_of_the_latent_weights():
     model = _model(config, torch.float64)
     latent = model.latent_weights()["layers.1.k_proj"]
     exported = model.export()[1]["layers.1.k_proj"]
-    beta = latent.abs().mean().item()  # hand-written absmean (FORMATS A.3)
+    beta = latent.abs().mean().item()  # hand-written absmean (docs/exactness.md)
     assert exported.beta == pytest.approx(beta, rel=1e-15)
     assert torch.equal(exported.values, (latent / beta).round().clamp(-1, 1).to(torch.int8))
 

@@ -2,7 +2,7 @@
 
 Tiny checkpoints written by our HF writer are loaded from disk by both, as a user would
 (`AutoModelForCausalLM.from_pretrained(dir, dtype=float32)` / `pybitnet.load(dir)`), and their float32
-logits are held to the float32 rule of DESIGN.md §2: max |dlogit| <= 5e-2 * max|logit| and the same
+logits are held to the float32 rule of docs/exactness.md: max |dlogit| <= 5e-2 * max|logit| and the same
 argmax at >= 90% of positions. Both are also held to the float64 numpy reference (tests/reference_numpy.py),
 which closes the triangle: a bug shared by our writer and our loader would still show against HF.
 

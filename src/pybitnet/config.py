@@ -81,7 +81,7 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # microsoft/bitnet-b1.58-2B-4T (FORMATS.md A.1)
+    # microsoft/bitnet-b1.58-2B-4T (docs/formats.md)
     "bitnet-b1.58-2b-4t": ModelConfig(
         vocab_size=128256,
         hidden_size=2560,

@@ -1,6 +1,6 @@
 """BitLinear kernel backends: integer accumulators q · Tᵀ for int8-valued activations and ternary weights.
 
-Every backend returns the *same* accumulators bit for bit (DESIGN.md §2): partial sums are integers
+Every backend returns the *same* accumulators bit for bit (docs/exactness.md): partial sums are integers
 below 128·K < 2²⁴, exact in fp32/fp64 and in int32, in any summation order. So a backend is picked
 by speed alone:
 
@@ -103,7 +103,7 @@ def accumulate(q: torch.Tensor, weights: torch.Tensor, backend: str) -> torch.Te
         return torch._int_mm(_as_int8(q), weights.t())
     if backend == "reference":
         if q.dtype == torch.float32 and k > FP32_EXACT_K:
-            q = q.double()  # keep the integer sums exact past 2**24 (DESIGN.md §2 guard)
+            q = q.double()  # keep the integer sums exact past 2**24 (docs/exactness.md guard)
         dtype = q.dtype if q.dtype.is_floating_point else torch.float64
         values = unpack_ternary(weights, k)[:, :k] if weights.dtype == torch.uint8 else weights
         return q.to(dtype) @ values.to(dtype).t()

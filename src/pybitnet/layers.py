@@ -20,7 +20,7 @@ class BitLinear(nn.Module):
     """One or more ternary projections that share one input (fused QKV, fused gate/up).
 
     y_j = (q · T_jᵀ) · β_j / s_x for each part j, with q, s_x the per-row int8 quantization of x
-    (FORMATS.md A.3). The parts are one GEMM over the concatenated weights, so the input is
+    (docs/exactness.md). The parts are one GEMM over the concatenated weights, so the input is
     quantized once and read once.
     """
 
@@ -52,7 +52,7 @@ class BitLinear(nn.Module):
         if row_scale is None:
             # The reference op order (HF RMSNorm, then x * 127/absmax): at an exact rounding tie, which
             # bf16 embeddings and norm weights can produce in layer 0, the result then depends on the
-            # same float steps as in transformers and in a reference written from FORMATS.md A.3.
+            # same float steps as in transformers and in a reference written from docs/exactness.md.
             return quantize_activations(norm(x) if norm is not None else x, as_int8=as_int8)
         weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
         return quantize_normed(x, row_scale, weight, eps, as_int8=as_int8)
@@ -100,7 +100,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """weight * (x * 1/sqrt(mean(x²) + eps)), FORMATS.md A.2 step by step.
+        """weight * (x * 1/sqrt(mean(x²) + eps)), docs/exactness.md step by step.
 
         mean as sum / K and 1/sqrt rather than torch's mean (sum * (1/K)) and rsqrt: for bf16-valued
         rows (layer 0 of a bf16 checkpoint) the float64 sum of squares is exact in any order, so this
@@ -111,7 +111,7 @@ class RMSNorm(nn.Module):
 
 
 class RotaryTables:
-    """NeoX-style RoPE (pairs i, i + D/2) cos/sin tables, grown on demand (FORMATS.md A.2)."""
+    """NeoX-style RoPE (pairs i, i + D/2) cos/sin tables, grown on demand (docs/exactness.md)."""
 
     def __init__(self, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device, length: int):
         self.head_dim, self.theta, self.dtype, self.device = head_dim, theta, dtype, device

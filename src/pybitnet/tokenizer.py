@@ -2,10 +2,10 @@
 
 Two sources give the same `Tokenizer`:
 - an HF directory (`tokenizer.json` + `tokenizer_config.json`, optional `generation_config.json`);
-- GGUF metadata (`tokenizer.ggml.*`, FORMATS.md B.3): `gpt2` byte-level BPE (LLaMA-3 vocab, tokens + merges,
+- GGUF metadata (`tokenizer.ggml.*`, docs/formats.md): `gpt2` byte-level BPE (LLaMA-3 vocab, tokens + merges,
   LLaMA-3 split regex) or `llama` SentencePiece-style BPE with byte fallback (1bitLLM family, tokens + scores).
 
-Also here: the 2B-4T chat format (FORMATS.md A.1) and an incremental decoder for streaming, because both are
+Also here: the 2B-4T chat format (docs/formats.md) and an incremental decoder for streaming, because both are
 about turning ids into text and nothing else.
 """
 
@@ -203,7 +203,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def format_bitnet_chat(
     messages: Sequence[Mapping[str, str]], *, bos_token: str, eot_token: str, add_generation_prompt: bool = True
 ) -> str:
-    """2B-4T chat text (FORMATS.md A.1): `<bos>User: hi<|eot_id|>Assistant: ` — roles capitalised, content trimmed."""
+    """2B-4T chat text (docs/formats.md): `<bos>User: hi<|eot_id|>Assistant: ` — roles capitalised, content trimmed."""
     parts = [bos_token]
     for message in messages:
         parts.append(f"{str(message['role']).capitalize()}: {str(message['content']).strip()}{eot_token}")

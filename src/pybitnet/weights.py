@@ -37,7 +37,7 @@ class TernaryWeight:
         self._values = values  # (out, in) int8, or None when packed
         self._packed = packed  # (out, ceil(in/256) * 64) uint8, or None
         self._in_features = int(in_features) if packed is not None else int(values.shape[1])
-        self.beta = beta  # per-tensor scale, "multiply" semantics (FORMATS.md A.4)
+        self.beta = beta  # per-tensor scale, "multiply" semantics (docs/formats.md)
 
     @property
     def shape(self) -> tuple[int, int]:

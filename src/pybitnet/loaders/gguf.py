@@ -1,6 +1,6 @@
 """BitNet GGUF models: (ModelConfig, Weights) from a file's own metadata, and the matching writer.
 
-Architectures (FORMATS.md B.2/B.3, D.2):
+Architectures (docs/formats.md):
     bitnet-b1.58, bitnet-25   bitnet.cpp (official 2B-4T files): relu², sub-norms, I2_S projections
     bitnet                    llama.cpp (1bitLLM lineage): SiLU unless `bitnet.hidden_activation` is
                               "relu2"; TQ1_0 / TQ2_0 / F16 / F32 projections
@@ -227,7 +227,7 @@ def _shape_of(info: TensorInfo) -> tuple[int, ...]:
 
 
 def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, Weights]:
-    """(config, weights) of a BitNet GGUF file, config from its metadata only (FORMATS.md D.2)."""
+    """(config, weights) of a BitNet GGUF file, config from its metadata only (docs/formats.md)."""
     path = str(path)
     reader = GGUFReader(path)
     try:

@@ -1,4 +1,4 @@
-"""Our own GGUF container reader and writer (FORMATS.md B.1).
+"""Our own GGUF container reader and writer (docs/formats.md).
 
 Why our own: gguf-py raises on bitnet.cpp's I2_S (ggml type 36) before it returns even the
 metadata. This module knows only the container: header, typed key/value metadata, tensor infos,
@@ -87,7 +87,7 @@ class GGMLType:
         return n_elements // self.block_size * self.type_size
 
 
-I2_S_TYPE_ID = 36  # bitnet.cpp fork only (FORMATS.md B.3/B.5); unknown to mainline ggml and gguf-py
+I2_S_TYPE_ID = 36  # bitnet.cpp fork only (docs/formats.md); unknown to mainline ggml and gguf-py
 # Ids that bitnet.cpp's fork gives a meaning mainline does not know; named so the error says why.
 _UNSUPPORTED_FORK_TYPES = {37: "I8_S (bitnet.cpp activation type)", 38: "TL1 (bitnet.cpp lookup-table layout)"}
 

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: config.json + *.safetensors (sharded or not), read memory-mapped.
 
-Reads packed uint8 ternaries with `weight_scale` (FORMATS.md A.4/A.5: multiplied for
+Reads packed uint8 ternaries with `weight_scale` (docs/formats.md: multiplied for
 `autobitlinear`, divided for `bitlinear`) and float master weights (`-bf16` repos, 1bitLLM
 `BitnetForCausalLM`), which are ternarized once with absmean. Writes the packed layout.
 """
@@ -254,7 +254,7 @@ def hf_config_dict(config: ModelConfig, linear_class: str = "autobitlinear", tor
 def save_hf(path: str | Path, config: ModelConfig, weights: Weights, *, linear_class: str = "autobitlinear",
             float_dtype: torch.dtype = torch.bfloat16, scale_dtype: torch.dtype = torch.float32,
             max_shard_bytes: int | None = None) -> Path:
-    """Write the packed HF layout that transformers' BitNetForCausalLM loads (FORMATS.md A.4/A.5).
+    """Write the packed HF layout that transformers' BitNetForCausalLM loads (docs/formats.md).
 
     Every float tensor (embedding, lm_head, norms) is written in `float_dtype`, the config's
     torch_dtype, as the 2B-4T repo does: transformers keeps an offline autobitlinear checkpoint's

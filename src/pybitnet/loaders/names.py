@@ -1,4 +1,4 @@
-"""One name table: Hugging Face and GGUF tensor names <-> internal names (FORMATS.md A.8)."""
+"""One name table: Hugging Face and GGUF tensor names <-> internal names (docs/formats.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-token absmax int8 activation quantization (FORMATS.md A.3), optionally of an RMSNorm's output.
+"""Per-token absmax int8 activation quantization (docs/exactness.md), optionally of an RMSNorm's output.
 
 Every step is per row and elementwise or an exact reduction (max) / a fixed-order row reduction, so
 one row quantizes to the same integers whether it runs alone or in a batch: the full and the step

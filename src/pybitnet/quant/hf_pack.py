@@ -1,4 +1,4 @@
-"""The Hugging Face packed ternary layout: 4 values per uint8 along axis 0 (FORMATS.md A.5).
+"""The Hugging Face packed ternary layout: 4 values per uint8 along axis 0 (docs/formats.md).
 
 With P = ceil(out / 4), byte B[p, c] holds rows p, p+P, p+2P, p+3P of column c in bits
 1..0, 3..2, 5..4, 7..6; each 2-bit code is value + 1 (0 -> -1, 1 -> 0, 2 -> +1; 3 is invalid).

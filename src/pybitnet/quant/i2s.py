@@ -1,4 +1,4 @@
-"""bitnet.cpp's I2_S ternary layout (ggml type 36; FORMATS.md B.5), decoded straight to int8 + beta.
+"""bitnet.cpp's I2_S ternary layout (ggml type 36; docs/formats.md), decoded straight to int8 + beta.
 
 The tensor is one flat row-major array of n = out*in elements, cut into 128-element blocks. Block b
 is bytes 32b .. 32b+31; byte p of a block holds elements p, p+32, p+64, p+96 in bits 7..6, 5..4,

@@ -1,4 +1,4 @@
-"""Absmean ternarization of float master weights, and checks of ternary values (FORMATS.md A.3)."""
+"""Absmean ternarization of float master weights, and checks of ternary values (docs/exactness.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""llama.cpp's TQ1_0 and TQ2_0 ternary layouts (ggml types 34/35; FORMATS.md B.4), to and from int8 + beta.
+"""llama.cpp's TQ1_0 and TQ2_0 ternary layouts (ggml types 34/35; docs/formats.md), to and from int8 + beta.
 
 Both cut each row into 256-element blocks with one fp16 scale d stored LAST in the block; an
 element is (t - 1) * d for a trit t in {0, 1, 2}. A BitNet tensor has d = beta in every block that
