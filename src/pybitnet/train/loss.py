@@ -28,20 +28,23 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             target_logit = torch.where(inside, picked, target_logit)
         lse = running_max + running_sum.log()  # (M,)
         count = valid.sum().clamp(min=1)
-        ctx.save_for_backward(hidden, weight, safe, valid, lse)
+        # A vocabulary that fits one chunk keeps its logits for the backward instead of recomputing them.
+        kept = logits if weight.shape[0] <= chunk else None
+        ctx.save_for_backward(hidden, weight, safe, valid, lse, kept)
         ctx.chunk, ctx.count = chunk, count
         return ((lse - target_logit) * valid).sum() / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, safe, valid, lse = ctx.saved_tensors
+        hidden, weight, safe, valid, lse, kept = ctx.saved_tensors
         scale = (grad_loss / ctx.count) * valid.to(hidden.dtype)  # (M,)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         for start in range(0, weight.shape[0], ctx.chunk):
             block = weight[start : start + ctx.chunk]  # (C, H)
-            probs = (hidden @ block.t() - lse[:, None]).exp_()  # (M, C) softmax restricted to the chunk
+            logits = kept if kept is not None else hidden @ block.t()  # (M, C)
+            probs = (logits - lse[:, None]).exp_()  # softmax restricted to the chunk
             inside = (safe >= start) & (safe < start + block.shape[0])
             probs[rows[inside], safe[inside] - start] -= 1.0
             probs.mul_(scale[:, None])
