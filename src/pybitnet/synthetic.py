@@ -1,7 +1,12 @@
-"""Random models with real shapes and realistic scales: benchmarks and tests need no download.
+"""Random models with real shapes and realistic scales, and a tokenizer for them: benchmarks, tests
+and first tries need no download.
 
 Ternary values follow what absmean-ternarizing a normal init gives: |W| < β/2 with β = σ·√(2/π)
 means P(0) = 2Φ(0.399) − 1 ≈ 0.31, the rest split evenly between ±1. Norm weights are ≈ 1.
+
+The synthetic tokenizer is byte-level: one token per UTF-8 byte, the preset's BOS/EOS ids as special
+tokens, every other id an unused placeholder. It is built the way a GGUF file's byte-level BPE vocabulary
+is (tokenizer.py), so it survives conversion to GGUF and to a Hugging Face directory unchanged.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import torch
 
 from . import kernels
 from .config import ModelConfig, preset
-from .weights import TernaryWeight, Weights, expected_shapes
+from .errors import ConfigError
+from .tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, Tokenizer, byte_level_alphabet
+from .weights import TernaryWeight, Weights, expected_shapes, is_projection
 
 INIT_STD = 0.02
 EMBED_STD = 0.1  # logits of a normed hidden state then spread over a few units, as in trained models
@@ -47,8 +54,7 @@ def random_weights(config: ModelConfig, seed: int = 0, embed_dtype: torch.dtype 
     beta = INIT_STD * math.sqrt(2 / math.pi)
     weights: Weights = {}
     for name, shape in expected_shapes(config).items():
-        kind = name.rsplit(".", 1)[-1]
-        if kind.endswith("_proj"):
+        if is_projection(name):
             # spread the per-tensor scales a little, as trained checkpoints have them
             scale = beta * (0.75 + 0.5 * torch.rand((), generator=gen).item())
             weights[name] = TernaryWeight(_ternary(shape, gen), scale)
@@ -70,3 +76,45 @@ def random_model(preset_or_config: str | ModelConfig = "tiny", seed: int = 0, nu
         config = config.replace(num_layers=num_layers)
     return Transformer(config, random_weights(config, seed), dtype=dtype, device=device, backend=backend,
                        release_weights=True)
+
+
+# names of the special tokens, LLaMA-3's, by their place in (bos, first eos, second eos)
+_SPECIAL_NAMES = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")
+
+
+def synthetic_tokenizer_metadata(config: ModelConfig) -> dict:
+    """The synthetic tokenizer as GGUF `tokenizer.ggml.*` metadata (a byte-level BPE without merges)."""
+    specials: dict[int, str] = {}
+    if config.bos_token_id is not None:
+        specials[config.bos_token_id] = _SPECIAL_NAMES[0]
+    for i, token_id in enumerate(config.eos_token_ids):
+        specials.setdefault(token_id, _SPECIAL_NAMES[1 + i] if i < 2 else f"<|end_{i}|>")
+    alphabet = byte_level_alphabet()  # (256,) the character standing for each byte
+    if config.vocab_size < len(alphabet) + len(specials):
+        raise ConfigError(f"vocab_size {config.vocab_size} is too small for the synthetic byte-level tokenizer "
+                          f"({len(alphabet)} bytes + {len(specials)} special tokens)")
+    tokens, types = [], []
+    next_byte = iter(alphabet)
+    for token_id in range(config.vocab_size):
+        if token_id in specials:
+            tokens.append(specials[token_id])
+            types.append(TOKEN_CONTROL)
+        elif (char := next(next_byte, None)) is not None:
+            tokens.append(char)
+            types.append(TOKEN_NORMAL)
+        else:
+            tokens.append(f"<|unused_{token_id}|>")
+            types.append(TOKEN_UNUSED)
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+                "tokenizer.ggml.merges": [], "tokenizer.ggml.add_bos_token": config.bos_token_id is not None}
+    ids = {"tokenizer.ggml.bos_token_id": config.bos_token_id,
+           "tokenizer.ggml.eos_token_id": config.eos_token_ids[0] if config.eos_token_ids else None,
+           "tokenizer.ggml.eot_token_id": config.eos_token_ids[1] if len(config.eos_token_ids) > 1 else None}
+    metadata.update({key: value for key, value in ids.items() if value is not None})
+    return metadata
+
+
+def synthetic_tokenizer(config: ModelConfig | str = "tiny") -> Tokenizer:
+    """The tokenizer of `synthetic:` models of this preset or config (same config -> same tokenizer)."""
+    config = preset(config) if isinstance(config, str) else config
+    return Tokenizer.from_gguf_metadata(synthetic_tokenizer_metadata(config), source="synthetic tokenizer")

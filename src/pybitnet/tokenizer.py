@@ -88,9 +88,6 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def id_to_token(self, token_id: int) -> str | None:
-        return self.backend.id_to_token(int(token_id))
-
     # -- chat ------------------------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
@@ -183,18 +180,94 @@ class Tokenizer:
         return cls(backend, bos_token=bos, eos_token=eos, stop_token_ids=stops, chat_template=template, source=source)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer of a model: an HF directory (or a file inside one) or a .gguf file.
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """The tokenizer of a MODEL spec: an HF directory (or a file inside one), a .gguf file,
+    `synthetic:PRESET[:LAYERS]` (the synthetic byte-level tokenizer) or a Hugging Face repo id.
 
     Raises CheckpointError naming the path when the model carries no tokenizer.
     """
-    location = Path(path)
-    if not location.exists():
-        raise CheckpointError(f"no such model file or directory: {location}")
-    if location.is_file() and location.suffix.lower() == ".gguf":
-        return Tokenizer.from_gguf_metadata(_read_gguf_metadata(location), source=str(location))
-    directory = location if location.is_dir() else location.parent
-    return Tokenizer.from_hf_dir(directory)
+    from .loaders.spec import resolve_model_spec
+
+    if Path(spec).is_file() and Path(spec).suffix.lower() != ".gguf":
+        return Tokenizer.from_hf_dir(Path(spec).parent)  # tokenizer.json or another file of the directory
+    model = resolve_model_spec(spec)
+    if model.kind == "synthetic":
+        from .synthetic import synthetic_tokenizer
+
+        return synthetic_tokenizer(model.config)
+    if model.kind == "gguf":
+        from .loaders.gguf_file import read_gguf_metadata
+
+        return Tokenizer.from_gguf_metadata(read_gguf_metadata(model.path), source=str(model.path))
+    return Tokenizer.from_hf_dir(model.path)
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:
+    """Write `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` (stop ids) that
+    `Tokenizer.from_hf_dir` and transformers read back as the same tokenizer."""
+    directory = Path(directory)
+    tokenizer.backend.save(str(directory / "tokenizer.json"))
+    config: dict[str, Any] = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+                              "tokenizer_class": "PreTrainedTokenizerFast"}
+    if tokenizer.chat_template is not None:
+        config["chat_template"] = tokenizer.chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    generation = {"eos_token_id": list(tokenizer.stop_token_ids)}
+    if tokenizer.bos_token_id is not None:
+        generation["bos_token_id"] = tokenizer.bos_token_id
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+
+
+def gguf_tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]:
+    """`tokenizer.ggml.*` keys for a byte-level BPE tokenizer (LLaMA-3 / 2B-4T style), padded to the model's
+    vocab_size as llama.cpp's converter pads.
+
+    The pre-tokenizer name (`tokenizer.ggml.pre`) is left out, as in the official 2B-4T GGUF: llama.cpp
+    identifies it by hashing tokenizer output, which needs the original tokenizer.
+    """
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise CheckpointError(f"{tokenizer.source}: only byte-level BPE tokenizers convert to GGUF, "
+                              f"got {model.get('type')!r}")
+    tokens: list[str | None] = [None] * vocab_size
+    types = [TOKEN_NORMAL] * vocab_size
+    for token, token_id in model["vocab"].items():
+        if token_id < vocab_size:
+            tokens[token_id] = token
+    for added in spec.get("added_tokens") or []:
+        if added["id"] < vocab_size:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
+    for token_id, token in enumerate(tokens):
+        if token is None or token.startswith("<|unused_"):  # ids the tokenizer never produces
+            tokens[token_id], types[token_id] = token or f"[PAD{token_id}]", TOKEN_UNUSED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    metadata: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+                                "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+                                "tokenizer.ggml.add_bos_token": bool(tokenizer.bos_token_id is not None and
+                                                                     tokenizer.encode("a")[:1] == [tokenizer.bos_token_id])}
+    ids = {"tokenizer.ggml.bos_token_id": tokenizer.bos_token_id, "tokenizer.ggml.eos_token_id": tokenizer.eos_token_id,
+           "tokenizer.ggml.eot_token_id": tokenizer.eot_token_id if tokenizer.eot_token_id != tokenizer.eos_token_id
+           else None}
+    metadata.update({key: value for key, value in ids.items() if value is not None and value < vocab_size})
+    if tokenizer.chat_template is not None:
+        metadata["tokenizer.chat_template"] = tokenizer.chat_template
+    return metadata
+
+
+def byte_level_alphabet() -> list[str]:
+    """The printable character that byte-level BPE (GPT-2, LLaMA-3) writes for each byte 0..255, in byte order:
+    printable Latin-1 bytes stand for themselves, the others for 256, 257, ... in turn."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet.append(chr(byte))
+        else:
+            alphabet.append(chr(256 + extra))
+            extra += 1
+    return alphabet
 
 
 # -- chat format -------------------------------------------------------------------------------------------------
@@ -425,24 +498,6 @@ def _add_special_tokens(backend: HFTokenizer, tokens: list[str], types: list[int
 
 
 # -- small helpers -----------------------------------------------------------------------------------------------
-
-
-def _read_gguf_metadata(path: Path) -> dict[str, Any]:
-    try:  # the engine's own GGUF reader understands bitnet.cpp's I2_S files, which gguf-py cannot open
-        from .loaders.gguf_file import read_gguf_metadata
-    except ImportError:
-        read_gguf_metadata = _read_gguf_metadata_with_gguf_py
-    return dict(read_gguf_metadata(path))
-
-
-def _read_gguf_metadata_with_gguf_py(path: Path) -> dict[str, Any]:
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as err:  # gguf-py raises ValueError/struct errors on files it cannot parse
-        raise CheckpointError(f"cannot read GGUF metadata from {path}: {err}") from err
-    return {name: field.contents() for name, field in reader.fields.items()}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,0 +1,98 @@
+"""`convert`: any MODEL spec written as a GGUF file or a Hugging Face directory, with its tokenizer.
+
+Never writes over what it reads: the destination may not be the source, lie inside it, or hold it.
+An existing destination is replaced only with `overwrite=True`, and only once the new one is complete
+(a temporary name, then os.replace), so a failed conversion leaves the old destination as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, InputError
+from .load import load_weights
+from .spec import resolve_model_spec
+
+
+def convert(source: str | os.PathLike, destination: str | os.PathLike, *, qtype: str = "i2_s",
+            embed_type: str = "f16", overwrite: bool = False) -> Path:
+    """Write the model `source` names (an HF directory, a .gguf file, `synthetic:PRESET[:LAYERS]` or a Hub
+    repo id) to `destination`: a `.gguf` file with projections as `qtype` (i2_s, tq2_0, tq1_0, f16) and the
+    embedding as `embed_type` (f16, bf16, f32), or for any other name a Hugging Face directory in the packed
+    layout transformers loads. The tokenizer goes along when the source has one. Returns `destination`."""
+    from ..tokenizer import gguf_tokenizer_metadata, load_tokenizer, save_tokenizer
+    from .gguf import EMBED_TYPES, QTYPES, write_gguf
+    from .gguf_file import GGUFReader
+    from .hf import save_hf
+
+    destination = Path(destination)
+    to_gguf = destination.suffix.lower() == ".gguf"
+    if to_gguf and qtype not in QTYPES:
+        raise InputError(f"unknown GGUF type {qtype!r}; choose one of: {', '.join(QTYPES)}")
+    if to_gguf and embed_type not in EMBED_TYPES:
+        raise InputError(f"unknown embedding type {embed_type!r}; choose one of: {', '.join(EMBED_TYPES)}")
+    model = resolve_model_spec(source)
+    _check_destination(destination, model.path, overwrite, to_gguf)
+    config, weights, _ = load_weights(source)
+    try:
+        tokenizer = load_tokenizer(source)
+    except CheckpointError:  # a model without a tokenizer converts without one
+        tokenizer = None
+    if to_gguf:
+        if model.kind == "gguf":
+            with GGUFReader(model.path) as reader:  # keep the stored types of every tokenizer key
+                metadata = {k: v for k, v in reader.fields.items() if k.startswith("tokenizer.")}
+        else:
+            metadata = gguf_tokenizer_metadata(tokenizer, config.vocab_size) if tokenizer is not None else None
+        write_gguf(destination, config, weights, qtype, metadata or None, embed_type=embed_type)  # atomic
+        return destination
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        # float tensors are written in the one dtype that holds them all exactly (transformers wants one)
+        floats = {w.dtype for w in weights.values() if isinstance(w, torch.Tensor)}
+        save_hf(staging, config, weights, float_dtype=floats.pop() if len(floats) == 1 else torch.float32)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, staging)
+        _replace_directory(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return destination
+
+
+def _check_destination(destination: Path, source: Path | None, overwrite: bool, to_gguf: bool) -> None:
+    parent = destination.parent
+    if not parent.is_dir():
+        raise InputError(f"{destination}: the directory {parent} does not exist")
+    if source is not None:
+        src, dst = source.resolve(), destination.resolve()
+        if dst == src or src in dst.parents or dst in src.parents:
+            raise InputError(f"{destination}: would write over the source {source}; choose a destination outside it")
+    if destination.exists():
+        if to_gguf and destination.is_dir():
+            raise InputError(f"{destination}: is a directory, not a .gguf file name")
+        if not to_gguf and not destination.is_dir():
+            raise InputError(f"{destination}: exists and is not a directory (a .gguf destination needs the suffix)")
+        if not overwrite:
+            raise InputError(f"{destination}: exists; pass overwrite=True (--force) to replace it")
+
+
+def _replace_directory(new: Path, destination: Path) -> None:
+    """Put the complete directory `new` at `destination`, replacing what was there."""
+    if not destination.exists():
+        os.replace(new, destination)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
+    os.replace(destination, old / destination.name)
+    try:
+        os.replace(new, destination)
+    except BaseException:
+        os.replace(old / destination.name, destination)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

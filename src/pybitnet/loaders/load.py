@@ -1,0 +1,47 @@
+"""`load` and `load_weights`: any MODEL spec (loaders/spec.py) in, a model or its weights out."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import kernels
+from ..config import ModelConfig
+from ..weights import Weights
+from .spec import resolve_model_spec
+
+SYNTHETIC_SEED = 0  # synthetic:PRESET specs always name the same weights
+
+
+def load_weights(spec: str | os.PathLike) -> tuple[ModelConfig, Weights, dict]:
+    """(config, weights, info) of an HF directory, a .gguf file, `synthetic:PRESET[:LAYERS]` or a Hub repo id."""
+    model = resolve_model_spec(spec)
+    hub = {"repo_id": model.repo_id} if model.repo_id else {}
+    if model.kind == "synthetic":
+        from ..synthetic import random_weights
+
+        return model.config, random_weights(model.config, SYNTHETIC_SEED), {"format": "synthetic",
+                                                                            "seed": SYNTHETIC_SEED}
+    if model.kind == "hf":
+        from .hf import load_hf_weights
+
+        config, weights, info = load_hf_weights(model.path)
+        return config, weights, {**info, **hub}
+    from .gguf import load_gguf_weights
+
+    config, weights = load_gguf_weights(model.path)
+    return config, weights, {"format": "gguf", **hub}
+
+
+def load(spec: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         backend: str = kernels.AUTO, lm_head: str = "exact"):
+    """A ready-to-run Transformer for any MODEL spec (see `load_weights`).
+    `lm_head="int8"` trades exact logits for a faster, smaller output projection (see head.py)."""
+    from ..model import Transformer
+
+    config, weights, info = load_weights(spec)
+    model = Transformer(config, weights, dtype=dtype, device=device, backend=backend, release_weights=True,
+                        lm_head=lm_head)
+    model.source = {"path": os.fspath(spec), **info}
+    return model
