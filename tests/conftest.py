@@ -57,7 +57,14 @@ def write_text_checkpoint(directory: Path, **config_overrides) -> Path:
     return write_tiny_checkpoint(directory, **config_overrides)
 
 
+def gguf_metadata_from_hf(tokenizer_json: Path) -> dict:
+    """The tokenizer.ggml.* keys a GGUF file carries for the tokenizer in `tokenizer_json`."""
+    from test_tokenizer_helpers import gguf_metadata_from_hf as from_hf
+
+    return from_hf(tokenizer_json)
+
+
 @pytest.fixture(scope="session")
 def text_checkpoint(tmp_path_factory) -> Path:
-    """One tiny HF checkpoint with a tokenizer for the whole session (read-only: tests must not modify it)."""
+    """One tiny HF checkpoint with a tokenizer for the whole test run (read-only: tests must not modify it)."""
     return write_text_checkpoint(tmp_path_factory.mktemp("text-checkpoint"))

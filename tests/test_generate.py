@@ -13,7 +13,7 @@ from pybitnet.errors import InputError
 from pybitnet.generate import CONTEXT, LENGTH, STOP_STRING, STOP_TOKEN, generate, stream
 from pybitnet.sampling import SamplingParams
 from pybitnet.tokenizer import load_tokenizer
-from test_tokenizer_helpers import write_tiny_checkpoint
+from conftest import gguf_metadata_from_hf, write_text_checkpoint
 
 PROMPTS = [
     "Hello world",
@@ -75,7 +75,7 @@ class ScriptedModel:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-untied"))
+    return write_text_checkpoint(tmp_path_factory.mktemp("tiny-untied"))
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,19 @@ def test_scripted_stop_strings_cut_text_and_never_stream_the_stop(tokenizer):
     model = ScriptedModel([tokenizer.encode(" a\nUse it", add_special_tokens=False)], tokenizer.vocab_size)
     result = generate(model, tokenizer, ["x"], max_new_tokens=len(model.scripts[0]), stop_strings=["\nUser:"])
     assert result.texts == [" a\nUse it"] and result.finish_reasons == [LENGTH]
+
+
+def test_on_token_streams_each_rows_ids_as_they_are_generated(tokenizer):
+    eos = tokenizer.eos_token_id
+    scripts = [[7, 8, eos, 5, 5], [9, 10, 11, 12, 13]]
+    model = ScriptedModel(scripts, tokenizer.vocab_size)
+    seen: list[tuple[int, int, int]] = []  # (row, token, decode steps taken when it arrived)
+    result = generate(model, None, [[1, 2], [3]], max_new_tokens=4,
+                      stop_token_ids=[eos], on_token=lambda row, token: seen.append((row, token, len(model.fed[0]))))
+    assert [(r, t) for r, t, _ in seen if r == 0] == [(0, 7), (0, 8)]  # the stop token is not output
+    assert [(r, t) for r, t, _ in seen if r == 1] == [(1, 9), (1, 10), (1, 11), (1, 12)]
+    assert [t for r, t, _ in seen if r == 0] == result.token_ids[0] and [t for r, t, _ in seen if r == 1] == result.token_ids[1]
+    assert [steps for _, _, steps in seen][:2] == [0, 0]  # the first tokens arrive before any decode step ran
 
 
 def test_scripted_stream_yields_whole_characters(tokenizer):
@@ -227,7 +240,7 @@ def test_seeded_sampling_repeats(checkpoint, tokenizer):
 
 def test_greedy_matches_transformers_generate_float32(checkpoint, tokenizer):
     """Same files, both float32: token ids equal transformers' generate(do_sample=False), except where its float32
-    rounding flips one int8 activation (DESIGN.md §2).
+    rounding flips one int8 activation (docs/exactness.md).
 
     Seen on this checkpoint: 7 of 8 prompts identical; in the eighth, transformers' layer-0 input at one position
     lies 4e-7 from a rounding tie, its logits jump from 4e-7 to 2e-2 relative error against our float64 there,
@@ -256,7 +269,7 @@ def test_greedy_matches_transformers_generate_float32(checkpoint, tokenizer):
 
 
 def test_float32_greedy_agreement_with_step_by_step(checkpoint, tokenizer):
-    """Float32 may flip an int8 rounding (DESIGN.md §2); require >= 90% of tokens on the step-by-step chain."""
+    """Float32 may flip an int8 rounding (docs/exactness.md); require >= 90% of tokens on the step-by-step chain."""
     model = pybitnet.load(checkpoint, dtype=torch.float32)
     result = generate(model, tokenizer, PROMPTS, max_new_tokens=12, stop_token_ids=[])
     agree = total = 0
@@ -273,7 +286,6 @@ def test_gguf_file_with_tokenizer_generates_like_the_hf_directory(checkpoint, to
     """A .gguf carrying tokenizer.ggml.* keys: same tokenizer, same float64 greedy tokens as the HF directory."""
     from pybitnet.loaders.gguf import write_gguf
     from pybitnet.loaders.hf import load_hf_weights
-    from test_tokenizer_helpers import gguf_metadata_from_hf
 
     config, weights, _ = load_hf_weights(checkpoint)
     keys = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 import typer
 
+from .. import kernels
 from ..config import PRESETS
 from ..errors import InputError
 from ..sampling import SamplingParams
@@ -26,7 +27,7 @@ MAX_TOKEN_ID = 2**63 - 1  # token ids travel as int64
 ModelArg = typer.Argument(..., help=MODEL_HELP, show_default=False, metavar="MODEL")
 ThreadsOpt = typer.Option(None, "--threads", "-t", min=1, help="torch threads (default: all cores)")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 (fast) or float64 (exactness checks)")
-BackendOpt = typer.Option("auto", "--backend", help="kernel backend: auto, reference, int8")
+BackendOpt = typer.Option("auto", "--backend", help=f"kernel backend: auto, {', '.join(kernels.BACKENDS)}")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 
 
