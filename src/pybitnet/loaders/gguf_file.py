@@ -5,6 +5,9 @@ metadata. This module knows only the container: header, typed key/value metadata
 alignment and data offsets. What the tensors mean is `loaders/gguf.py`'s job; how ternary payloads
 are packed is `quant/i2s.py` and `quant/tq.py`'s.
 
+Layering: a byte format, below the loaders. It imports only the error types, quant/'s sizes and
+third-party libraries, never the model, tokenizer or command line (which may all import it).
+
 The reader memory-maps the file and validates every count, length and offset against the file
 size before it trusts it, so a corrupt or hostile file raises GGUFError (naming the key, tensor or
 byte offset) instead of allocating gigabytes, looping for ever or reading past the end.
@@ -13,6 +16,7 @@ byte offset) instead of allocating gigabytes, looping for ever or reading past t
 from __future__ import annotations
 
 import enum
+import math
 import mmap
 import os
 import struct
@@ -24,6 +28,7 @@ import gguf
 import numpy as np
 
 from ..errors import GGUFError
+from ..quant.i2s import i2s_nbytes
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # v2 and v3 share the little-endian layout; v1 used 32-bit counts
@@ -82,8 +87,7 @@ class GGMLType:
 
     def nbytes(self, n_elements: int) -> int:
         if self.id == I2_S_TYPE_ID:
-            # bitnet.cpp's ggml_nbytes: 2 bits per element, then one fp32 scale padded to 32 bytes
-            return n_elements // 4 + 32
+            return i2s_nbytes(n_elements)
         return n_elements // self.block_size * self.type_size
 
 
@@ -130,10 +134,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.ne:
-            n *= d
-        return n
+        return math.prod(self.ne)
 
 
 class _Cursor:
@@ -280,9 +281,7 @@ class GGUFReader:
             self.tensors[name] = self._check_tensor(name, ne, gtype, offset)
 
     def _check_tensor(self, name: str, ne: tuple[int, ...], gtype: GGMLType, offset: int) -> TensorInfo:
-        n = 1
-        for d in ne:
-            n *= d
+        n = math.prod(ne)
         if n == 0 or n >= 2**62:
             raise GGUFError(f"{self.path}: tensor {name!r} has an invalid shape ne={list(ne)}")
         ne0 = ne[0] if ne else 1
@@ -359,10 +358,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return self.type.nbytes(n)
+        return self.type.nbytes(math.prod(self.shape))
 
 
 def infer_value(value: Any) -> GGUFValue:

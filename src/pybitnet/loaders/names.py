@@ -1,4 +1,7 @@
-"""One name table: Hugging Face and GGUF tensor names <-> internal names (docs/formats.md)."""
+"""One name table: Hugging Face and GGUF tensor names <-> internal names (docs/formats.md).
+
+Layering: below the loaders that read and write the formats; imports nothing of the engine but its errors.
+"""
 
 from __future__ import annotations
 
