@@ -248,3 +248,22 @@ def test_gguf_errors_are_pybitnet_errors(gguf_files, tmp_path):
     _rewrite_gguf(gguf_files["tq2_0"], bad, {"bitnet.rope.freq_base": GGUFValue(ValueType.FLOAT32, math.nan)})
     with pytest.raises(PyBitNetError, match="rope_theta"):
         pybitnet.load(bad)
+
+
+# -- tokenizer files ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("tokenizer_config.json", b"\xff\xfe{}", "tokenizer_config.json"),
+    ("tokenizer_config.json", b"[\"<s>\"]", "tokenizer_config.json.*JSON object"),
+    ("generation_config.json", b"{\"eos_token_id\": \"x\"}", "generation_config.json.*eos_token_id"),
+    ("generation_config.json", b"{\"eos_token_id\": [2, null]}", "generation_config.json.*eos_token_id"),
+])
+def test_unreadable_tokenizer_files_are_named(tmp_path, name, content, match):
+    from pybitnet.loaders import convert
+    from pybitnet.tokenizer import load_tokenizer
+
+    model_dir = convert("synthetic:tiny", tmp_path / "model")
+    (model_dir / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        load_tokenizer(model_dir)

@@ -125,7 +125,11 @@ class Tokenizer:
         config = _read_json(directory / "tokenizer_config.json")
         generation = _read_json(directory / "generation_config.json")
         extra_stops = generation.get("eos_token_id", [])
-        extra_stops = [extra_stops] if isinstance(extra_stops, int) else list(extra_stops or [])
+        extra_stops = [extra_stops] if isinstance(extra_stops, int) else extra_stops or []
+        if not isinstance(extra_stops, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                        for t in extra_stops):
+            raise CheckpointError(f"{directory / 'generation_config.json'}: eos_token_id must be an id or a list "
+                                  f"of ids, got {extra_stops!r}")
         return cls(
             backend,
             bos_token=_token_content(config.get("bos_token")),
@@ -504,9 +508,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
 
 
 def _token_content(value: Any) -> str | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
 from .load import load_weights
 from .spec import resolve_model_spec
 
@@ -39,14 +39,18 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, qtype:
     model = resolve_model_spec(source)
     _check_destination(destination, model.path, overwrite, to_gguf)
     config, weights, _ = load_weights(source)
-    try:
-        tokenizer = load_tokenizer(source)
-    except CheckpointError:  # a model without a tokenizer converts without one
-        tokenizer = None
+    gguf_fields = {}
+    if model.kind == "gguf":
+        with GGUFReader(model.path) as reader:  # keep the stored types of every tokenizer key
+            gguf_fields = {k: v for k, v in reader.fields.items() if k.startswith("tokenizer.")}
+    # a model without a tokenizer converts without one; a broken tokenizer is an error, not dropped
+    has_tokenizer = {"hf": model.path is not None and (model.path / "tokenizer.json").is_file(),
+                     "gguf": getattr(gguf_fields.get("tokenizer.ggml.model"), "value", "no_vocab") != "no_vocab",
+                     "synthetic": True}[model.kind]
+    tokenizer = load_tokenizer(source) if has_tokenizer else None
     if to_gguf:
         if model.kind == "gguf":
-            with GGUFReader(model.path) as reader:  # keep the stored types of every tokenizer key
-                metadata = {k: v for k, v in reader.fields.items() if k.startswith("tokenizer.")}
+            metadata = gguf_fields
         else:
             metadata = gguf_tokenizer_metadata(tokenizer, config.vocab_size) if tokenizer is not None else None
         write_gguf(destination, config, weights, qtype, metadata or None, embed_type=embed_type)  # atomic
