@@ -95,8 +95,8 @@ def perplexity(model: str = typer.Argument(..., help="HF directory, .gguf file, 
                per_token: bool = typer.Option(False, "--per-token", help="include per-token log-probs in --json/--parquet"),
                use_ray: bool = typer.Option(False, "--ray", help="score on a Ray cluster (pip install \"pybitnet[ray]\")"),
                address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join, e.g. auto (default: a local Ray)"),
-               actors: int = typer.Option(2, "--actors", help="Ray actors, each with its own copy of the model"),
-               threads_per_actor: int = typer.Option(1, "--threads-per-actor", help="torch threads in each Ray actor"),
+               actors: int = typer.Option(2, "--actors", min=1, help="Ray actors, each with its own copy of the model"),
+               threads_per_actor: int = typer.Option(1, "--threads-per-actor", min=1, help="torch threads in each Ray actor"),
                dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt):
     """Perplexity of many documents, each scored on its own with sliding windows, and of the whole corpus."""
     paths = list(paths or [])
