@@ -13,6 +13,7 @@ from torch import nn
 from . import kernels
 from .cache import LayerWindow
 from .quant.activations import quantize_activations, quantize_normed
+from .quant.packed import release_free_heap
 from .weights import TernaryWeight
 
 
@@ -32,6 +33,9 @@ class BitLinear(nn.Module):
         # Packed parts concatenate row-wise as they are: the layout is per output row.
         if kernels.weight_storage(parts[0].device) == "packed":
             stored = [p.packed for p in parts]
+            # The loader's copies of the layers built so far were freed as they were fused; hand
+            # their pages back before this layer allocates, so a model build never holds two copies.
+            release_free_heap()
         else:
             stored = [p.values.to(torch.int8) for p in parts]
         weights = torch.cat(stored) if len(stored) > 1 else stored[0].contiguous()

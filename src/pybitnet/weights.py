@@ -15,7 +15,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .quant.packed import pack_ternary, unpack_ternary
+from .quant.packed import pack_ternary, release_free_heap, unpack_ternary
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -65,8 +65,17 @@ class TernaryWeight:
         return self._packed if self._packed is not None else pack_ternary(self._values)
 
     def packed_form(self) -> "TernaryWeight":
-        """The same weight held packed (self when it already is)."""
-        return self if self.is_packed else TernaryWeight(packed=self.packed, in_features=self._in_features, beta=self.beta)
+        """The same weight held packed (self when it already is).
+
+        Loaders call this once per tensor as they decode it; the decode's int8 temporaries are then
+        handed back to the OS (release_free_heap), or the heap would keep them, fragmented between
+        the packed tensors that stay, and a load would peak at about the int8 size of the model."""
+        if self.is_packed:
+            return self
+        packed = TernaryWeight(packed=self.packed, in_features=self._in_features, beta=self.beta)
+        if self._values.device.type == "cpu":
+            release_free_heap()
+        return packed
 
     def with_beta(self, beta: float) -> "TernaryWeight":
         if self.is_packed:

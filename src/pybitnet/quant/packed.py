@@ -12,6 +12,9 @@ lined up with 64 contiguous int8 activations; that is one `vpdpbusd` (u8 x s8) p
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import torch
 
 from ..errors import CheckpointError
@@ -65,3 +68,23 @@ def check_packed(packed: torch.Tensor, name: str) -> None:
     if bool(bad.any()):
         row, col = (int(i) for i in bad.nonzero()[0])
         raise CheckpointError(f"packed tensor {name!r} holds the invalid 2-bit code 3 in row {row}, byte {col}")
+
+
+def _libc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_malloc_trim = _libc_trim()
+
+
+def release_free_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc malloc_trim; a no-op elsewhere).
+
+    Decoding a tensor allocates int8 temporaries several times the packed result; freed, they stay
+    in the heap between packed tensors that live on, and the heap only grows over a model's load."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
