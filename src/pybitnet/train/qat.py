@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import kernels
 from ..config import ModelConfig
 from ..errors import InputError
 from ..layers import RMSNorm, RotaryTables, _sdpa, apply_rope
@@ -45,6 +46,11 @@ def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, beta
 
 
+def int8_accumulation(x: torch.Tensor) -> bool:
+    """float32 on CPU accumulates with the int8 GEMM; float64 (exactness checks) stays in float64."""
+    return x.dtype == torch.float32 and x.device.type == "cpu"
+
+
 class _TernaryLinearSTE(torch.autograd.Function):
     """y = acc · (1/s_x · β_j) with acc = q · Tᵀ, parts j of a fused weight each with their own β.
 
@@ -59,8 +65,12 @@ class _TernaryLinearSTE(torch.autograd.Function):
         values = torch.cat([t for t, _ in parts]) if len(parts) > 1 else parts[0][0]  # (N, K)
         betas = torch.cat([beta.expand(b - a) for (a, b), (_, beta) in zip(part_bounds, parts)])  # (N,)
         if q is None:
-            q, act_scale = quantize_activations(x)
-        acc = q @ values.t()  # (M, N): integers, exact in float32 below 2**24
+            q, act_scale = quantize_activations(x, as_int8=int8_accumulation(x))
+        if q.dtype == torch.int8:  # int8 GEMM, int32 accumulators: the same integers, about twice as fast
+            values = values.to(torch.int8)
+            acc = kernels.accumulate(q, values, "int8").to(x.dtype)  # (M, N)
+        else:
+            acc = q @ values.t()  # (M, N): integers, exact in float32 below 2**24
         inv_scale = act_scale.reciprocal()  # (M, 1)
         y = acc * (inv_scale * betas)  # per element the inference BitLinear's acc * (1/s_x * β_j)
         ctx.save_for_backward(q, act_scale, values, betas)
@@ -72,9 +82,9 @@ class _TernaryLinearSTE(torch.autograd.Function):
         q, act_scale, values, betas = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ (values * betas[:, None])  # ∂/∂x of x̂ Ŵᵀ with ∂x̂/∂x = I
+            grad_x = grad_y @ (values.to(grad_y.dtype) * betas[:, None])  # ∂/∂x of x̂ Ŵᵀ with ∂x̂/∂x = I
         if ctx.needs_input_grad[1]:
-            grad_w = grad_y.t() @ (q / act_scale)  # ∂/∂W with ∂Ŵ/∂W = I
+            grad_w = grad_y.t() @ (q.to(grad_y.dtype) / act_scale)  # ∂/∂W with ∂Ŵ/∂W = I
         return grad_x, grad_w, None, None, None
 
 
@@ -164,7 +174,7 @@ class TrainingBlock(nn.Module):
             row_scale = inv * beta_up
         sub = self.ffn_sub_norm
         q, down_scale = quantize_normed(z, row_scale, sub.weight.detach() if sub is not None else None,
-                                        sub.eps if sub is not None else 0.0)
+                                        sub.eps if sub is not None else 0.0, as_int8=int8_accumulation(z))
         return self.down(normed, q, down_scale)[0]
 
 
