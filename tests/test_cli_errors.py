@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pybitnet.cli import model_spec, text_cmds
+from pybitnet.cli import text_cmds
 
 
 def test_ctrl_c_while_the_model_loads_exits_130_with_a_short_message(cli, monkeypatch):
@@ -56,8 +56,3 @@ def test_bad_synthetic_specs_name_the_problem(cli, spec, message):
 def test_malformed_token_ids_are_refused(cli, tokens, message):
     done = cli("score", "synthetic:tiny", "--tokens", tokens, "--threads", "1")
     assert done.code == 1 and message in done.err and len(done.err.splitlines()) == 1
-
-
-def test_the_model_spec_parser_takes_presets_and_layers():
-    assert model_spec.parse_synthetic("synthetic:tiny") == ("tiny", None)
-    assert model_spec.parse_synthetic("synthetic:tiny:3") == ("tiny", 3)

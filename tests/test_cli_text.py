@@ -201,3 +201,28 @@ def test_terminal_output_drops_control_characters_but_pipes_stay_exact():
     raw = "a\x1b[2Jb\rc\n\td\x7f\x00"
     assert text_cmds._for_terminal(raw, True) == "a[2Jbc\n\td"
     assert text_cmds._for_terminal(raw, False) == raw
+
+
+@pytest.mark.parametrize("prompt", [("hello there",), ("--tokens", "1,2,3")])
+def test_generate_on_a_synthetic_model_streams_as_it_samples(run_cli, monkeypatch, capsys, prompt):
+    real_sample, samples = generate_module.sample, []
+    shown_when_sampling = []  # characters on stdout each time a token is about to be sampled
+
+    def counting_sample(*args, **kwargs):
+        shown_when_sampling.append(len(capsys.readouterr().out))  # readouterr drains: sum gives the total so far
+        samples.append(1)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "sample", counting_sample)
+    code, out, err = run_cli("generate", "synthetic:tiny", *prompt, "-n", "12", "--temperature", "0",
+                             "--threads", "1")
+    assert code == 0, err
+    assert len(samples) == 12 and sum(shown_when_sampling[:-1]) > 0  # output appeared before the last token
+
+
+def test_score_text_on_a_synthetic_model_uses_its_tokenizer(run_cli):
+    import json
+
+    code, out, err = run_cli("score", "synthetic:tiny", "--text", "hello world", "--json", "--threads", "1")
+    assert code == 0, err
+    assert json.loads(out)["tokens"] == load_tokenizer("synthetic:tiny").encode("hello world")
