@@ -184,3 +184,23 @@ def test_racing_builds_leave_one_whole_library(tmp_path):
     assert [out.strip() for out, _ in outputs] == ["True", "True"], outputs
     files = sorted(f.name for f in (tmp_path / "cache").iterdir())
     assert len(files) == 1 and files[0].endswith(".so") and ".tmp" not in files[0]
+
+
+def test_int8_head_selected_at_build_and_load(tmp_path):
+    """lm_head="int8" reaches the head from Transformer and pybitnet.load; the rest of the model is unchanged."""
+    from rules import assert_float32_rule
+
+    import pybitnet
+    from pybitnet.loaders.gguf import write_gguf
+    from pybitnet.model import Transformer
+
+    config = pybitnet.preset("tiny")
+    tokens = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    exact = Transformer(config, synthetic.random_weights(config, 4))
+    lossy = Transformer(config, synthetic.random_weights(config, 4), lm_head="int8")
+    assert exact.lm_head.mode == "exact" and lossy.lm_head.mode == "int8"
+    assert torch.equal(next(lossy.hidden_states(tokens))[1], next(exact.hidden_states(tokens))[1])
+    assert_float32_rule(lossy.forward_full(tokens), exact.forward_full(tokens))
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, config, exact.export_weights(), "i2_s")
+    assert pybitnet.load(path, lm_head="int8").lm_head.mode == "int8"
