@@ -71,7 +71,7 @@ def test_windows_partition_the_targets_with_enough_context(length, ctx, data):
             assert target - begin >= min(target, ctx - min(stride, ctx - 1))
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(length=st.integers(2, 30), ctx=st.integers(2, 20), data=st.data())
 def test_perplexity_is_the_mean_of_direct_logprobs_over_its_windows(model, length, ctx, data):
     stride = data.draw(st.integers(1, ctx))
@@ -86,7 +86,7 @@ def test_perplexity_is_the_mean_of_direct_logprobs_over_its_windows(model, lengt
     assert result.nll == pytest.approx(nll / (length - 1), rel=1e-9, abs=1e-12)
 
 
-@settings(max_examples=15, deadline=None, derandomize=True)
+@settings(max_examples=8, deadline=None, derandomize=True)
 @given(tokens=st.lists(st.integers(0, 511), min_size=2, max_size=30), extra_ctx=st.integers(0, 8),
        data=st.data())
 def test_perplexity_equals_one_long_pass_when_the_text_fits(model, tokens, extra_ctx, data):
