@@ -1,13 +1,15 @@
-"""Continuous batching: one scheduler thread owns the model and a KV cache of `max_batch` slots.
+"""Continuous batching: one scheduler thread owns the model and a KV cache of `max_batch` rows.
 
 Each iteration of the scheduler
-  1. drops cancelled requests (their slots are free for the next iteration),
-  2. admits the oldest waiting request when enough slots are free for its `n` choices,
+  1. drops cancelled requests (their rows are free for the next iteration),
+  2. admits the oldest waiting request when enough rows are free for its `n` choices,
   3. runs one prefill chunk of the request being admitted, alone (batch 1) in a cache of its own;
-     after its last chunk the prompt's K/V are copied into its slots (KVCache.copy_rows) and its first
-     tokens are sampled,
-  4. runs one decode step over the whole slot cache and samples each busy slot's next token.
+     after its last chunk the prompt's K/V are copied into rows of the shared cache (KVCache.copy_rows)
+     and its first tokens are sampled,
+  4. runs one decode step over the busy rows and samples each one's next token.
 A long prompt is thus prefilled in chunks between decode steps, and running requests keep getting tokens.
+Busy rows stay packed at the front of the cache (a finished row's place is taken by the last busy row), so
+a decode step runs over a view of the busy rows only and idle capacity costs nothing.
 
 Batch invariance: a request's logits must not depend on who else is being served. Three things in a decode
 step can make them depend on the batch, all measured on this engine (torch 2.13, MKL, 2 threads):
@@ -18,11 +20,12 @@ step can make them depend on the batch, all measured on this engine (torch 2.13,
     alignment-dependent code paths, so a row's result depends on which thread its slot lands on. MKL's
     conditional numerical reproducibility (environment MKL_CBWR=AUTO, read at MKL's first call) removes
     this; `pybitnet serve` sets it, and `attention_is_row_independent()` checks it at start.
-So every decode step has one shape: all `max_batch` slots (idle ones decode a dummy token at position 0 and
-their output is dropped) plus one sentinel row held at the last cache position, which fixes the key range
-at the whole cache. Prefill always runs one request alone, so it is batch-independent as it stands.
-`batch_invariant=False` drops the sentinel: attention then spans only the longest busy row (cheaper when
-prompts are short next to the cache), and logits may differ from a solo run in the last bits.
+So a decode step always has at least MIN_DECODE_ROWS rows (idle rows decode a dummy token at position 0 and
+their output is dropped), and row 0 is a sentinel held at the cache's last position, which fixes every
+step's key range at the whole cache. Prefill always runs one request alone, so it is batch-independent as it
+stands. `batch_invariant=False` drops the sentinel and the padding: attention then spans only the longest
+busy row (cheaper when prompts are short next to the cache), and logits may differ from a solo run in the
+last bits.
 
 The scheduler never blocks on clients: it reports through each request's `on_event` callback, which the
 HTTP layer turns into a thread-safe hand-off to its event loop.
@@ -31,6 +34,7 @@ HTTP layer turns into a thread-safe hand-off to its event loop.
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import threading
 import time
@@ -50,6 +54,8 @@ log = logging.getLogger("pybitnet.serve")
 
 # Prompt tokens prefilled per scheduler iteration: long prompts yield to decode steps between chunks.
 DEFAULT_PREFILL_CHUNK = 512
+# BLAS rounds the lm_head GEMM of 1-3 rows differently from 4 or more; 4 and more all agree.
+MIN_DECODE_ROWS = 4
 
 
 class QueueFull(PyBitNetError):
@@ -120,7 +126,7 @@ class GenerationRequest:
         self.choices: list[_Choice] = []
         self.small_cache = None  # the batch-1 cache the prompt is prefilled into
         self.prefilled = 0  # prompt tokens prefilled so far
-        self.slots: list[int] = []
+        self.reserved = 0  # rows this request will take when its prefill ends
         self.prompt_lp: list[float | None] = []  # prompt_logprobs: one per prompt token so far
         self.prompt_top: list[list[tuple[int, float]] | None] = []
 
@@ -136,7 +142,7 @@ class _Choice:
     generator: torch.Generator | None
     seen: torch.Tensor | None  # (1, V) bool: prompt + output tokens, for the repetition penalty
     counts: torch.Tensor | None  # (1, V) float: output token counts, for presence/frequency penalties
-    slot: int
+    place: int = -1  # its row in the shared cache
     next_token: int = 0
     last_token_time: float = 0.0
 
@@ -165,11 +171,10 @@ class Engine:
                         "in the last bits with the rest of the batch (start the process with MKL_CBWR=AUTO)")
         self.metrics.batch_invariant.set(1 if batch_invariant and self.row_independent else 0)
         self.vocab_size = int(model.config.vocab_size)
-        rows = max_batch + (1 if batch_invariant else 0)
-        self.sentinel = max_batch if batch_invariant else None  # the row that pins the key range
-        self.cache = model.new_cache(rows, self.context)  # every slot's K/V, written in place
-        self._free_slots = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
-        self._busy: dict[int, tuple[GenerationRequest, _Choice]] = {}  # slot -> its choice
+        self.first_row = 1 if batch_invariant else 0  # row 0 is the sentinel that pins the key range
+        self.cache = model.new_cache(self.first_row + max_batch, self.context)  # every row's K/V, in place
+        self._views: dict[int, object] = {}  # rows -> a cache over the first `rows` rows of self.cache
+        self._active: list[tuple[GenerationRequest, _Choice]] = []  # in cache-row order from first_row
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._prefilling: GenerationRequest | None = None
         self._wake = threading.Condition()
@@ -185,7 +190,7 @@ class Engine:
     def submit(self, spec: GenerationSpec, on_event: Callable[[object], None]) -> GenerationRequest:
         """Queue a request; raises QueueFull or Draining instead of waiting."""
         if spec.n > self.max_batch:
-            raise InputError(f"n={spec.n} choices need more slots than the server has (max batch {self.max_batch})")
+            raise InputError(f"n={spec.n} choices need more rows than the server has (max batch {self.max_batch})")
         if len(spec.prompt) + 1 > self.context:
             raise InputError(f"the prompt is {len(spec.prompt)} tokens but the context is {self.context} tokens")
         request = GenerationRequest(spec, on_event)
@@ -200,7 +205,7 @@ class Engine:
         return request
 
     def cancel(self, request: GenerationRequest) -> None:
-        """Stop a request (its client went away); its slots are free before the next decode step."""
+        """Stop a request (its client went away); its rows are free before the next decode step."""
         if not request.cancelled and not request.finished:
             request.cancelled = True
             with self._wake:
@@ -213,7 +218,7 @@ class Engine:
 
     def idle(self) -> bool:
         with self._wake:
-            return not (self._waiting or self._prefilling or self._busy)
+            return not (self._waiting or self._prefilling or self._active)
 
     def stop(self, timeout: float | None = None) -> None:
         with self._wake:
@@ -223,8 +228,8 @@ class Engine:
             self._thread.join(timeout)
 
     @property
-    def busy_slots(self) -> int:
-        return len(self._busy)
+    def busy_rows(self) -> int:
+        return len(self._active)
 
     # -- the scheduler thread ----------------------------------------------------------------------------------
 
@@ -232,7 +237,7 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                while not (self._waiting or self._prefilling or self._busy or self._stopped):
+                while not (self._waiting or self._prefilling or self._active or self._stopped):
                     self._wake.wait()
                 if self._stopped:
                     self._fail_all("the server stopped")
@@ -242,7 +247,7 @@ class Engine:
                 self._admit()
                 if self._prefilling is not None:
                     self._prefill_chunk(self._prefilling)
-                if self._busy:
+                if self._active:
                     self._decode_step()
             except Exception as err:  # a bug must not take the scheduler down with every later request
                 log.exception("scheduler step failed")
@@ -257,27 +262,42 @@ class Engine:
         if self._prefilling is not None and self._prefilling.cancelled:
             self._release(self._prefilling)
             self._prefilling = None
-        for request in {id(r): r for r, _ in self._busy.values() if r.cancelled}.values():
+        for request in {id(r): r for r, _ in self._active if r.cancelled}.values():
             self._release(request)
 
     def _release(self, request: GenerationRequest, reason: str = "cancelled") -> None:
-        for slot in request.slots:
-            self._busy.pop(slot, None)
-            self._free_slots.append(slot)
-        request.slots = []
+        for choice in [c for r, c in self._active if r is request]:
+            self._free_row(choice)
+        request.reserved = 0
         request.small_cache = None
-        self.metrics.running.set(len(self._busy))
         self.metrics.finished.labels(reason).inc()
+
+    def _free_row(self, choice: _Choice) -> None:
+        """Take a choice out of the batch; the last busy row moves into its place, keeping rows packed."""
+        index = choice.place - self.first_row
+        last = len(self._active) - 1
+        if index != last:
+            moved = self._active[last]
+            self.cache.copy_rows(self.cache, [moved[1].place], [choice.place])
+            moved[1].place = choice.place
+            self._active[index] = moved
+        self._active.pop()
+        choice.place = -1
+        self.metrics.running.set(len(self._active))
+
+    def _free_rows(self) -> int:
+        reserved = self._prefilling.reserved if self._prefilling is not None else 0
+        return self.max_batch - len(self._active) - reserved
 
     def _admit(self) -> None:
         if self._prefilling is not None:
             return
         with self._wake:
-            if not self._waiting or len(self._free_slots) < self._waiting[0].spec.n:
+            if not self._waiting or self._free_rows() < self._waiting[0].spec.n:
                 return
             request = self._waiting.popleft()
             self.metrics.waiting.set(len(self._waiting))
-        request.slots = [self._free_slots.pop() for _ in range(request.spec.n)]
+        request.reserved = request.spec.n
         request.small_cache = self.model.new_cache(1, len(request.spec.prompt))
         self._prefilling = request
 
@@ -313,12 +333,13 @@ class Engine:
             request.on_event(PromptLogprobsEvent(request.prompt_lp, request.prompt_top))
 
     def _join(self, request: GenerationRequest, logits: torch.Tensor) -> None:
-        """Move the prefilled prompt into the request's slots and sample every choice's first token."""
+        """Move the prefilled prompt into rows after the busy ones and sample every choice's first token."""
         spec = request.spec
         room = self.context - len(spec.prompt)  # positions left; the last sampled token is never fed back
         budget, reason = (spec.max_tokens, LENGTH) if spec.max_tokens <= room else (room, CONTEXT)
-        for index, slot in enumerate(request.slots):
-            self.cache.copy_rows(request.small_cache, [0], [slot])
+        for index in range(spec.n):
+            place = self.first_row + len(self._active) + index
+            self.cache.copy_rows(request.small_cache, [0], [place])
             decoder = IncrementalDecoder(self.tokenizer, spec.prompt) if self.tokenizer is not None else None
             seed = None if spec.seed is None else spec.seed + index  # choices differ, yet each repeats
             generator = None if spec.sampling.greedy else make_generator(seed, self.model.device)
@@ -329,35 +350,47 @@ class Engine:
             if spec.presence_penalty or spec.frequency_penalty:
                 counts = torch.zeros(1, self.vocab_size, dtype=logits.dtype, device=self.model.device)
             row = _Row(prompt=spec.prompt, budget=budget, budget_reason=reason, decoder=decoder)
-            request.choices.append(_Choice(index, row, generator, seen, counts, slot))
+            request.choices.append(_Choice(index, row, generator, seen, counts, place))
         request.small_cache = None
+        request.reserved = 0
         now = time.perf_counter()
         request.first_token_time = now
         self.metrics.time_to_first_token.observe(now - request.arrival)
         for choice in request.choices:
             choice.last_token_time = now
-            self._busy[choice.slot] = (request, choice)
-        self.metrics.running.set(len(self._busy))
+            self._active.append((request, choice))
+        self.metrics.running.set(len(self._active))
         for choice in list(request.choices):
             self._take_token(request, choice, logits)
 
     def _decode_step(self) -> None:
-        rows = self.cache.batch_size
-        tokens = torch.zeros(rows, dtype=torch.long)  # (rows,): idle rows decode token 0 and are ignored
-        idle = torch.ones(rows, dtype=torch.bool)  # (rows,)
-        for slot, (_, choice) in self._busy.items():
-            tokens[slot] = choice.next_token
-            idle[slot] = False
-        # Idle rows write at position 0 each step; the sentinel sits at the last position so that the key
-        # range of every step is the whole cache.
-        self.cache.lengths.masked_fill_(idle.to(self.cache.lengths.device), 0)
-        if self.sentinel is not None:
-            self.cache.lengths[self.sentinel] = self.context - 1
-        self.metrics.batch_size.observe(len(self._busy))
-        logits = self.model.decode_step(tokens.to(self.model.device), self.cache)  # (rows, V)
-        for slot, (request, choice) in list(self._busy.items()):
+        busy = self.first_row + len(self._active)
+        rows = min(max(busy, MIN_DECODE_ROWS), self.cache.batch_size) if self.batch_invariant else busy
+        view = self._view(rows)
+        tokens = torch.zeros(rows, dtype=torch.long)  # (rows,): the sentinel and padding decode token 0
+        for request, choice in self._active:
+            tokens[choice.place] = choice.next_token
+        # Padding rows write at position 0; the sentinel sits at the last position, so that every step's
+        # key range is the whole cache.
+        view.lengths[busy:] = 0
+        if self.first_row:
+            view.lengths[0] = self.context - 1
+        self.metrics.batch_size.observe(len(self._active))
+        logits = self.model.decode_step(tokens.to(self.model.device), view)  # (rows, V)
+        # Rows move when a choice finishes (the last row fills the gap): read logits by the row each choice
+        # had during the step.
+        for request, choice, place in [(r, c, c.place) for r, c in self._active]:
             if not request.cancelled:
-                self._take_token(request, choice, logits[slot : slot + 1])
+                self._take_token(request, choice, logits[place : place + 1])
+
+    def _view(self, rows: int):
+        """A KVCache over the first `rows` rows of the shared cache (views: writes land in the shared one)."""
+        if rows not in self._views:
+            view = copy.copy(self.cache)
+            view.keys, view.values = self.cache.keys[:, :rows], self.cache.values[:, :rows]
+            view.lengths = self.cache.lengths[:rows]
+            self._views[rows] = view
+        return self._views[rows]
 
     def _take_token(self, request: GenerationRequest, choice: _Choice, logits: torch.Tensor) -> None:
         """Sample one choice's next token from its logits (1, V), report it, and free the slot when done."""
@@ -390,17 +423,14 @@ class Engine:
         if finish is None:
             choice.next_token = token
             return
-        self._busy.pop(choice.slot, None)
-        self._free_slots.append(choice.slot)
-        request.slots.remove(choice.slot)
-        self.metrics.running.set(len(self._busy))
+        self._free_row(choice)
         if request.finished:
             self.metrics.finished.labels("done").inc()
             request.on_event(DoneEvent(len(spec.prompt), [len(c.row.tokens) for c in request.choices]))
 
     def _fail_all(self, message: str) -> None:
-        """Answer every accepted request with an error and start from empty slots."""
-        requests = {id(r): r for r, _ in self._busy.values()}
+        """Answer every accepted request with an error and start from empty rows."""
+        requests = {id(r): r for r, _ in self._active}
         if self._prefilling is not None:
             requests[id(self._prefilling)] = self._prefilling
         with self._wake:
