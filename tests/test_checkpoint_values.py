@@ -229,6 +229,18 @@ def test_gguf_tq_tensor_with_only_zero_scales_is_refused(gguf_files, tmp_path, q
         pybitnet.load(bad)
 
 
+@pytest.mark.parametrize("qtype,block_bytes", [("tq2_0", 66), ("tq1_0", 54)])
+def test_gguf_tq_negative_block_scale_is_refused(gguf_files, tmp_path, qtype, block_bytes):
+    def negate_one_scale(data):
+        blocks = data.reshape(-1, block_bytes)
+        blocks[3, -1] |= 0x80  # the sign bit of block 3's fp16 scale
+        return data
+    bad = tmp_path / "bad.gguf"
+    _rewrite_gguf(gguf_files[qtype], bad, tensor_edits={"blk.1.ffn_gate.weight": negate_one_scale})
+    with pytest.raises(CheckpointError, match="ffn_gate.*negative scale.*block 3"):
+        pybitnet.load(bad)
+
+
 @pytest.mark.parametrize("tensor", ["token_embd.weight", "blk.0.attn_norm.weight", "output_norm.weight"])
 def test_gguf_non_finite_float_tensor_is_refused_by_name(gguf_files, tmp_path, tensor):
     def poison(data):

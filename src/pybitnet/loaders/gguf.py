@@ -20,7 +20,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import ConfigError, GGUFError
 from ..quant.i2s import decode_i2s, encode_i2s
-from ..quant.tq import decode_tq1_0, decode_tq2_0, encode_tq1_0, encode_tq2_0
+from ..quant.tq import TQ1_0_BLOCK_BYTES, TQ2_0_BLOCK_BYTES, decode_tq1_0, decode_tq2_0, encode_tq1_0, encode_tq2_0
 from ..weights import TernaryWeight, Weights, check_weights, expected_shapes, is_projection
 from .gguf_file import (
     I2_S_TYPE_ID,
@@ -197,8 +197,27 @@ def _ternary_from_float(weight: torch.Tensor, name: str, path: str) -> TernaryWe
     return TernaryWeight(values=values, beta=beta).packed_form()
 
 
+_TQ_BLOCK_BYTES = {"TQ1_0": TQ1_0_BLOCK_BYTES, "TQ2_0": TQ2_0_BLOCK_BYTES}
+
+
+def _check_block_scales(reader: GGUFReader, info: TensorInfo, block_bytes: int) -> None:
+    """Refuse negative block scales: llama.cpp's quantizer writes d = max|x| >= 0, so a negative d is a
+    corrupt file, not a sign flip to honour (d = 0 marks an all-zero block and is fine)."""
+    data = reader.tensor_bytes(info)
+    if data.size % block_bytes:
+        return  # the decoder names the size mismatch
+    scales = data.reshape(-1, block_bytes)[:, -2:].copy().view("<f2").reshape(-1)  # (nblk,) fp16 d, last in block
+    negative = scales < 0
+    if negative.any():
+        block = int(np.argmax(negative))
+        raise GGUFError(f"{reader.path}: projection {info.name!r} has a negative scale {float(scales[block])} "
+                        f"in block {block}")
+
+
 def _projection(reader: GGUFReader, info: TensorInfo, shape: tuple[int, int]) -> TernaryWeight:
     kind = info.type.name
+    if kind in _TQ_BLOCK_BYTES:
+        _check_block_scales(reader, info, _TQ_BLOCK_BYTES[kind])
     if kind in _TERNARY_DECODERS:
         weight = _TERNARY_DECODERS[kind](reader.tensor_bytes(info), shape, info.name)
     elif kind in ("F32", "F16", "BF16", "F64"):
