@@ -129,16 +129,14 @@ def is_projection(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in PROJECTIONS
 
 
-# Rows checked for inf/NaN at a time: the bool temporary of a 128k-row embedding stays a few MB.
-_FINITE_ROWS = 4096
-
-
 def require_finite(tensor: torch.Tensor, label: str, source: str = "checkpoint") -> None:
     """CheckpointError naming `label` when the float tensor holds inf or NaN."""
-    rows = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(1, -1)
-    for start in range(0, rows.shape[0], _FINITE_ROWS):
-        if not bool(torch.isfinite(rows[start : start + _FINITE_ROWS]).all()):
-            raise CheckpointError(f"{source}: tensor {label} holds non-finite values (inf or NaN)")
+    if tensor.numel() == 0:
+        return
+    # min and max propagate NaN and show ±inf; one pass, no temporaries (isfinite is ~30x slower on bf16)
+    low, high = torch.aminmax(tensor)
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        raise CheckpointError(f"{source}: tensor {label} holds non-finite values (inf or NaN)")
 
 
 def check_weights(config: ModelConfig, weights: Weights, source: str = "checkpoint",
