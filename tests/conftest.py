@@ -1,15 +1,13 @@
-"""Helpers shared by the test files: running the command line, and small models with a tokenizer.
+"""Fixtures shared by the test files: running the command line, and small models with a tokenizer.
 
-The tests directory is on sys.path (pytest's rootdir-relative imports), so helper modules such as
-rules.py and reference_numpy.py are imported by name; fixtures live here.
+Test files take these as fixtures and never import each other; plain helper modules (rules.py,
+reference_numpy.py) are imported by name, as the tests directory is on sys.path.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -19,13 +17,6 @@ class CliRun:
     code: int
     out: str
     err: str
-
-
-def run_pybitnet(*args: str, stdin: str | None = None, timeout: float = 300) -> CliRun:
-    """`python -m pybitnet ARGS` in a fresh process, as a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "pybitnet", *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout)
-    return CliRun(proc.returncode, proc.stdout, proc.stderr)
 
 
 @pytest.fixture
@@ -50,21 +41,18 @@ def cli(capsys, monkeypatch):
     return run
 
 
-def write_text_checkpoint(directory: Path, **config_overrides) -> Path:
-    """A tiny HF checkpoint with a trained byte-level BPE tokenizer and a chat template."""
+@pytest.fixture(scope="session")
+def write_text_checkpoint():
+    """write_text_checkpoint(directory, **overrides) -> directory: a tiny HF checkpoint with a trained byte-level
+    BPE tokenizer and a chat template (overrides: tied, max_position_embeddings, num_layers, seed)."""
     from test_tokenizer_helpers import write_tiny_checkpoint
 
-    return write_tiny_checkpoint(directory, **config_overrides)
-
-
-def gguf_metadata_from_hf(tokenizer_json: Path) -> dict:
-    """The tokenizer.ggml.* keys a GGUF file carries for the tokenizer in `tokenizer_json`."""
-    from test_tokenizer_helpers import gguf_metadata_from_hf as from_hf
-
-    return from_hf(tokenizer_json)
+    return write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
-def text_checkpoint(tmp_path_factory) -> Path:
-    """One tiny HF checkpoint with a tokenizer for the whole test run (read-only: tests must not modify it)."""
-    return write_text_checkpoint(tmp_path_factory.mktemp("text-checkpoint"))
+def gguf_metadata_from_hf():
+    """gguf_metadata_from_hf(tokenizer_json) -> the tokenizer.ggml.* keys a GGUF file carries for that tokenizer."""
+    from test_tokenizer_helpers import gguf_metadata_from_hf as from_hf
+
+    return from_hf

@@ -8,7 +8,6 @@ import sys
 
 import torch
 
-from conftest import write_text_checkpoint
 from pybitnet import synthetic
 from pybitnet.evaluate import token_logprobs
 from pybitnet.loaders.hf import save_hf
@@ -56,7 +55,7 @@ def test_errors_are_messages_not_tracebacks(tmp_path, cli):
         assert needle in done.err and len(done.err.splitlines()) == 1, done.err
 
 
-def test_score_text_goes_through_the_models_tokenizer(tmp_path, cli):
+def test_score_text_goes_through_the_models_tokenizer(tmp_path, cli, write_text_checkpoint):
     import pybitnet
     from pybitnet.tokenizer import load_tokenizer
 
@@ -71,7 +70,7 @@ def test_score_text_goes_through_the_models_tokenizer(tmp_path, cli):
     assert done.code == 1 and "exactly one of" in done.err
 
 
-def test_score_refuses_positions_past_the_context(tmp_path, cli):
+def test_score_refuses_positions_past_the_context(tmp_path, cli, write_text_checkpoint):
     path = write_text_checkpoint(tmp_path / "m", max_position_embeddings=24)
     done = cli("score", str(path), "--tokens", ",".join(["5"] * 25))
     assert done.code == 1 and "25 tokens but the model's context is 24" in done.err

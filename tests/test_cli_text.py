@@ -8,7 +8,6 @@ import re
 import pytest
 
 import pybitnet
-from conftest import write_text_checkpoint
 from pybitnet import generate as generate_module
 from pybitnet.cli import text_cmds
 from pybitnet.generate import generate
@@ -17,12 +16,12 @@ from pybitnet.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, write_text_checkpoint):
     return write_text_checkpoint(tmp_path_factory.mktemp("cli-tiny"))
 
 
 @pytest.fixture(scope="module")
-def short_context_checkpoint(tmp_path_factory):
+def short_context_checkpoint(tmp_path_factory, write_text_checkpoint):
     return write_text_checkpoint(tmp_path_factory.mktemp("cli-short"), max_position_embeddings=24)
 
 

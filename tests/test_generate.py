@@ -13,7 +13,6 @@ from pybitnet.errors import InputError
 from pybitnet.generate import CONTEXT, LENGTH, STOP_STRING, STOP_TOKEN, generate, stream
 from pybitnet.sampling import SamplingParams
 from pybitnet.tokenizer import load_tokenizer
-from conftest import gguf_metadata_from_hf, write_text_checkpoint
 
 PROMPTS = [
     "Hello world",
@@ -74,7 +73,7 @@ class ScriptedModel:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory, write_text_checkpoint) -> Path:
     return write_text_checkpoint(tmp_path_factory.mktemp("tiny-untied"))
 
 
@@ -282,7 +281,8 @@ def test_float32_greedy_agreement_with_step_by_step(checkpoint, tokenizer):
     assert agree / total >= 0.9
 
 
-def test_gguf_file_with_tokenizer_generates_like_the_hf_directory(checkpoint, tokenizer, model64, tmp_path):
+def test_gguf_file_with_tokenizer_generates_like_the_hf_directory(checkpoint, tokenizer, model64, tmp_path,
+                                                                    gguf_metadata_from_hf):
     """A .gguf carrying tokenizer.ggml.* keys: same tokenizer, same float64 greedy tokens as the HF directory."""
     from pybitnet.loaders.gguf import write_gguf
     from pybitnet.loaders.hf import load_hf_weights

@@ -14,13 +14,12 @@ from pybitnet.loaders.gguf_file import GGUFReader, ValueType
 from pybitnet.loaders.hf import load_hf_weights
 from pybitnet.tokenizer import load_tokenizer
 from pybitnet.weights import TernaryWeight
-from conftest import write_text_checkpoint
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
+def hf_dir(tmp_path_factory, write_text_checkpoint) -> Path:
     return write_text_checkpoint(tmp_path_factory.mktemp("hf"), tied=True)
 
 
