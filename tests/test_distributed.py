@@ -184,3 +184,60 @@ def test_the_perplexity_command_runs_on_ray(tmp_path, local_float64):
     for d in written:
         if d["id"] in expected:
             assert d["logprob_sum"] == expected[d["id"]], d["id"]
+
+
+def test_the_server_on_ray_serve_spreads_requests_over_two_replicas():
+    """The OpenAI routes through Ray Serve with 2 replicas: the openai client gets what one process answers."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is optional: pip install \"ray[serve]\"")
+    openai = pytest.importorskip("openai")
+    import socket
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from fastapi.testclient import TestClient
+    from ray import serve
+
+    from pybitnet.distributed.serving import REPLICA_HEADER, _load, run
+    from pybitnet.serve.app import create_app
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    run("synthetic:tiny", port=port, replicas=2, cpus_per_replica=0.5)
+    try:
+        healthy, deadline = 0, time.monotonic() + 240
+        while healthy < 6 and time.monotonic() < deadline:  # both replicas answer 200 once loaded
+            try:
+                healthy = healthy + 1 if httpx.get(base + "/health", timeout=10).status_code == 200 else 0
+            except httpx.HTTPError:
+                healthy = 0
+            time.sleep(0.2)
+        assert healthy >= 6, "the replicas did not become healthy"
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+        def complete(i: int):
+            raw = client.completions.with_raw_response.create(model="bitnet", prompt=[1, 7, 3 + i % 5, 9], max_tokens=5,
+                                                              temperature=0, logprobs=1)
+            return raw.headers[REPLICA_HEADER], raw.parse()
+
+        with ThreadPoolExecutor(8) as pool:  # a loopback load at concurrency 8
+            answers = list(pool.map(complete, range(16)))
+        assert len({replica for replica, _ in answers}) == 2, "every request went to one replica"
+
+        one_process = create_app(lambda: _load("synthetic:tiny", torch.float32, 1))
+        with TestClient(one_process) as local:
+            while local.get("/health").status_code != 200:
+                time.sleep(0.05)
+            for i, (_, answer) in enumerate(answers[:5]):
+                expected = local.post("/v1/completions", json={"model": "bitnet", "prompt": [1, 7, 3 + i % 5, 9],
+                                                               "max_tokens": 5, "temperature": 0, "logprobs": 1}).json()
+                assert answer.choices[0].text == expected["choices"][0]["text"]
+                assert answer.choices[0].logprobs.token_logprobs == pytest.approx(
+                    expected["choices"][0]["logprobs"]["token_logprobs"], rel=1e-5)
+        with pytest.raises(openai.BadRequestError) as bad:  # the app's own validation, through the proxy
+            client.completions.create(model="bitnet", prompt=[1, 10**6], max_tokens=2)
+        assert "token id 1000000 is out of range" in str(bad.value)
+    finally:
+        serve.shutdown()
