@@ -56,3 +56,18 @@ def test_bad_synthetic_specs_name_the_problem(cli, spec, message):
 def test_malformed_token_ids_are_refused(cli, tokens, message):
     done = cli("score", "synthetic:tiny", "--tokens", tokens, "--threads", "1")
     assert done.code == 1 and message in done.err and len(done.err.splitlines()) == 1
+
+
+def test_bad_tokenizer_metadata_in_a_gguf_file_is_one_line(cli, tmp_path):
+    from pybitnet import preset, synthetic
+    from pybitnet.loaders.gguf import write_gguf
+
+    config = preset("tiny").replace(num_layers=1)
+    path = tmp_path / "bad-tokenizer.gguf"
+    write_gguf(path, config, synthetic.random_weights(config, 0), "i2_s",
+               {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.token_type": [1],
+                "tokenizer.ggml.merges": []})
+    for args in (("generate", str(path), "hello"), ("chat", str(path)), ("score", str(path), "--text", "hello")):
+        done = cli(*args, "--threads", "1")
+        assert done.code == 1 and str(path) in done.err and "tokenizer.ggml.token_type" in done.err, done.err
+        assert len(done.err.splitlines()) == 1

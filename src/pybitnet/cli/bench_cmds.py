@@ -16,7 +16,7 @@ console = Console()
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
-    table = Table(*columns, title=title, title_justify="left")
+    table = Table(*columns, title=title, title_justify="left", min_width=len(title))  # titles stay on one line
     for column in table.columns[1:]:
         column.justify = "right"
     for row in rows:
