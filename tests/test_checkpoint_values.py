@@ -85,7 +85,7 @@ def test_non_finite_float_master_weight_is_refused_by_name(tmp_path, value):
 
 @pytest.mark.parametrize("key,value", [
     ("rope_theta", 0), ("rope_theta", -10000.0), ("rope_theta", math.nan), ("rope_theta", math.inf),
-    ("rms_norm_eps", -1e-6), ("rms_norm_eps", math.nan),
+    ("rms_norm_eps", -1e-6), ("rms_norm_eps", math.nan), ("max_position_embeddings", 0),
 ])
 def test_impossible_rope_theta_or_rms_eps_is_refused(tmp_path, key, value):
     _edit_config(_hf(tmp_path), **{key: value})  # json.dumps writes NaN / Infinity, which json.loads reads back

@@ -38,7 +38,8 @@ class ModelConfig:
                     f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field {name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
