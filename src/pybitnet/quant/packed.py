@@ -62,14 +62,6 @@ def unpack_ternary(packed: torch.Tensor, in_features: int, out: torch.Tensor | N
     return target
 
 
-def check_packed(packed: torch.Tensor, name: str) -> None:
-    """Raise CheckpointError naming `name` if any 2-bit code is 3 (not a ternary value)."""
-    bad = packed & (packed >> 1) & 0x55
-    if bool(bad.any()):
-        row, col = (int(i) for i in bad.nonzero()[0])
-        raise CheckpointError(f"packed tensor {name!r} holds the invalid 2-bit code 3 in row {row}, byte {col}")
-
-
 def _libc_trim():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
