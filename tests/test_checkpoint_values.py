@@ -279,3 +279,20 @@ def test_unreadable_tokenizer_files_are_named(tmp_path, name, content, match):
     (model_dir / name).write_bytes(content)
     with pytest.raises(CheckpointError, match=match):
         load_tokenizer(model_dir)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"tokenizer.ggml.tokens": 5}, "malformed tokenizer metadata"),
+    ({"tokenizer.ggml.token_type": ["a"] * 512}, "malformed tokenizer metadata"),
+    ({"tokenizer.ggml.bos_token_id": "x"}, "malformed tokenizer metadata"),
+    ({"tokenizer.ggml.tokens": [None] * 512}, "malformed tokenizer metadata"),
+    ({"tokenizer.ggml.eot_token_id": 10**12}, "stop token ids .* outside the vocabulary"),
+    ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0]}, "scores has 1 entries"),
+])
+def test_malformed_gguf_tokenizer_metadata_is_named(change, match):
+    from pybitnet.synthetic import synthetic_tokenizer_metadata
+    from pybitnet.tokenizer import Tokenizer
+
+    metadata = {**synthetic_tokenizer_metadata(TINY), **change}
+    with pytest.raises(CheckpointError, match=f"bad.gguf: .*{match}"):
+        Tokenizer.from_gguf_metadata(metadata, source="bad.gguf")

@@ -141,7 +141,18 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any], *, source: str = "<gguf metadata>") -> "Tokenizer":
-        """Build from the `tokenizer.ggml.*` keys of a GGUF file (values as Python scalars / sequences)."""
+        """Build from the `tokenizer.ggml.*` keys of a GGUF file (values as Python scalars / sequences).
+        Metadata of the wrong types or lengths is a CheckpointError naming `source`."""
+        try:
+            return cls._from_gguf_metadata(metadata, source)
+        except PyBitNetError:
+            raise
+        except Exception as err:  # TypeError/ValueError from our conversions, bare Exception from tokenizers
+            raise CheckpointError(f"{source}: malformed tokenizer metadata ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+    @classmethod
+    def _from_gguf_metadata(cls, metadata: Mapping[str, Any], source: str) -> "Tokenizer":
         kind = _as_str(metadata.get("tokenizer.ggml.model"))
         if kind is None or kind == "no_vocab":
             raise CheckpointError(f"{source} has no tokenizer (tokenizer.ggml.model is {kind!r})")
@@ -165,6 +176,9 @@ class Tokenizer:
             backend = _byte_level_bpe(tokens, types, merges, _as_str(metadata.get("tokenizer.ggml.pre")), source)
         elif kind == "llama":
             scores = [float(s) for s in _required(metadata, "tokenizer.ggml.scores", source)]
+            if len(scores) != len(tokens):
+                raise CheckpointError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries, "
+                                      f"tokenizer.ggml.tokens {len(tokens)}")
             unk = special("tokenizer.ggml.unknown_token_id")
             add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
             backend = _sentencepiece_bpe(tokens, types, scores, unk, add_space_prefix)
@@ -176,7 +190,9 @@ class Tokenizer:
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
                 special_tokens=[(bos, tokens.index(bos))],
             )
-        stops = [metadata[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in metadata]
+        stops = [int(metadata[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in metadata]
+        if any(not 0 <= t < len(tokens) for t in stops):
+            raise CheckpointError(f"{source}: stop token ids {stops} lie outside the vocabulary of {len(tokens)}")
         arch = _as_str(metadata.get("general.architecture"))
         template = _as_str(metadata.get("tokenizer.chat_template"))
         if arch in _BITNET_GGUF_ARCHS:
