@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -30,6 +31,8 @@ def _checkpoint(tmp_path):
 def test_info(tmp_path):
     out = run("info", str(_checkpoint(tmp_path))).stdout
     assert "BitNetForCausalLM" in out and "relu2" in out and "4 / 2 / 32" in out
+    bits = float(re.search(r"ternary weights in memory\s*│\s*[\d.]+ MiB \(([\d.]+) bits each\)", out).group(1))
+    assert 2.0 <= bits <= 8.0  # packed 2-bit codes (rows padded to the kernel's block) up to int8
 
 
 def test_score_prints_the_log_probs_of_forward_full(tmp_path):

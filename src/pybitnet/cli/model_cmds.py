@@ -36,7 +36,8 @@ def info(model: str = ModelArg, dtype: str = DtypeOpt):
         ("ternary parameters", f"{c.ternary_parameters():,}"), ("float parameters", f"{c.float_parameters():,}"),
         ("compute dtype", str(m.dtype).replace("torch.", "")),
         ("embedding dtype", str(m.embed_tokens.dtype).replace("torch.", "")),
-        ("ternary weights (int8)", f"{ternary_bytes / 2**20:,.1f} MiB"),
+        ("ternary weights in memory", f"{ternary_bytes / 2**20:,.1f} MiB "
+                                      f"({8 * ternary_bytes / max(c.ternary_parameters(), 1):.1f} bits each)"),
         ("float weights", f"{float_bytes / 2**20:,.1f} MiB"),
         ("KV cache per token", f"{2 * c.num_layers * c.kv_size * m.dtype.itemsize / 1024:,.1f} KiB"),
     ]
