@@ -122,12 +122,10 @@ def test_bad_documents_are_reported_and_left_out_of_the_corpus_figure(tmp_path, 
     assert result.perplexity == pytest.approx(math.exp(-total_logp / total_tokens), rel=1e-12)
 
 
-def test_text_documents_go_through_the_model_tokenizer(tmp_path):
-    from test_tokenizer_helpers import write_tiny_checkpoint
-
+def test_text_documents_go_through_the_model_tokenizer(tmp_path, write_text_checkpoint):
     from pybitnet.tokenizer import load_tokenizer
 
-    path = write_tiny_checkpoint(tmp_path / "m")
+    path = write_text_checkpoint(tmp_path / "m")
     text = "The quick brown fox jumps over the lazy dog."
     model = corpus.open_model(str(path), torch.float64)
     result = corpus.score_documents(model, corpus.open_tokenizer(str(path)), [corpus.Document("t", (0, 0), text=text)],
@@ -197,17 +195,18 @@ def test_cli_scores_many_documents_like_the_library(tmp_path, model):
     assert payload["corpus"]["failed"] == expected.failed >= 9
 
 
-def test_cli_fails_only_when_no_document_scores(tmp_path):
+def test_cli_fails_only_when_no_document_scores(tmp_path, cli):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff")
-    run = _cli("perplexity", "synthetic:tiny", str(bad), "--ctx", "4000", "--threads", "1")
-    assert isinstance(run.exception, InputError) and "no document could be scored" in str(run.exception)
-    assert "invalid UTF-8" in run.output
-    assert "exceeds the model's context of 1024" in run.output  # --ctx past the model's positions warns
-    run = _cli("perplexity", "synthetic:tiny", "--threads", "1")
-    assert isinstance(run.exception, InputError) and "give the documents" in str(run.exception)
-    run = _cli("perplexity", "synthetic:tiny", str(bad), "--json", str(tmp_path / "x.csv"))
-    assert isinstance(run.exception, InputError) and "must end in .json" in str(run.exception)
+    run = cli("perplexity", "synthetic:tiny", str(bad), "--ctx", "4000", "--threads", "1")
+    assert run.code == 1 and "error: no document could be scored (1 of 1 failed)" in run.err
+    assert "Traceback" not in run.err
+    assert "invalid UTF-8" in run.out
+    assert "exceeds the model's context of 1024" in run.out  # --ctx past the model's positions warns
+    run = cli("perplexity", "synthetic:tiny", "--threads", "1")
+    assert run.code == 1 and "give the documents" in run.err
+    run = cli("perplexity", "synthetic:tiny", str(bad), "--json", str(tmp_path / "x.csv"))
+    assert run.code == 1 and "must end in .json" in run.err
 
 
 def test_distributed_scoring_says_how_to_install_ray_when_it_is_missing(monkeypatch):

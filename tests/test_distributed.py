@@ -87,19 +87,21 @@ def test_same_numbers_as_one_process_with_any_number_of_actors(actors, local_flo
     assert written["corpus"]["perplexity"] == local_float64.perplexity
 
 
-def test_files_with_text_and_bad_documents_match_a_local_run(tmp_path):
+SENTENCES = [f"Sentence {i}: the quick brown fox jumps over {i % 7} lazy dogs, again and again." for i in range(14)]
+
+
+def test_files_with_text_and_bad_documents_match_a_local_run(tmp_path, write_text_checkpoint):
     """Text, JSONL and parquet files through the model's tokenizer (float32: the float32 rule), parquet out."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from test_tokenizer_helpers import CORPUS, write_tiny_checkpoint
 
-    model_dir = str(write_tiny_checkpoint(tmp_path / "m"))
-    (tmp_path / "one.txt").write_text(" ".join(CORPUS[:5]))
+    model_dir = str(write_text_checkpoint(tmp_path / "m"))
+    (tmp_path / "one.txt").write_text(" ".join(SENTENCES[:5]))
     (tmp_path / "bad.txt").write_bytes(b"\xc3\x28 broken")
-    lines = [json.dumps({"id": f"line-{i}", "text": text}) for i, text in enumerate(CORPUS[:12])]
+    lines = [json.dumps({"id": f"line-{i}", "text": text}) for i, text in enumerate(SENTENCES[:12])]
     lines += ["{oops", json.dumps({"id": "blank", "text": ""})]
     (tmp_path / "docs.jsonl").write_text("\n".join(lines))
-    pq.write_table(pa.table({"id": ["pq-0", "pq-1"], "text": CORPUS[12:14]}), tmp_path / "docs.parquet")
+    pq.write_table(pa.table({"id": ["pq-0", "pq-1"], "text": SENTENCES[12:14]}), tmp_path / "docs.parquet")
     paths = [str(tmp_path / n) for n in ("one.txt", "bad.txt", "docs.jsonl", "docs.parquet")]
 
     model = corpus.open_model(model_dir, torch.float32)
