@@ -132,8 +132,10 @@ def start_server(engine: str, gguf: Path, threads: int, ctx: int, max_batch: int
     else:
         command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                    "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                   "--n_ctx", str(ctx), "--n_batch", "512", "--model_alias", "model",
-                   "--interrupt_requests", "False"]  # its default cancels a running stream when another arrives
+                   # twice the room: llama-cpp-python overflows its logits buffer when a request runs to n_ctx
+                   "--n_ctx", str(2 * ctx), "--n_batch", "512", "--model_alias", "model",
+                   # its defaults cancel a running stream when another arrives, and keep every position's logits
+                   "--interrupt_requests", "False", "--logits_all", "False"]
     out = open(log, "w")
     process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     url = f"http://127.0.0.1:{port}"
@@ -163,14 +165,15 @@ def stop_server(process) -> None:
 # -- the load --------------------------------------------------------------------------------------------------
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, stop_ids: list[int]) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, stop_ids: list[int],
+                      count_tokens) -> dict:
     # Every request produces max_tokens: pybitnet takes ignore_eos, llama-cpp-python a logit bias against the
     # end tokens (each server ignores the other's field).
     body = {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "logit_bias": {str(t): -100 for t in stop_ids},
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    arrivals, usage = [], None
+    arrivals, usage, text = [], None, ""
     async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S) as response:
         if response.status_code != 200:
             return {"ok": False, "status": response.status_code}
@@ -182,22 +185,25 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
                 usage = chunk["usage"]
             if chunk.get("choices"):
                 arrivals.append(time.perf_counter())
+                text += chunk["choices"][0].get("text") or ""
     end = time.perf_counter()
-    tokens = usage["completion_tokens"] if usage else len(arrivals)
+    # A server that sends no usage chunk (llama-cpp-python) has its output counted by re-tokenizing the text.
+    tokens = usage["completion_tokens"] if usage else count_tokens(text)
     if not arrivals:
         return {"ok": False, "status": "no tokens"}
     return {"ok": True, "ttft": arrivals[0] - start, "itl": [b - a for a, b in zip(arrivals, arrivals[1:])],
             "e2e": end - start, "tokens": tokens}
 
 
-async def run_level(url: str, prompts: list[str], concurrency: int, max_tokens: int, stop_ids: list[int]) -> dict:
+async def run_level(url: str, prompts: list[str], concurrency: int, max_tokens: int, stop_ids: list[int],
+                    count_tokens) -> dict:
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(limits=limits) as client:
         async def limited(prompt):
             async with gate:
                 try:
-                    return await one_request(client, url, prompt, max_tokens, stop_ids)
+                    return await one_request(client, url, prompt, max_tokens, stop_ids, count_tokens)
                 except httpx.HTTPError as err:
                     return {"ok": False, "status": type(err).__name__}
 
@@ -287,17 +293,20 @@ def main() -> None:
         gguf, tokenizer = build_gguf(Path(tmp), args.preset, args.layers, args.seed)
         vocab = tokenizer.get_vocab_size()
         stop_ids = [vocab - 2, vocab - 1]  # <|end_of_text|>, <|eot_id|>
+
+        def count_tokens(text: str) -> int:
+            return len(tokenizer.encode(text, add_special_tokens=False).ids)
         for engine in args.engines.split(","):
             log = Path(tmp) / f"{engine}.log"
             process, url = start_server(engine, gguf, args.threads, ctx, max(levels), log)
             try:
                 warm = make_prompts(tokenizer, 1, args.prompt_min, args.prompt_min, args.seed + 1)
-                asyncio.run(run_level(url, warm, 1, 4, stop_ids))
+                asyncio.run(run_level(url, warm, 1, 4, stop_ids, count_tokens))
                 results["engines"][engine] = []
                 for level in levels:
                     count = args.requests or max(4, 2 * level)
                     prompts = make_prompts(tokenizer, count, args.prompt_min, args.prompt_max, args.seed + level)
-                    result = asyncio.run(run_level(url, prompts, level, args.max_tokens, stop_ids))
+                    result = asyncio.run(run_level(url, prompts, level, args.max_tokens, stop_ids, count_tokens))
                     results["engines"][engine].append(result)
                     print(engine, json.dumps(result), flush=True)
             finally:
