@@ -280,3 +280,23 @@ def test_sse_wire_format(server):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_tokenizer_without_a_template_chats_in_chatml(model):
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    from pybitnet.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|im_start|>", "<|im_end|>"], show_progress=False)
+    backend.train_from_iterator(["user assistant hello there", "what is the capital of France?"] * 5, trainer)
+    tokenizer = Tokenizer(backend, bos_token=None, eos_token=None)
+    expected = "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
+    with LiveServer(model, tokenizer, max_batch=1, context=256) as live:
+        body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 2}
+        usage = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=30).json()["usage"]
+        assert live.state.chat_stops == ([tokenizer.token_to_id("<|im_end|>")], [])
+    assert usage["prompt_tokens"] == len(tokenizer.encode(expected, add_special_tokens=False))
