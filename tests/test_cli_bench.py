@@ -52,6 +52,15 @@ def test_estimates_cover_every_step_the_suite_reports(tiny_shape):
     assert all(seconds > 0 for m, seconds in reported if not m.startswith("WARNING"))
 
 
+def test_the_progress_total_is_the_sum_of_the_steps(tiny_shape, monkeypatch):
+    # so the bar reaches 100% as the run ends, for every section
+    monkeypatch.setattr(suite, "peak_rss", lambda layers, seq, threads: 2**30 + seq)  # no child processes
+    workload = {**suite.FULL, "full_vs_step_t": (8,), "scaling_t": (8, 16), "decode_contexts": (8,)}
+    reported = []
+    suite.run_suite(layers=2, threads=1, progress=lambda message, seconds: reported.append(seconds), **workload)
+    assert abs(sum(reported) - suite.estimated_seconds(2, **workload)) < 1e-9
+
+
 @pytest.mark.parametrize("option", ["--json", "--markdown", "--plot"])
 def test_unwritable_outputs_are_refused_before_the_work(cli, tmp_path, monkeypatch, option):
     monkeypatch.setattr(suite, "run_suite", lambda **kwargs: pytest.fail("benchmarked before checking outputs"))
