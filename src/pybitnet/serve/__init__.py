@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server with continuous batching (`pybitnet serve`).
 
-    engine    the scheduler thread: slots, chunked prefill, batched decode steps, sampling
+    engine    the scheduler thread: cache rows, chunked prefill, batched decode steps, sampling
     protocol  pydantic request/response models (the OpenAPI schema)
     app       FastAPI endpoints, SSE streaming, error bodies
     metrics   Prometheus metrics

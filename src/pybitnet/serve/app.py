@@ -63,7 +63,7 @@ class ServerSettings:
     max_queue: int = 64
     max_tokens_default: int = 256
     api_key: str | None = None
-    context: int | None = None  # cache positions per slot; default the model's max_position_embeddings
+    context: int | None = None  # cache positions per row; default the model's max_position_embeddings
     prefill_chunk: int = 512
     batch_invariant: bool = True
 
@@ -313,7 +313,7 @@ class _Call:
 
     async def submit(self) -> None:
         if len(self.specs) * self.n > self.engine.max_batch:
-            raise ApiError(400, f"{len(self.specs)} prompts x n={self.n} choices need more slots than the "
+            raise ApiError(400, f"{len(self.specs)} prompts x n={self.n} choices need more rows than the "
                                 f"server has (max batch {self.engine.max_batch})", param="n")
         loop = asyncio.get_running_loop()
         try:
@@ -394,7 +394,7 @@ async def _collect(call: _Call, raw: Request):
             elif isinstance(event, ErrorEvent):
                 raise ApiError(500, event.message, kind="server_error")
     except BaseException:
-        call.cancel()  # disconnected, failed or cancelled: free the slots now
+        call.cancel()  # disconnected, failed or cancelled: free the rows now
         raise
     return outs, prompt_lp, done
 

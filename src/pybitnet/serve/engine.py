@@ -17,7 +17,7 @@ step can make them depend on the batch, all measured on this engine (torch 2.13,
   - attention sums a row's scores over every key position up to the batch's longest row (masked ones
     included), and a longer key range changes the order of that float sum;
   - CPU flash attention gives each thread a scratch buffer at a different alignment, and MKL's GEMM takes
-    alignment-dependent code paths, so a row's result depends on which thread its slot lands on. MKL's
+    alignment-dependent code paths, so a row's result depends on which thread its row lands on. MKL's
     conditional numerical reproducibility (environment MKL_CBWR=AUTO, read at MKL's first call) removes
     this; `pybitnet serve` sets it, and `attention_is_row_independent()` checks it at start.
 So a decode step always has at least MIN_DECODE_ROWS rows (idle rows decode a dummy token at position 0 and
@@ -393,7 +393,7 @@ class Engine:
         return self._views[rows]
 
     def _take_token(self, request: GenerationRequest, choice: _Choice, logits: torch.Tensor) -> None:
-        """Sample one choice's next token from its logits (1, V), report it, and free the slot when done."""
+        """Sample one choice's next token from its logits (1, V), report it, and free its row when done."""
         spec = request.spec
         scores = logits
         if choice.counts is not None:  # OpenAI's penalties, on the output so far

@@ -12,8 +12,8 @@ class ServerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.running = Gauge("pybitnet_requests_running", "choices holding a batch slot", registry=r)
-        self.waiting = Gauge("pybitnet_requests_waiting", "requests queued for a slot", registry=r)
+        self.running = Gauge("pybitnet_requests_running", "choices holding a cache row", registry=r)
+        self.waiting = Gauge("pybitnet_requests_waiting", "requests queued for a cache row", registry=r)
         self.finished = Counter("pybitnet_requests_finished", "requests that left the engine",
                                 ["outcome"], registry=r)  # done | cancelled | error
         self.prompt_tokens = Counter("pybitnet_prompt_tokens", "prompt tokens prefilled", registry=r)
@@ -26,5 +26,5 @@ class ServerMetrics:
                                              buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_invariant = Gauge("pybitnet_batch_invariant",
                                      "1 when outputs are checked to be independent of the batch", registry=r)
-        self.batch_size = Histogram("pybitnet_batch_size", "busy slots per decode step",
+        self.batch_size = Histogram("pybitnet_batch_size", "busy rows per decode step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
