@@ -84,3 +84,20 @@ def test_greedy_text_equals_generate(model, tokenizer):
             assert choice["text"] == reference.texts[i]
             expected = "length" if reference.finish_reasons[i] == "length" else "stop"
             assert choice["finish_reason"] == expected
+
+
+def test_chunked_prefill_matches_generate_float64(checkpoint):
+    """A prompt prefilled 7 tokens per scheduler iteration gives generate()'s tokens, and logprobs that
+    meet the float64 rule against one full-sequence pass."""
+    model64 = pybitnet.load(checkpoint, dtype=torch.float64)
+    prompt = _prompts(model64.config.vocab_size)[5]  # 48 tokens
+    reference = generate(model64, None, [prompt], max_new_tokens=NEW_TOKENS)
+    with LiveServer(model64, None, max_batch=2, context=200, prefill_chunk=7) as server:
+        result = _complete(server.url, prompt, temperature=0)
+    assert result["tokens"] == reference.token_ids[0]
+    with torch.no_grad():
+        logits = model64.forward_full(torch.tensor([prompt + result["tokens"]]))[0]
+    expected = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1]
+    got = torch.tensor(result["logprobs"], dtype=torch.float64)
+    wanted = expected[torch.arange(len(result["tokens"])), torch.tensor(result["tokens"])]
+    assert float((got - wanted).abs().max()) <= 1e-9 * float(expected.abs().max())
