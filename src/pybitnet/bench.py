@@ -13,10 +13,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -72,7 +72,7 @@ def estimated_seconds(layers: int = 30, sections=SECTIONS, full_vs_step_t=FULL_V
     if "scaling" in sections:
         total += sum((3 if t <= 1024 else 2) * _full_cost(t, layers) for t in scaling_t)
     if "decode" in sections:
-        total += sum(_full_cost(c, layers) + _step_cost(25, layers) for c in decode_contexts)
+        total += sum(_full_cost(c, layers) + _step_cost(3 * 8 + 1, layers) for c in decode_contexts)  # decode()'s rounds x steps + warm-up
     if "memory" in sections:
         total += 2 * layers * _BUILD_S_PER_LAYER + _full_cost(MEMORY_T, layers)
     return total
