@@ -71,3 +71,22 @@ def test_bad_tokenizer_metadata_in_a_gguf_file_is_one_line(cli, tmp_path):
         done = cli(*args, "--threads", "1")
         assert done.code == 1 and str(path) in done.err and "tokenizer.ggml.token_type" in done.err, done.err
         assert len(done.err.splitlines()) == 1
+
+
+def test_a_real_sigint_while_loading_exits_130_without_a_traceback():
+    import subprocess
+    import sys
+
+    # The "load" sends this process SIGINT, as Ctrl-C in a terminal would, then waits to be interrupted.
+    script = (
+        "import os, signal, sys, time\n"
+        "from pybitnet.cli import main, text_cmds\n"
+        "def load(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(60)\n"
+        "text_cmds.open_model = load\n"
+        "sys.argv = ['pybitnet', 'generate', 'synthetic:tiny', 'hello', '--threads', '1']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip() == "interrupted" and proc.stdout == "", proc.stderr
