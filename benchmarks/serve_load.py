@@ -11,6 +11,9 @@ inter-token latency p50/p99, end-to-end latency p50/p99 and output tokens/s over
     python benchmarks/serve_load.py --json benchmarks/results/serve_load.json \
         --markdown benchmarks/results/serve_load.md --plot benchmarks/results/serve_load.png
 
+Batch invariance on the same model (pybitnet only): --invariance 32 runs 32 prompts one at a time and then in
+crowds of 16 (greedy, --max-tokens each, logprobs on) and reports any request whose tokens or logprobs differ.
+
 Quick check at a tiny size: python benchmarks/serve_load.py --preset small --layers 2 --requests 4 --max-tokens 8 \
     --prompt-min 8 --prompt-max 32 --concurrency 1,4
 """
@@ -229,6 +232,24 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+async def invariance(url: str, prompts: list[str], max_tokens: int, stop_ids: list[int], crowd: int) -> dict:
+    """Greedy outputs of each prompt alone and among crowd-1 others: tokens and logprobs must be identical."""
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+        async def complete(prompt):
+            body = {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 1,
+                    "ignore_eos": True}
+            choice = (await client.post(f"{url}/v1/completions", json=body)).json()["choices"][0]
+            return choice["token_ids"], choice["logprobs"]["token_logprobs"]
+
+        alone = [await complete(p) for p in prompts]
+        together = []
+        for start in range(0, len(prompts), crowd):
+            together += await asyncio.gather(*(complete(p) for p in prompts[start : start + crowd]))
+    differ = [i for i, (a, b) in enumerate(zip(alone, together)) if a != b]
+    return {"prompts": len(prompts), "tokens_each": max_tokens, "crowd": crowd, "differing_prompts": differ,
+            "identical": not differ}
+
+
 # -- reporting -------------------------------------------------------------------------------------------------
 
 
@@ -280,6 +301,8 @@ def main() -> None:
     parser.add_argument("--prompt-max", type=int, default=512)
     parser.add_argument("--engines", default="pybitnet,llama_cpp")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--invariance", type=int, default=0, metavar="PROMPTS",
+                        help="also check batch invariance on this many prompts (pybitnet only)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     parser.add_argument("--plot")
@@ -309,6 +332,10 @@ def main() -> None:
                     result = asyncio.run(run_level(url, prompts, level, args.max_tokens, stop_ids, count_tokens))
                     results["engines"][engine].append(result)
                     print(engine, json.dumps(result), flush=True)
+                if engine == "pybitnet" and args.invariance:
+                    prompts = make_prompts(tokenizer, args.invariance, args.prompt_min, args.prompt_max, args.seed + 7)
+                    results["invariance"] = asyncio.run(invariance(url, prompts, args.max_tokens, stop_ids, max(levels)))
+                    print("invariance", json.dumps(results["invariance"]), flush=True)
             finally:
                 stop_server(process)
     table = markdown(results)
