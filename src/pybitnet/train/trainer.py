@@ -245,6 +245,7 @@ def write_hf_atomically(out: Path, config: ModelConfig, weights) -> None:
     with tempfile.TemporaryDirectory(dir=out, prefix=".hf-") as tmp:
         save_hf(tmp, config, weights, float_dtype=torch.float16)
         for file in Path(tmp).iterdir():
+            file.chmod(0o644)
             file.replace(out / file.name)
 
 
