@@ -111,6 +111,16 @@ def test_float_model_has_no_ternary_export():
         _model(_config(), torch.float64, float_weights=True).export()
 
 
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    config = _config()
+    tokens = _tokens(config, seq=15, seed=2)
+    plain = _our_grads(_model(config, torch.float64), tokens)
+    recomputed = _our_grads(_model(config, torch.float64, checkpoint_layers=True), tokens)
+    assert plain[0] == recomputed[0]
+    for name, grad in plain[1].items():
+        assert torch.equal(grad, recomputed[1][name]), name
+
+
 # ---------------------------------------------------------------------------------------------- reference
 def _reference_loss(config: ModelConfig, w: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
     """BitNet b1.58 forward in plain float64 autograd, written from the model definition; STE as
