@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import pybitnet
 from pybitnet import ConfigError, Transformer, preset, synthetic
 from pybitnet.synthetic import random_weights
 
@@ -29,3 +30,9 @@ def test_supported_dtypes_give_finite_logits_in_that_dtype(dtype):
     logits = model.forward_full(torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0)))
     assert logits.dtype == dtype
     assert torch.isfinite(logits).all()
+
+
+def test_load_refuses_a_half_dtype_before_resolving_the_model():
+    # The spec names nothing that exists: the dtype error must come first, before any file is read.
+    with pytest.raises(ConfigError, match="bfloat16"):
+        pybitnet.load("/nonexistent/model/dir", dtype=torch.bfloat16)

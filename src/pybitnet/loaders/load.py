@@ -9,13 +9,14 @@ import torch
 from .. import kernels
 from ..config import ModelConfig
 from ..weights import Weights
-from .spec import resolve_model_spec
+from .spec import BUILTIN, resolve_model_spec
 
 SYNTHETIC_SEED = 0  # synthetic:PRESET specs always name the same weights
 
 
-def load_weights(spec: str | os.PathLike) -> tuple[ModelConfig, Weights, dict]:
-    """(config, weights, info) of an HF directory, a .gguf file, `synthetic:PRESET[:LAYERS]` or a Hub repo id."""
+def load_weights(spec: str | os.PathLike = BUILTIN) -> tuple[ModelConfig, Weights, dict]:
+    """(config, weights, info) of an HF directory, a .gguf file, `synthetic:PRESET[:LAYERS]`, a Hub repo id,
+    or `builtin` (the default: the small trained model shipped with the package)."""
     model = resolve_model_spec(spec)
     hub = {"repo_id": model.repo_id} if model.repo_id else {}
     if model.kind == "synthetic":
@@ -34,12 +35,13 @@ def load_weights(spec: str | os.PathLike) -> tuple[ModelConfig, Weights, dict]:
     return config, weights, {"format": "gguf", **hub}
 
 
-def load(spec: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load(spec: str | os.PathLike = BUILTIN, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          backend: str = kernels.AUTO, lm_head: str = "exact"):
     """A ready-to-run Transformer for any MODEL spec (see `load_weights`).
     `lm_head="int8"` trades exact logits for a faster, smaller output projection (see head.py)."""
-    from ..model import Transformer
+    from ..model import Transformer, check_dtype
 
+    check_dtype(dtype)  # before reading gigabytes of weights
     config, weights, info = load_weights(spec)
     model = Transformer(config, weights, dtype=dtype, device=device, backend=backend, release_weights=True,
                         lm_head=lm_head)

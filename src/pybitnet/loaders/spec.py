@@ -1,6 +1,7 @@
 """MODEL specs -> what they name: the one resolver behind `load`, `load_weights` and `load_tokenizer`.
 
 A spec is, tried in this order:
+    builtin                     the small trained model shipped inside the package (the default MODEL)
     synthetic:PRESET[:LAYERS]   random weights of seed 0 and the synthetic tokenizer (pybitnet.synthetic)
     an existing path            a Hugging Face directory (config.json + *.safetensors) or a .gguf file
     OWNER/NAME                  a Hugging Face Hub repo id, fetched with huggingface_hub (from its local
@@ -19,6 +20,7 @@ from ..config import ModelConfig, preset
 from ..errors import CheckpointError, InputError
 
 SYNTHETIC_PREFIX = "synthetic:"
+BUILTIN = "builtin"  # the spec of the shipped model, and the default wherever a MODEL may be omitted
 # what the Hub accepts as a repo id: OWNER/NAME of letters, digits, '-', '_', '.'
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # files a model repo needs: weights, configs, tokenizer; never optimizer states or other formats
@@ -48,6 +50,10 @@ def parse_synthetic(spec: str) -> ModelConfig:
 def resolve_model_spec(spec: str | os.PathLike) -> ModelSpec:
     """What `spec` names; downloads a Hub repo's model files (or finds them in the local cache)."""
     text = os.fspath(spec)
+    if text == BUILTIN:
+        from ..builtin import builtin_model_path
+
+        return ModelSpec(text, "hf", builtin_model_path())
     if text.startswith(SYNTHETIC_PREFIX):
         return ModelSpec(text, "synthetic", config=parse_synthetic(text))
     path = Path(text)
