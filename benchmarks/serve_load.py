@@ -14,6 +14,9 @@ inter-token latency p50/p99, end-to-end latency p50/p99 and output tokens/s over
 Batch invariance on the same model (pybitnet only): --invariance 32 runs 32 prompts one at a time and then in
 crowds of 16 (greedy, --max-tokens each, logprobs on) and reports any request whose tokens or logprobs differ.
 
+The cost of batch invariance in one decode step (no server; best of 5 per shape, MKL_CBWR=AUTO as the server
+runs): python benchmarks/serve_load.py --decode-shapes
+
 Quick check at a tiny size: python benchmarks/serve_load.py --preset small --layers 2 --requests 4 --max-tokens 8 \
     --prompt-min 8 --prompt-max 32 --concurrency 1,4
 """
@@ -250,6 +253,37 @@ async def invariance(url: str, prompts: list[str], max_tokens: int, stop_ids: li
             "identical": not differ}
 
 
+def decode_shapes(preset_name: str, layers: int, threads: int, ctx: int, rounds: int = 5) -> dict[str, float]:
+    """Milliseconds per decode step for the batch shapes the engine can use, at 1 and at 16 busy requests."""
+    import torch
+
+    from pybitnet.synthetic import random_model
+
+    torch.set_num_threads(threads)
+    model = random_model(preset_name, seed=0, num_layers=layers)
+    busy16 = torch.randint(32, ctx - 64, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    shapes = {
+        "1 busy, 1 row (not invariant)": [300],
+        "1 busy, 4 rows: sentinel + 2 padding (the engine)": [ctx - 1, 300, 0, 0],
+        "1 busy, 17 rows: every slot padded": [ctx - 1, 300] + [0] * 15,
+        "16 busy, 16 rows (not invariant)": busy16,
+        "16 busy, 17 rows with the sentinel (the engine)": [ctx - 1] + busy16,
+    }
+    out = {}
+    for name, lengths in shapes.items():
+        cache = model.new_cache(len(lengths), ctx)
+        tokens = torch.randint(3, model.config.vocab_size, (len(lengths),))
+        best = float("inf")
+        for _ in range(rounds):
+            cache.lengths.copy_(torch.tensor(lengths))
+            start = time.perf_counter()
+            model.decode_step(tokens, cache)
+            best = min(best, time.perf_counter() - start)
+        out[name] = best * 1000
+        print(f"{name:55s} {best * 1000:8.1f} ms", flush=True)
+    return out
+
+
 # -- reporting -------------------------------------------------------------------------------------------------
 
 
@@ -306,7 +340,15 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     parser.add_argument("--plot")
+    parser.add_argument("--decode-shapes", action="store_true", help="time decode steps of the engine's shapes and exit")
     args = parser.parse_args()
+    if args.decode_shapes:
+        if os.environ.get("MKL_CBWR") is None:  # as the server runs; MKL reads it at its first call
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MKL_CBWR": "AUTO"})
+        shapes = decode_shapes(args.preset, args.layers, args.threads, args.prompt_max + args.max_tokens + 16)
+        if args.json:
+            Path(args.json).write_text(json.dumps(shapes, indent=2))
+        return
     levels = [int(c) for c in args.concurrency.split(",")]
     ctx = args.prompt_max + args.max_tokens + 16
     results = {"model": f"{args.preset} ({args.layers} layers, TQ2_0)", "threads": args.threads,
