@@ -156,7 +156,7 @@ class TrainingBlock(nn.Module):
         """Normed x (M, H) -> down(sub_norm(act(gate) · up)) (M, H)."""
         f = self.config.intermediate_size
         y, acc, act_scale, betas = self.gate_up(x)
-        gate, up = y[:, :f], y[:, f:]
+        gate, up = y.split([f, f], dim=-1)  # split, not slicing: its backward is one cat, not zeros + copies
         z_float = (F.relu(gate).square() if self.config.hidden_act == "relu2" else F.silu(gate)) * up  # (M, F)
         normed = self.ffn_sub_norm(z_float) if self.ffn_sub_norm is not None else z_float
         if acc is None:  # float weights: nothing to quantize
