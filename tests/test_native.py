@@ -36,7 +36,7 @@ def _isas() -> list[str]:
 
 
 @needs_native
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(m=st.integers(1, 64), n=st.integers(1, 37), k=st.integers(1, 800), seed=st.integers(0, 2**16),
        extreme=st.booleans())
 def test_every_path_gives_the_reference_accumulators(m, n, k, seed, extreme):

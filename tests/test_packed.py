@@ -36,7 +36,7 @@ def test_bit_positions_by_hand():
     assert int(packed[0, 0]) == zero and int(packed[0, 127]) == zero  # 300..511 are padding
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(n=st.integers(1, 9), k=st.integers(1, 700), seed=st.integers(0, 2**16))
 def test_pack_unpack_round_trip(n, k, seed):
     values = _ternary(n, k, seed)
