@@ -1,4 +1,4 @@
-"""Command line: `pybitnet info | score | perplexity | bench | convert | generate | chat`."""
+"""The `pybitnet` command: each command module below registers its commands on `app` (see `pybitnet --help`)."""
 
 from __future__ import annotations
 
