@@ -19,8 +19,9 @@ from ..config import PRESETS
 from ..errors import InputError
 from ..sampling import SamplingParams
 
-MODEL_HELP = (f"a Hugging Face checkpoint directory, a .gguf file, a Hugging Face repo id, or synthetic:PRESET[:LAYERS] "
-              f"for a random model of a preset's shape (presets: {', '.join(PRESETS)})")
+MODEL_HELP = (f"builtin (the small model shipped with pybitnet), a Hugging Face checkpoint directory, a .gguf file, "
+              f"a Hugging Face repo id, or synthetic:PRESET[:LAYERS] for a random model of a preset's shape "
+              f"(presets: {', '.join(PRESETS)})")
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 MAX_TOKEN_ID = 2**63 - 1  # token ids travel as int64
 
