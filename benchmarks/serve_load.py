@@ -171,15 +171,14 @@ def stop_server(process) -> None:
 # -- the load --------------------------------------------------------------------------------------------------
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, stop_ids: list[int],
-                      count_tokens) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, stop_ids: list[int]) -> dict:
     # Every request produces max_tokens: pybitnet takes ignore_eos, llama-cpp-python a logit bias against the
     # end tokens (each server ignores the other's field).
     body = {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "logit_bias": {str(t): -100 for t in stop_ids},
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    arrivals, usage, text = [], None, ""
+    arrivals, usage, token_chunks = [], None, 0
     async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S) as response:
         if response.status_code != 200:
             return {"ok": False, "status": response.status_code}
@@ -191,25 +190,28 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
                 usage = chunk["usage"]
             if chunk.get("choices"):
                 arrivals.append(time.perf_counter())
-                text += chunk["choices"][0].get("text") or ""
+                choice = chunk["choices"][0]
+                token_chunks += bool(choice.get("text") or choice.get("finish_reason") is None)
     end = time.perf_counter()
-    # A server that sends no usage chunk (llama-cpp-python) has its output counted by re-tokenizing the text.
-    tokens = usage["completion_tokens"] if usage else count_tokens(text)
+    # A server that sends no usage chunk (llama-cpp-python) streams one chunk per token, then an empty one with
+    # the finish reason.
+    # (More chunks than max_tokens were seen from llama-cpp-python under concurrent streams at a tiny size; a
+    # request cannot have produced more than it asked for.)
+    tokens = usage["completion_tokens"] if usage else min(token_chunks, max_tokens)
     if not arrivals:
         return {"ok": False, "status": "no tokens"}
     return {"ok": True, "ttft": arrivals[0] - start, "itl": [b - a for a, b in zip(arrivals, arrivals[1:])],
             "e2e": end - start, "tokens": tokens}
 
 
-async def run_level(url: str, prompts: list[str], concurrency: int, max_tokens: int, stop_ids: list[int],
-                    count_tokens) -> dict:
+async def run_level(url: str, prompts: list[str], concurrency: int, max_tokens: int, stop_ids: list[int]) -> dict:
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(limits=limits) as client:
         async def limited(prompt):
             async with gate:
                 try:
-                    return await one_request(client, url, prompt, max_tokens, stop_ids, count_tokens)
+                    return await one_request(client, url, prompt, max_tokens, stop_ids)
                 except httpx.HTTPError as err:
                     return {"ok": False, "status": type(err).__name__}
 
@@ -358,20 +360,17 @@ def main() -> None:
         gguf, tokenizer = build_gguf(Path(tmp), args.preset, args.layers, args.seed)
         vocab = tokenizer.get_vocab_size()
         stop_ids = [vocab - 2, vocab - 1]  # <|end_of_text|>, <|eot_id|>
-
-        def count_tokens(text: str) -> int:
-            return len(tokenizer.encode(text, add_special_tokens=False).ids)
         for engine in args.engines.split(","):
             log = Path(tmp) / f"{engine}.log"
             process, url = start_server(engine, gguf, args.threads, ctx, max(levels), log)
             try:
                 warm = make_prompts(tokenizer, 1, args.prompt_min, args.prompt_min, args.seed + 1)
-                asyncio.run(run_level(url, warm, 1, 4, stop_ids, count_tokens))
+                asyncio.run(run_level(url, warm, 1, 4, stop_ids))
                 results["engines"][engine] = []
                 for level in levels:
                     count = args.requests or max(4, 2 * level)
                     prompts = make_prompts(tokenizer, count, args.prompt_min, args.prompt_max, args.seed + level)
-                    result = asyncio.run(run_level(url, prompts, level, args.max_tokens, stop_ids, count_tokens))
+                    result = asyncio.run(run_level(url, prompts, level, args.max_tokens, stop_ids))
                     results["engines"][engine].append(result)
                     print(engine, json.dumps(result), flush=True)
                 if engine == "pybitnet" and args.invariance:
