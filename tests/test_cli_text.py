@@ -67,6 +67,7 @@ def test_generate_same_seed_same_text(checkpoint, run_cli):
         (["x", "--min-p", "1.5"], "error: min_p must be in [0, 1)"),
         (["x", "--repeat-penalty", "0"], "error: repetition_penalty must be > 0"),
         ([], "error: give either a prompt text or --tokens"),
+        (["--tokens", "1,2", "--chat"], "error: --chat wraps a prompt text"),
     ],
 )
 def test_generate_bad_input_exits_1_with_a_message(checkpoint, run_cli, extra, message):

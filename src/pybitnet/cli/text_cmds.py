@@ -58,6 +58,8 @@ def generate_cmd(
         raise InputError('give either a prompt text or --tokens ids, e.g. pybitnet generate MODEL "Once upon a time"')
     if prompt is not None and not prompt.strip():
         raise InputError("the prompt is empty")
+    if chat and prompt is None:
+        raise InputError("--chat wraps a prompt text in the chat format; give the text, not --tokens")
     prompt_ids = parse_token_ids(tokens) if tokens is not None else None
     set_threads(threads)
     m = open_model(model, dtype)  # a bad MODEL is reported as such, before any tokenizer question
