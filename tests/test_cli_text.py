@@ -76,6 +76,7 @@ def test_generate_bad_input_exits_1_with_a_message(checkpoint, run_cli, extra, m
 
 
 @pytest.mark.parametrize("extra, option", [(["--max-tokens", "0"], "--max-tokens"), (["--threads", "0"], "--threads"),
+                                           (["--threads", "100000"], "--threads"),
                                            (["--seed", "-1"], "--seed"), (["--seed", str(2**64)], "--seed")])
 def test_out_of_range_options_are_refused_before_loading(run_cli, extra, option):
     code, out, err = run_cli("generate", "synthetic:nonexistent-preset", "x", *extra)

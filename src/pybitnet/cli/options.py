@@ -26,7 +26,8 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit see
 MAX_TOKEN_ID = 2**63 - 1  # token ids travel as int64
 
 ModelArg = typer.Argument(..., help=MODEL_HELP, show_default=False, metavar="MODEL")
-ThreadsOpt = typer.Option(None, "--threads", "-t", min=1, help="torch threads (default: all cores)")
+MAX_THREADS = 1024  # more would only ask the OS for threads no machine here has cores for
+ThreadsOpt = typer.Option(None, "--threads", "-t", min=1, max=MAX_THREADS, help="torch threads (default: all cores)")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 (fast) or float64 (exactness checks)")
 BackendOpt = typer.Option("auto", "--backend", help=f"kernel backend: auto, {', '.join(kernels.BACKENDS)}")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
