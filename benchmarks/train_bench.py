@@ -4,9 +4,11 @@ Both train the same model (the same latent float weights, written once as a floa
 transformers loads in its online-quantization mode: ternary weights and int8 activations with
 straight-through gradients), on the same batches, with the same AdamW. One step = forward, loss,
 backward, optimizer step. The two alternate step by step in one process, so machine load hits both
-alike; the figure is the median step time of each and their ratio. Peak memory is the rise of the
-process's peak RSS (VmHWM, reset before each step through /proc/self/clear_refs) over the RSS
-before the step.
+alike; the figure is the median step time of each and their ratio. Peak memory is measured apart,
+one side per child process (freed memory that one side's allocator keeps would hide the other's
+peak): the rise of the peak RSS (VmHWM) over the RSS just before the first step, over three steps;
+optimizer state and gradients count, as they do in training. transformers' quantizers run eagerly
+there (the same ops), or the compiler's own memory would count as the step's.
 
     python benchmarks/train_bench.py --preset small --batch 8 --ctx 256 --threads 2 --steps 6
     python benchmarks/train_bench.py --preset tiny --batch 2 --ctx 32 --steps 2     # a quick check
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,17 +41,22 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def _measure(step) -> tuple[float, float]:
-    """(seconds, peak RSS rise in MiB) of one call."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    except OSError:
-        pass
-    before = _status_kib("VmRSS")
+def _measure(step) -> float:
     start = time.perf_counter()
     step()
-    seconds = time.perf_counter() - start
-    return seconds, max(0, _status_kib("VmHWM") - before) / 1024
+    return time.perf_counter() - start
+
+
+def _peak_in_child(args: argparse.Namespace, side: str) -> float:
+    """Peak RSS rise (MiB) of `side`'s training steps, measured in a process of its own."""
+    command = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch), "--ctx", str(args.ctx),
+               "--threads", str(args.threads), "--memory-of", side]
+    if args.layers:
+        command += ["--layers", str(args.layers)]
+    command += ["--checkpointing"] if args.checkpointing else []
+    command += ["--eager-transformers"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
 
 
 def _transformers_twin(model: TrainableBitNet, directory: Path, eager: bool):
@@ -79,6 +88,8 @@ def main() -> None:
     parser.add_argument("--eager-transformers", action="store_true",
                         help="run transformers' torch.compile'd quantizers eagerly (default: as shipped, compiled)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--memory-of", choices=("pybitnet", "transformers"), default=None,
+                        help="(internal) run only this side's steps and print its peak RSS rise in MiB")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -111,23 +122,31 @@ def main() -> None:
     import contextlib
 
     context = torch._dynamo.config.patch(disable=True) if args.eager_transformers else contextlib.nullcontext()
+    if args.memory_of:
+        make = our_step if args.memory_of == "pybitnet" else their_step
+        before = _status_kib("VmRSS")
+        with context:
+            for tokens in batches[:3]:
+                make(tokens)()
+        print((_status_kib("VmHWM") - before) / 1024)
+        return
     results = {"pybitnet": [], "transformers": []}
     with context:
         for i, tokens in enumerate(batches):  # step 0 warms up both (and compiles transformers' quantizers)
             for name, step in (("pybitnet", our_step(tokens)), ("transformers", their_step(tokens))):
-                seconds, peak = _measure(step)
+                seconds = _measure(step)
                 if i > 0:
-                    results[name].append((seconds, peak))
-                print(f"step {i} {name:12s} {seconds:7.3f} s  peak +{peak:7.1f} MiB", flush=True)
+                    results[name].append(seconds)
+                print(f"step {i} {name:12s} {seconds:7.3f} s", flush=True)
 
     tokens_per_step = args.batch * args.ctx
     summary = {"preset": args.preset, "layers": config.num_layers, "batch": args.batch, "ctx": args.ctx,
                "threads": args.threads, "parameters": sum(p.numel() for p in ours.parameters()),
                "transformers_compiled": not args.eager_transformers, "activation_checkpointing": args.checkpointing}
     for name, rows in results.items():
-        median = statistics.median(s for s, _ in rows)
+        median = statistics.median(rows)
         summary[name] = {"median_step_s": median, "tokens_per_s": tokens_per_step / median,
-                         "peak_rss_rise_mib": max(p for _, p in rows)}
+                         "peak_rss_rise_mib": _peak_in_child(args, name)}
     summary["speedup"] = summary["transformers"]["median_step_s"] / summary["pybitnet"]["median_step_s"]
     print(json.dumps(summary, indent=2))
     if args.json:
