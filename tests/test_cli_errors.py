@@ -90,3 +90,15 @@ def test_a_real_sigint_while_loading_exits_130_without_a_traceback():
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130 and proc.stderr.strip() == "interrupted" and proc.stdout == "", proc.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("generate", "synthetic:tiny", "\udcff\udcfeabc"),
+    ("generate", "synthetic:tiny", "hello", "--stop", "\udcff"),
+    ("score", "synthetic:tiny", "--text", "\udcff"),
+    ("chat", "synthetic:tiny", "--system", "\udcff"),
+])
+def test_arguments_that_are_not_utf8_are_named(cli, args):
+    # what Python makes of the bytes 0xff 0xfe in a command-line argument (surrogateescape)
+    done = cli(*args, "--threads", "1")
+    assert done.code == 1 and "is not valid UTF-8 text" in done.err and len(done.err.splitlines()) == 1, done.err

@@ -227,3 +227,9 @@ def test_score_text_on_a_synthetic_model_uses_its_tokenizer(run_cli):
     code, out, err = run_cli("score", "synthetic:tiny", "--text", "hello world", "--json", "--threads", "1")
     assert code == 0, err
     assert json.loads(out)["tokens"] == load_tokenizer("synthetic:tiny").encode("hello world")
+
+
+def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(checkpoint, run_cli):
+    code, out, err = run_cli("chat", str(checkpoint), "-n", "3", "--temperature", "0", "--threads", "1",
+                             stdin="hello\n\udcff\udcfe\nagain\n")
+    assert code == 0 and "[that line is not valid UTF-8 text" in err and out.count("bitnet> ") == 2

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..errors import InputError
 from .app import app
 from .model_spec import open_model, open_tokenizer
-from .options import (BackendOpt, DtypeOpt, ModelArg, ThreadsOpt, parse_dtype, parse_token_ids,  # noqa: F401
+from .options import (BackendOpt, DtypeOpt, ModelArg, ThreadsOpt, check_text, parse_dtype, parse_token_ids,  # noqa: F401
                       set_threads)  # (BackendOpt, parse_dtype: other command modules import them from here too)
 
 console = Console()
@@ -56,7 +56,7 @@ def score(model: str = ModelArg,
 
     if (tokens is None) == (text is None):
         raise InputError("give exactly one of --tokens (ids) or --text")
-    if text is not None and not text.strip():
+    if text is not None and not check_text(text, "--text").strip():
         raise InputError("--text is empty")
     ids = parse_token_ids(tokens) if tokens is not None else None
     set_threads(threads)

@@ -85,6 +85,17 @@ def parse_token_ids(text: str, source: str = "--tokens") -> list[int]:
     return ids
 
 
+def check_text(value: str, what: str) -> str:
+    """`value` if it is text a tokenizer can take; InputError naming `what` for bytes that are not UTF-8
+    (a terminal or a shell can pass them in arguments; Python keeps them as lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"{what} is not valid UTF-8 text (a byte that decodes to no character at "
+                         f"character {err.start})") from None
+    return value
+
+
 # -- sampling: one definition of the options, for every command that samples -----------------------------------
 
 _SAMPLING_OPTIONS = {

@@ -18,7 +18,7 @@ from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .app import INTERRUPTED_EXIT_CODE, app, one_line
 from .model_spec import open_model, open_tokenizer
-from .options import DtypeOpt, ModelArg, ThreadsOpt, parse_token_ids, sampling_options, set_threads
+from .options import DtypeOpt, ModelArg, ThreadsOpt, check_text, parse_token_ids, sampling_options, set_threads
 
 
 # C0 control characters other than tab/newline (and DEL): a model can emit ESC sequences that would drive the
@@ -56,8 +56,10 @@ def generate_cmd(
     """Generate text from a prompt; prints time to first token and decode tokens/s at the end."""
     if (prompt is None) == (tokens is None):
         raise InputError('give either a prompt text or --tokens ids, e.g. pybitnet generate MODEL "Once upon a time"')
-    if prompt is not None and not prompt.strip():
+    if prompt is not None and not check_text(prompt, "the prompt").strip():
         raise InputError("the prompt is empty")
+    for stop_text in stop or ():
+        check_text(stop_text, "--stop")
     if chat and prompt is None:
         raise InputError("--chat wraps a prompt text in the chat format; give the text, not --tokens")
     prompt_ids = parse_token_ids(tokens) if tokens is not None else None
@@ -116,6 +118,8 @@ def chat_cmd(
 ):
     """Chat with a model: streaming replies, multi-turn history. /reset clears it; /exit, Ctrl-D or Ctrl-C quits."""
     new_tokens = max_tokens
+    if system is not None:
+        check_text(system, "--system")
     set_threads(threads)
     m = open_model(model, dtype)
     tokenizer = open_tokenizer(model)  # CheckpointError naming the path when there is none: chat needs one
@@ -133,6 +137,13 @@ def chat_cmd(
         except (EOFError, KeyboardInterrupt):
             print()
             break
+        except UnicodeDecodeError:  # stdin decoded strictly; otherwise bad bytes arrive as surrogates, checked below
+            line = None
+        try:
+            check_text(line if line is not None else "\udcff", "that line")
+        except InputError as err:
+            print(f"[{err}]", file=sys.stderr)
+            continue
         text = line.strip()
         if not text:
             continue
