@@ -31,6 +31,7 @@ namespace {
 constexpr int64_t kBlock = 256;      // weights per packed block
 constexpr int64_t kBlockBytes = 64;  // bytes per packed block
 constexpr int64_t kRowChunk = 64;    // activation rows kept hot in cache while a weight row is read
+constexpr int64_t kHeadRows = 8;     // rows of a head tile (AVX-512: 16 accumulators + operands in 32 zmm)
 
 enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 enum Feature : int64_t { kHasAvx2 = 1, kHasAvx512Vnni = 2, kHasAvx512Bf16 = 4 };
@@ -372,6 +373,54 @@ __attribute__((target("avx512f,avx512bw"))) void head_tile_avx512(const HeadArgs
   }
 }
 
+// Several rows: the same per-(row, entry) FMA sequence as head_tile_avx512, walked in chunks of the
+// hidden dim over a group of vocabulary entries, so the rows' chunk of h stays in L1 instead of
+// streaming all of h from L2 once per vocabulary entry. The 16-lane partial sums wait in `state`
+// between chunks (a store and a load change no bits): results equal the unblocked tile's exactly.
+constexpr int64_t kHeadGroup = 16;   // vocabulary entries per group
+constexpr int64_t kHeadChunk = 256;  // hidden elements per chunk (a multiple of 32)
+
+template <int MT, bool kHalf>
+__attribute__((target("avx512f,avx512bw"))) void head_group_avx512(const HeadArgs& a, int64_t v0, int64_t nv,
+                                                                     int64_t m0) {
+  alignas(64) float state[kHeadGroup][MT][2][16];
+  std::memset(state, 0, sizeof(state));
+  const int64_t vector_end = a.H / 32 * 32;
+  for (int64_t c0 = 0; c0 < vector_end; c0 += kHeadChunk) {
+    const int64_t c1 = std::min(vector_end, c0 + kHeadChunk);
+    for (int64_t g = 0; g < nv; ++g) {
+      const uint16_t* w = a.w + (v0 + g) * a.H;
+      __m512 acc0[MT], acc1[MT];
+      for (int m = 0; m < MT; ++m) {
+        acc0[m] = _mm512_load_ps(state[g][m][0]);
+        acc1[m] = _mm512_load_ps(state[g][m][1]);
+      }
+      for (int64_t i = c0; i < c1; i += 32) {
+        const __m512i raw = _mm512_loadu_si512(w + i);
+        const __m512 lo = widen16_avx512<kHalf>(_mm512_castsi512_si256(raw));
+        const __m512 hi = widen16_avx512<kHalf>(_mm512_extracti64x4_epi64(raw, 1));
+        for (int m = 0; m < MT; ++m) {
+          const float* h = a.h + (m0 + m) * a.H + i;
+          acc0[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(h), acc0[m]);
+          acc1[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(h + 16), acc1[m]);
+        }
+      }
+      for (int m = 0; m < MT; ++m) {
+        _mm512_store_ps(state[g][m][0], acc0[m]);
+        _mm512_store_ps(state[g][m][1], acc1[m]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < nv; ++g) {
+    const uint16_t* w = a.w + (v0 + g) * a.H;
+    for (int m = 0; m < MT; ++m) {
+      float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(state[g][m][0]), _mm512_load_ps(state[g][m][1])));
+      for (int64_t t = vector_end; t < a.H; ++t) acc += a.h[(m0 + m) * a.H + t] * widen<kHalf>(w[t]);
+      a.out[(m0 + m) * a.V + v0 + g] = acc;
+    }
+  }
+}
+
 __attribute__((target("avx2,fma"))) inline float hsum_ps_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -412,25 +461,59 @@ __attribute__((target("avx2,fma,f16c"))) void head_tile_avx2(const HeadArgs& a, 
 template <bool kHalf>
 void head_range(const HeadArgs& a, int64_t isa, int64_t v0, int64_t v1) {
 #ifdef PYBITNET_X86
+  if (isa == kAvx512 && a.M > 1) {
+    for (int64_t mc = 0; mc < a.M; mc += kRowChunk) {
+      const int64_t mend = std::min(a.M, mc + kRowChunk);
+      for (int64_t v = v0; v < v1; v += kHeadGroup) {
+        const int64_t nv = std::min(kHeadGroup, v1 - v);
+        for (int64_t m = mc; m < mend; m += kHeadRows) {
+          switch (std::min<int64_t>(kHeadRows, mend - m)) {
+            case 1: head_group_avx512<1, kHalf>(a, v, nv, m); break;
+            case 2: head_group_avx512<2, kHalf>(a, v, nv, m); break;
+            case 3: head_group_avx512<3, kHalf>(a, v, nv, m); break;
+            case 4: head_group_avx512<4, kHalf>(a, v, nv, m); break;
+            case 5: head_group_avx512<5, kHalf>(a, v, nv, m); break;
+            case 6: head_group_avx512<6, kHalf>(a, v, nv, m); break;
+            case 7: head_group_avx512<7, kHalf>(a, v, nv, m); break;
+            default: head_group_avx512<8, kHalf>(a, v, nv, m); break;
+          }
+        }
+      }
+    }
+    return;
+  }
   if (isa != kScalar) {
     for (int64_t mc = 0; mc < a.M; mc += kRowChunk) {
       const int64_t mend = std::min(a.M, mc + kRowChunk);
       for (int64_t v = v0; v < v1; ++v)
-        for (int64_t m = mc; m < mend; m += 4) {
-          const int64_t mt = std::min<int64_t>(4, mend - m);
+        for (int64_t m = mc; m < mend; m += kHeadRows) {
+          // up to 8 rows per tile: each 16-bit weight is widened once for all of them
+          const int64_t mt = std::min<int64_t>(kHeadRows, mend - m);
           if (isa == kAvx512) {
             switch (mt) {
               case 1: head_tile_avx512<1, kHalf>(a, v, m); break;
               case 2: head_tile_avx512<2, kHalf>(a, v, m); break;
               case 3: head_tile_avx512<3, kHalf>(a, v, m); break;
-              default: head_tile_avx512<4, kHalf>(a, v, m); break;
+              case 4: head_tile_avx512<4, kHalf>(a, v, m); break;
+              case 5: head_tile_avx512<5, kHalf>(a, v, m); break;
+              case 6: head_tile_avx512<6, kHalf>(a, v, m); break;
+              case 7: head_tile_avx512<7, kHalf>(a, v, m); break;
+              default: head_tile_avx512<8, kHalf>(a, v, m); break;
             }
-          } else {
+          } else {  // 16 ymm registers: tiles of 4 rows at most
             switch (mt) {
               case 1: head_tile_avx2<1, kHalf>(a, v, m); break;
               case 2: head_tile_avx2<2, kHalf>(a, v, m); break;
               case 3: head_tile_avx2<3, kHalf>(a, v, m); break;
-              default: head_tile_avx2<4, kHalf>(a, v, m); break;
+              default:
+                for (int64_t t = 0; t < mt; t += 4) {
+                  const int64_t rows = std::min<int64_t>(4, mt - t);
+                  if (rows == 4) head_tile_avx2<4, kHalf>(a, v, m + t);
+                  else if (rows == 3) head_tile_avx2<3, kHalf>(a, v, m + t);
+                  else if (rows == 2) head_tile_avx2<2, kHalf>(a, v, m + t);
+                  else head_tile_avx2<1, kHalf>(a, v, m + t);
+                }
+                break;
             }
           }
         }
