@@ -56,7 +56,8 @@ class _TernaryLinearSTE(torch.autograd.Function):
 
     Inputs: x (M, K) the float input, weight (N, K) latent, part_bounds, and optionally (q, act_scale)
     already computed from x by an exact route (the FFN's down projection); else x is quantized here.
-    Outputs: y (M, N), and the non-differentiable acc (M, N), act_scale (M, 1), betas (N,) per column.
+    Outputs: y (M, N), and the non-differentiable acc (M, N) (int32 from the int8 GEMM, else x's dtype),
+    act_scale (M, 1), betas (N,) per column.
     """
 
     @staticmethod
@@ -68,11 +69,13 @@ class _TernaryLinearSTE(torch.autograd.Function):
             q, act_scale = quantize_activations(x, as_int8=int8_accumulation(x))
         if q.dtype == torch.int8:  # int8 GEMM, int32 accumulators: the same integers, about twice as fast
             values = values.to(torch.int8)
-            acc = kernels.accumulate(q, values, "int8").to(x.dtype)  # (M, N)
+            acc = kernels.accumulate(q, values, "int8")  # (M, N) int32
         else:
             acc = q @ values.t()  # (M, N): integers, exact in float32 below 2**24
         inv_scale = act_scale.reciprocal()  # (M, 1)
-        y = acc * (inv_scale * betas)  # per element the inference BitLinear's acc * (1/s_x * β_j)
+        y = torch.empty(acc.shape, dtype=x.dtype, device=x.device)  # (M, N)
+        for (a, b), (_, beta) in zip(part_bounds, parts):  # the inference BitLinear's acc_j * (1/s_x * β_j)
+            torch.mul(acc[:, a:b], inv_scale * beta, out=y[:, a:b])
         ctx.save_for_backward(q, act_scale, values, betas)
         ctx.mark_non_differentiable(acc, act_scale, betas)
         return y, acc, act_scale, betas
@@ -165,9 +168,9 @@ class TrainingBlock(nn.Module):
         # accumulators, the per-row factor handed to the down projection's norm + quantization.
         inv = act_scale.reciprocal()  # (M, 1)
         beta_gate, beta_up = betas[0], betas[f]
-        up_acc = acc[:, f:]
+        up_acc = acc[:, f:].to(x.dtype)
         if self.config.hidden_act == "relu2":
-            z = acc[:, :f].clamp(min=0).square_().mul_(up_acc)
+            z = acc[:, :f].to(x.dtype).clamp_(min=0).square_().mul_(up_acc)
             row_scale = (inv * beta_gate).square_() * (inv * beta_up)
         else:
             z = F.silu(acc[:, :f] * (inv * beta_gate)).mul_(up_acc)
