@@ -92,9 +92,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void ternary_tile_avx512(
   const uint8_t* w = a.w + n * row_bytes;
   const int8_t* q = a.q + m0 * kp;
   const __m512i mask = _mm512_set1_epi8(3);
-  __m512i acc[NR][MT];
+  // Few rows: one accumulator per (row, s) so the four vpdpbusd of a block do not wait on each other.
+  constexpr int SA = NR * MT <= 4 ? 4 : (NR * MT <= 8 ? 2 : 1);
+  __m512i acc[NR][MT][SA];
   for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_si512();
+    for (int m = 0; m < MT; ++m)
+      for (int t = 0; t < SA; ++t) acc[r][m][t] = _mm512_setzero_si512();
   for (int64_t b = 0; b < a.KB; ++b) {
     __m512i v[NR];
     for (int r = 0; r < NR; ++r) {
@@ -109,13 +112,16 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void ternary_tile_avx512(
       }
       for (int m = 0; m < MT; ++m) {
         const __m512i qv = _mm512_loadu_si512(q + m * kp + b * kBlock + 64 * s);
-        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], c[r], qv);
+        for (int r = 0; r < NR; ++r) acc[r][m][s % SA] = _mm512_dpbusd_epi32(acc[r][m][s % SA], c[r], qv);
       }
     }
   }
   for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MT; ++m)
-      a.out[(m0 + m) * a.N + n + r] = _mm512_reduce_add_epi32(acc[r][m]) - a.qsum[m0 + m];
+    for (int m = 0; m < MT; ++m) {
+      __m512i total = acc[r][m][0];
+      for (int t = 1; t < SA; ++t) total = _mm512_add_epi32(total, acc[r][m][t]);
+      a.out[(m0 + m) * a.N + n + r] = _mm512_reduce_add_epi32(total) - a.qsum[m0 + m];
+    }
 }
 
 __attribute__((target("avx2"))) inline int32_t hsum_avx2(__m256i v) {
