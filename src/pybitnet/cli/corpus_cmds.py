@@ -1,4 +1,4 @@
-"""Corpus commands: `pybitnet perplexity MODEL PATHS...`, on this process or on a Ray cluster (`--ray`).
+"""Corpus commands: `pybitnet perplexity [MODEL] PATHS...` (MODEL defaults to the built-in model), on this process or on a Ray cluster (`--ray`).
 
 Each document is scored on its own; the corpus figure is total NLL over total scored tokens. A bad
 document is a row with an error, not a failed run; the command fails only when no document could be scored.
@@ -17,7 +17,8 @@ from rich.table import Table
 from .. import corpus
 from ..errors import InputError
 from .app import app
-from .model_cmds import DtypeOpt, ThreadsOpt, parse_dtype, set_threads
+from .model_spec import split_model
+from .options import MODEL_HELP, DtypeOpt, ThreadsOpt, parse_dtype, set_threads
 
 console = Console()
 # Past this many documents the table lists only the failed ones; --json/--parquet hold every row.
@@ -83,9 +84,10 @@ def _print(result: corpus.CorpusScore) -> None:
 
 
 @app.command()
-def perplexity(model: str = typer.Argument(..., help="HF directory, .gguf file, or synthetic:PRESET[:LAYERS]"),
-               paths: Optional[List[Path]] = typer.Argument(None, help="documents: text files (one document each), "
-                                                            ".jsonl (one per line), .parquet (one per row)"),
+def perplexity(arguments: Optional[List[str]] = typer.Argument(
+                   None, metavar="[MODEL] PATHS...", show_default=False,
+                   help="documents: text files (one document each), .jsonl (one per line), .parquet (one per row), "
+                        f"after an optional MODEL (default: builtin). MODEL is {MODEL_HELP}"),
                tokens_file: Optional[Path] = typer.Option(None, "--tokens-file", help="one document of token ids: whitespace/comma separated, or a JSON list"),
                ctx: Optional[int] = typer.Option(None, "--ctx", help="window length in tokens [default: the model's context, at most 2048]"),
                stride: Optional[int] = typer.Option(None, "--stride", help="window step (default: ctx)"),
@@ -99,7 +101,8 @@ def perplexity(model: str = typer.Argument(..., help="HF directory, .gguf file, 
                threads_per_actor: int = typer.Option(1, "--threads-per-actor", min=1, help="torch threads in each Ray actor"),
                dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt):
     """Perplexity of many documents, each scored on its own with sliding windows, and of the whole corpus."""
-    paths = list(paths or [])
+    model, rest = split_model(list(arguments or []))
+    paths = [Path(p) for p in rest]
     if ctx is not None:
         corpus.check_window(ctx, stride)
     for out, suffix in ((json_out, ".json"), (parquet_out, ".parquet")):

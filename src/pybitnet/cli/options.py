@@ -25,7 +25,7 @@ MODEL_HELP = (f"builtin (the small model shipped with pybitnet), a Hugging Face 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 MAX_TOKEN_ID = 2**63 - 1  # token ids travel as int64
 
-ModelArg = typer.Argument(..., help=MODEL_HELP, show_default=False, metavar="MODEL")
+ModelArg = typer.Argument("builtin", help=MODEL_HELP, metavar="[MODEL]")
 MAX_THREADS = 1024  # more would only ask the OS for threads no machine here has cores for
 ThreadsOpt = typer.Option(None, "--threads", "-t", min=1, max=MAX_THREADS, help="torch threads (default: all cores)")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 (fast) or float64 (exactness checks)")

@@ -11,12 +11,12 @@ import typer
 from ..errors import CheckpointError, InputError
 from .app import app
 from .model_spec import SYNTHETIC_PREFIX, open_model, open_tokenizer
-from .options import DtypeOpt, ThreadsOpt, set_threads
+from .options import DtypeOpt, ModelArg, ThreadsOpt, set_threads
 
 
 @app.command("serve")
 def serve_cmd(
-    model: str = typer.Argument(..., help="HF directory, .gguf file, or synthetic:PRESET[:LAYERS] (token ids only)"),
+    model: str = ModelArg,
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback by default)"),
     port: int = typer.Option(8000, "--port"),
     max_batch: int = typer.Option(16, "--max-batch", help="requests decoded together (KV cache rows)"),

@@ -1,4 +1,5 @@
-"""Text commands: `pybitnet generate MODEL "prompt"` and `pybitnet chat MODEL` (interactive, streaming).
+"""Text commands: `pybitnet generate [MODEL] "prompt"` and `pybitnet chat [MODEL]` (interactive, streaming).
+MODEL defaults to the built-in model.
 
 Generated text goes to stdout as it decodes; timing and status lines go to stderr, so
 `pybitnet generate ... > out.txt` keeps only the text. Ctrl-C stops generating and keeps what was printed.
@@ -17,8 +18,8 @@ from ..generate import GenerationResult, generate, stream
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .app import INTERRUPTED_EXIT_CODE, app, one_line
-from .model_spec import open_model, open_tokenizer
-from .options import DtypeOpt, ModelArg, ThreadsOpt, check_text, parse_token_ids, sampling_options, set_threads
+from .model_spec import open_model, open_tokenizer, split_model
+from .options import MODEL_HELP, DtypeOpt, ModelArg, ThreadsOpt, check_text, parse_token_ids, sampling_options, set_threads
 
 
 # C0 control characters other than tab/newline (and DEL): a model can emit ESC sequences that would drive the
@@ -40,8 +41,9 @@ def _status(result: GenerationResult) -> str:
 @app.command("generate")
 @sampling_options
 def generate_cmd(
-    model: str = ModelArg,
-    prompt: Optional[str] = typer.Argument(None, help="the prompt text", show_default=False),
+    arguments: Optional[list[str]] = typer.Argument(
+        None, metavar="[MODEL] [PROMPT]", show_default=False,
+        help=f"the prompt text, after an optional MODEL (default: builtin). MODEL is {MODEL_HELP}"),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="prompt as comma-separated token ids instead of text"),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="most tokens to generate"),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop when this text appears (repeatable)"),
@@ -54,8 +56,14 @@ def generate_cmd(
     seed: Optional[int] = None,
 ):
     """Generate text from a prompt; prints time to first token and decode tokens/s at the end."""
+    arguments = list(arguments or [])
+    if len(arguments) > 2:
+        raise InputError(f"expected [MODEL] PROMPT, got {len(arguments)} arguments; quote a prompt of several words")
+    # Two arguments are MODEL and PROMPT; one is the MODEL only when it names one (then --tokens is the prompt).
+    model, rest = (arguments[0], arguments[1:]) if len(arguments) == 2 else split_model(arguments)
+    prompt = rest[0] if rest else None
     if (prompt is None) == (tokens is None):
-        raise InputError('give either a prompt text or --tokens ids, e.g. pybitnet generate MODEL "Once upon a time"')
+        raise InputError('give either a prompt text or --tokens ids, e.g. pybitnet generate "Once upon a time"')
     if prompt is not None and not check_text(prompt, "the prompt").strip():
         raise InputError("the prompt is empty")
     for stop_text in stop or ():

@@ -22,7 +22,7 @@ from ..errors import CheckpointError, InputError
 SYNTHETIC_PREFIX = "synthetic:"
 BUILTIN = "builtin"  # the spec of the shipped model, and the default wherever a MODEL may be omitted
 # what the Hub accepts as a repo id: OWNER/NAME of letters, digits, '-', '_', '.'
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # files a model repo needs: weights, configs, tokenizer; never optimizer states or other formats
 HUB_FILE_PATTERNS = ("*.json", "*.safetensors", "*.gguf", "tokenizer.model")
 
@@ -59,7 +59,7 @@ def resolve_model_spec(spec: str | os.PathLike) -> ModelSpec:
     path = Path(text)
     if path.exists():
         return _local(text, path)
-    if _REPO_ID.match(text) and not text.lower().endswith(".gguf"):
+    if REPO_ID.match(text) and not text.lower().endswith(".gguf"):
         directory = _hub_snapshot(text)
         resolved = _local(text, _model_in(directory, text))
         return ModelSpec(text, resolved.kind, resolved.path, repo_id=text)
