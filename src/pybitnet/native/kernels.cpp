@@ -95,30 +95,41 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void ternary_tile_avx512(
   // Few rows: one accumulator per (row, s) so the four vpdpbusd of a block do not wait on each other.
   constexpr int SA = NR * MT <= 4 ? 4 : (NR * MT <= 8 ? 2 : 1);
   __m512i acc[NR][MT][SA];
+  #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
+    #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m)
+      #pragma GCC unroll 16
       for (int t = 0; t < SA; ++t) acc[r][m][t] = _mm512_setzero_si512();
   for (int64_t b = 0; b < a.KB; ++b) {
     __m512i v[NR];
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
       v[r] = _mm512_loadu_si512(w + r * row_bytes + b * kBlockBytes);
       _mm_prefetch(reinterpret_cast<const char*>(w + r * row_bytes + (b + 8) * kBlockBytes), _MM_HINT_T0);
     }
+    #pragma GCC unroll 16
     for (int s = 0; s < 4; ++s) {
       __m512i c[NR];
+      #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
         c[r] = _mm512_and_si512(v[r], mask);
         v[r] = _mm512_srli_epi16(v[r], 2);
       }
+      #pragma GCC unroll 16
       for (int m = 0; m < MT; ++m) {
         const __m512i qv = _mm512_loadu_si512(q + m * kp + b * kBlock + 64 * s);
+        #pragma GCC unroll 16
         for (int r = 0; r < NR; ++r) acc[r][m][s % SA] = _mm512_dpbusd_epi32(acc[r][m][s % SA], c[r], qv);
       }
     }
   }
+  #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
+    #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) {
       __m512i total = acc[r][m][0];
+      #pragma GCC unroll 16
       for (int t = 1; t < SA; ++t) total = _mm512_add_epi32(total, acc[r][m][t]);
       a.out[(m0 + m) * a.N + n + r] = _mm512_reduce_add_epi32(total) - a.qsum[m0 + m];
     }
@@ -139,22 +150,30 @@ __attribute__((target("avx2"))) void ternary_tile_avx2(const TernaryArgs& a, int
   const __m256i mask = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[NR][MT];
+  #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
+    #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_si256();
   for (int64_t b = 0; b < a.KB; ++b) {
+    #pragma GCC unroll 16
     for (int h = 0; h < 2; ++h) {  // the two 32-byte halves of a 64-byte block
       __m256i v[NR];
+      #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r)
         v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * row_bytes + b * kBlockBytes + 32 * h));
+      #pragma GCC unroll 16
       for (int s = 0; s < 4; ++s) {
         __m256i c[NR];
+        #pragma GCC unroll 16
         for (int r = 0; r < NR; ++r) {
           c[r] = _mm256_and_si256(v[r], mask);
           v[r] = _mm256_srli_epi16(v[r], 2);
         }
+        #pragma GCC unroll 16
         for (int m = 0; m < MT; ++m) {
           const __m256i qv =
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * kp + b * kBlock + 64 * s + 32 * h));
+          #pragma GCC unroll 16
           for (int r = 0; r < NR; ++r) {
             // codes <= 2 and |q| <= 128: the u8 x s8 pair sums fit int16 without saturating
             const __m256i pairs = _mm256_maddubs_epi16(c[r], qv);
@@ -164,7 +183,9 @@ __attribute__((target("avx2"))) void ternary_tile_avx2(const TernaryArgs& a, int
       }
     }
   }
+  #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
+    #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) a.out[(m0 + m) * a.N + n + r] = hsum_avx2(acc[r][m]) - a.qsum[m0 + m];
 }
 
