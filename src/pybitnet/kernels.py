@@ -38,7 +38,7 @@ AUTO = "auto"
 # fp32 holds integers exactly up to 2**24; |q| <= 128 bounds a K-long dot product by 128*K.
 FP32_EXACT_K = (1 << 24) // 128
 # Above this many rows the unpacked-int8 GEMM beats the packed GEMV (see docs/kernels.md).
-NATIVE_MAX_ROWS = 32
+NATIVE_MAX_ROWS = 64
 
 _scratch = threading.local()  # per-thread int8 buffer for unpacked weights: threads may share a model
 
