@@ -220,9 +220,9 @@ void ternary_range(const TernaryArgs& a, int64_t isa, int64_t n0, int64_t n1) {
 #ifdef PYBITNET_X86
     if (isa != kScalar) {
       const bool wide = isa == kAvx512;
-      // Few activation rows: one weight row at a time, so the weights stream in one sequential
+      // Up to 8 activation rows: one weight row at a time, so the weights stream in one sequential
       // sweep (interleaving rows halved the rate from DRAM); more rows: two weight rows per pass.
-      if ((mend - mc) > 4)
+      if ((mend - mc) > 8)
         for (; n + 2 <= n1; n += 2)
           for (int64_t m = mc; m < mend; m += 8) {
             const int64_t mt = std::min<int64_t>(8, mend - m);
