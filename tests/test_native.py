@@ -204,3 +204,19 @@ def test_int8_head_selected_at_build_and_load(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_gguf(path, config, exact.export_weights(), "i2_s")
     assert pybitnet.load(path, lm_head="int8").lm_head.mode == "int8"
+
+
+def test_failed_build_falls_back_with_the_compiler_error(tmp_path):
+    """A compiler that rejects the source: one stderr line quoting its error, then the fallback."""
+    fake = tmp_path / "broken-cxx"
+    fake.write_text(f"#!{sys.executable}\nimport sys\n"
+                    "if '--version' in sys.argv: print('broken-cxx 1'); sys.exit(0)\n"
+                    "print('kernels.cpp:1:1: error: no such instruction', file=sys.stderr); print('   ^~~', file=sys.stderr)\n"
+                    "sys.exit(1)\n")
+    fake.chmod(0o755)
+    result = _run({"CXX": str(fake), "PYBITNET_CACHE": str(tmp_path / "cache"), "PYBITNET_NATIVE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "reference,int8"
+    lines = [line for line in result.stderr.splitlines() if line.startswith("pybitnet:")]
+    assert len(lines) == 1 and "error: no such instruction" in lines[0]
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to load

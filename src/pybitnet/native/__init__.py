@@ -115,8 +115,9 @@ def _load():
             try:
                 result = subprocess.run(_build_command(compiler, tmp), capture_output=True, text=True)
                 if result.returncode != 0:
-                    last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-                    _say(f"building the native kernels failed ({last}); using the pure-PyTorch kernels")
+                    lines = result.stderr.strip().splitlines() or ["(no output)"]
+                    first_error = next((line for line in lines if "error" in line), lines[-1]).strip()
+                    _say(f"building the native kernels failed ({first_error}); using the pure-PyTorch kernels")
                     return None
                 os.replace(tmp, target)  # atomic: a racing process sees the old name or a whole file
             finally:
