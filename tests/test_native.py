@@ -161,6 +161,7 @@ def test_no_compiler_falls_back_with_one_line(tmp_path):
 def test_racing_builds_leave_one_whole_library(tmp_path):
     """Two processes build into an empty cache at once (a stand-in compiler that copies the built
     library slowly): both load it, one file remains, no temporary is left behind."""
+    assert native.ops() is not None  # the real library, which the stand-in compiler hands out
     built = native.library_path(native._compiler())
     fake = tmp_path / "fake-cxx"
     fake.write_text(textwrap.dedent(f"""\
