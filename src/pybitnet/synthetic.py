@@ -57,7 +57,8 @@ def random_weights(config: ModelConfig, seed: int = 0, embed_dtype: torch.dtype 
         if is_projection(name):
             # spread the per-tensor scales a little, as trained checkpoints have them
             scale = beta * (0.75 + 0.5 * torch.rand((), generator=gen).item())
-            weights[name] = TernaryWeight(_ternary(shape, gen), scale)
+            # packed as it is made, like a loaded checkpoint: no int8 copy of the whole model exists
+            weights[name] = TernaryWeight(_ternary(shape, gen), scale).packed_form()
         elif name in ("embed_tokens", "lm_head"):
             weights[name] = _normal(shape, EMBED_STD, embed_dtype, gen)
         else:  # norms ≈ 1

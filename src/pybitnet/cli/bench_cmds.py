@@ -39,8 +39,9 @@ def print_results(results: dict) -> None:
                              [[str(r["T"]), f"{r['full_tok_s']:.1f}", f"{r['full_ms_per_token']:.2f}"]
                               for r in results["scaling"]]))
     if "decode" in results:
-        console.print(_table("decode (decode_step, batch 1)", ["context", "tok/s", "ms/token"],
-                             [[str(r["context"]), f"{r['tok_s']:.2f}", f"{r['ms_per_token']:.1f}"]
+        console.print(_table("decode (decode_step, batch 1)", ["context", "tok/s", "ms/token", "GB/s of weights"],
+                             [[str(r["context"]), f"{r['tok_s']:.2f}", f"{r['ms_per_token']:.1f}",
+                               f"{r.get('weight_gb_s', float('nan')):.1f}"]
                               for r in results["decode"]]))
     if "full_vs_step" in results:
         console.print(_table("full sequence vs step by step (all logits)", ["T", "full tok/s", "step tok/s", "speedup"],
