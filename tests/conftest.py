@@ -20,6 +20,17 @@ class CliRun:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread is faster than two, and far faster on a machine shared with other jobs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def cli(capsys, monkeypatch):
     """Run `pybitnet ARGS` in this process through the real entry point: cli(*args, stdin=...) -> CliRun."""
     import io

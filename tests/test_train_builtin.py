@@ -28,12 +28,7 @@ HELD_OUT = ("And when Esau heard the words of his father, he cried with a great 
             "and hath taken away thy blessing.\n")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

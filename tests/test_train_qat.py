@@ -32,13 +32,7 @@ from rules import assert_float32_rule, compare
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two, and far faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(act: str = "relu2", tie: bool = True) -> ModelConfig:

@@ -27,13 +27,7 @@ WORDS = ("the king said unto them and the people went up to the city of gold in 
          "came over the water a man and his son walked by the river and spoke of bread wine and peace").split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two, and far faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _corpus(path, lines: int = 400, seed: int = 0):
