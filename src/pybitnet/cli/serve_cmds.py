@@ -11,7 +11,7 @@ import typer
 from ..errors import CheckpointError, InputError
 from .app import app
 from .model_spec import SYNTHETIC_PREFIX, open_model, open_tokenizer
-from .options import DtypeOpt, ModelArg, ThreadsOpt, set_threads
+from .options import DtypeOpt, ModelArg, ThreadsOpt, parse_dtype, set_threads
 
 
 @app.command("serve")
@@ -30,6 +30,12 @@ def serve_cmd(
                                          help="a request's logits never depend on the rest of the batch"),
     name: Optional[str] = typer.Option(None, "--name", help="model id reported by /v1/models [default: MODEL]"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug"),
+    use_ray: bool = typer.Option(False, "--ray", help="serve from replicas on Ray Serve (pip install \"pybitnet[ray]\")"),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="with --ray: replicas, each with its own model"),
+    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", min=1,
+                                               help="with --ray: autoscale between --replicas and this many"),
+    address: Optional[str] = typer.Option(None, "--address", help="with --ray: the cluster to join, e.g. auto "
+                                                                  "(default: a local Ray instance)"),
     threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -62,4 +68,23 @@ def serve_cmd(
     settings = ServerSettings(model_name=name or os.path.basename(model.rstrip("/")) or model, max_batch=max_batch,
                               max_queue=max_queue, max_tokens_default=max_tokens_default, api_key=api_key or None,
                               context=ctx, prefill_chunk=prefill_chunk, batch_invariant=batch_invariant)
+    if use_ray:
+        _serve_on_ray(model, settings, host=host, port=port, replicas=replicas, max_replicas=max_replicas,
+                      address=address, threads=threads or 1, dtype=parse_dtype(dtype))
+        return
     serve(create_app(load, settings), host=host, port=port, log_level=log_level)
+
+
+def _serve_on_ray(model: str, settings, *, host: str, port: int, replicas: int, max_replicas: Optional[int],
+                  address: Optional[str], threads: int, dtype) -> None:
+    """The same app from `replicas` Ray Serve replicas (autoscaled up to `max_replicas`), until Ctrl-C."""
+    from ..distributed import serving
+    from ..distributed.scoring import require_ray
+
+    if max_replicas is not None and max_replicas < replicas:
+        raise InputError(f"--max-replicas {max_replicas} is below --replicas {replicas}")
+    ray = require_ray()
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    autoscaling = None if max_replicas is None else {"min_replicas": replicas, "max_replicas": max_replicas}
+    serving.run(model, host=host, port=port, blocking=True, replicas=replicas, autoscaling_config=autoscaling,
+                threads_per_replica=threads, settings=settings, dtype=dtype)
