@@ -13,12 +13,11 @@ import torch
 
 import pybitnet
 from pybitnet.builtin import BUILTIN_MODEL, builtin_model_path
-from pybitnet.cli.gguf_cmds import hf_tokenizer_metadata
 from pybitnet.evaluate import token_logprobs
 from pybitnet.generate import generate
 from pybitnet.loaders import load_weights
 from pybitnet.loaders.gguf import write_gguf
-from pybitnet.tokenizer import load_tokenizer
+from pybitnet.tokenizer import gguf_tokenizer_metadata, load_tokenizer
 
 import reference_numpy
 from rules import assert_float64_rule
@@ -67,7 +66,7 @@ def test_builtin_model_generates_words(held_out_ids):
 def test_builtin_gguf_forms_give_bit_identical_logits_and_match_numpy_reference(tmp_path, held_out_ids):
     path = builtin_model_path()
     config, weights, _ = load_weights(path)
-    metadata = hf_tokenizer_metadata(path, config.vocab_size)
+    metadata = gguf_tokenizer_metadata(load_tokenizer(path), config.vocab_size)
     forms = [path]
     for qtype in ("i2_s", "tq2_0"):
         forms.append(tmp_path / f"builtin-{qtype}.gguf")

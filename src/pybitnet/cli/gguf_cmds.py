@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from ..errors import CheckpointError, InputError
 from .app import app
 from .options import MODEL_HELP
-
-
-def hf_tokenizer_metadata(directory: Path, vocab_size: int) -> dict[str, Any] | None:
-    """tokenizer.ggml.* keys for the tokenizer of an HF directory; None when the directory has none."""
-    from ..tokenizer import gguf_tokenizer_metadata, load_tokenizer
-
-    if not (Path(directory) / "tokenizer.json").is_file():
-        return None
-    return gguf_tokenizer_metadata(load_tokenizer(directory), vocab_size)
 
 
 @app.command()

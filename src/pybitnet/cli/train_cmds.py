@@ -61,10 +61,10 @@ def write_gguf_beside(directory: Path, qtype: str = "i2_s") -> Path:
     from ..loaders import load_weights
     from ..loaders.gguf import write_gguf
     from ..train.data import atomic_write
-    from .gguf_cmds import hf_tokenizer_metadata
+    from ..tokenizer import gguf_tokenizer_metadata, load_tokenizer
 
     config, weights, _ = load_weights(directory)
+    metadata = gguf_tokenizer_metadata(load_tokenizer(directory), config.vocab_size)
     target = directory / f"model-{qtype}.gguf"
-    atomic_write(target, lambda tmp: write_gguf(tmp, config, weights, qtype,
-                                                hf_tokenizer_metadata(directory, config.vocab_size)))
+    atomic_write(target, lambda tmp: write_gguf(tmp, config, weights, qtype, metadata))
     return target

@@ -1,6 +1,6 @@
 """Quantization: per-token int8 activations, absmean ternarization, and the on-disk ternary layouts."""
 
 from .activations import quantize_activations
-from .ternary import absmean_ternarize, check_ternary
+from .ternary import absmean_ternarize
 
-__all__ = ["quantize_activations", "absmean_ternarize", "check_ternary"]
+__all__ = ["quantize_activations", "absmean_ternarize"]
