@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -221,3 +222,138 @@ def test_failed_build_falls_back_with_the_compiler_error(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("pybitnet:")]
     assert len(lines) == 1 and "error: no such instruction" in lines[0]
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to load
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused decode ops: BitLinear in one call, decode attention, the int8 head
+
+
+def _quantize_like_the_docs(x: np.ndarray, norm: np.ndarray | None, row_scale: np.ndarray | None, eps: float):
+    """quantize_rows written from its definition (kernels.cpp): float32 steps, the norm's sum of squares
+    and factor in float64. x (M, K) float32 rows, or int32 gate|up accumulators (M, 2K)."""
+    if x.dtype == np.int32:
+        k = x.shape[1] // 2
+        gate = np.maximum(x[:, :k].astype(np.float32), np.float32(0))
+        x = (gate * gate) * x[:, k:].astype(np.float32)
+    k = x.shape[1]
+    c = row_scale.astype(np.float32) if row_scale is not None else np.ones(x.shape[0], np.float32)
+    t = x * norm if norm is not None else x
+    if norm is not None:
+        sum_sq = (x.astype(np.float64) ** 2).sum(axis=1)
+        factor = (c / np.sqrt(sum_sq / k * c.astype(np.float64) ** 2 + eps)).astype(np.float32)
+    else:
+        factor = c
+    act_scale = np.float32(127) / np.maximum(np.abs(t).max(axis=1) * factor, np.float32(1e-5))
+    q = np.clip(np.rint(t * (act_scale * factor)[:, None]), -128, 127).astype(np.int8)
+    return q, act_scale[:, None]
+
+
+@needs_native
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(m=st.integers(1, 70), k=st.integers(1, 700), n=st.integers(1, 40), seed=st.integers(0, 2**16),
+       relu2=st.booleans(), with_norm=st.booleans(), with_row_scale=st.booleans())
+def test_fused_bitlinear_quantizes_and_scales_like_its_definition(m, k, n, seed, relu2, with_norm, with_row_scale):
+    """quantize_rows and ternary_linear: the documented integers and scales on every instruction set,
+    the reference accumulators, and y = acc * (1/act_scale * β) in float32."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2000, 2000, (m, 2 * k), generator=g, dtype=torch.int32) if relu2 else \
+        torch.randn(m, k, generator=g) * 5
+    norm = torch.rand(k, generator=g) + 0.5 if with_norm else None
+    row_scale = torch.rand(m, generator=g) * 1e-3 + 1e-6 if with_row_scale else None
+    q_ref, scale_ref = _quantize_like_the_docs(x.numpy(), None if norm is None else norm.numpy(),
+                                              None if row_scale is None else row_scale.numpy(), 1e-5)
+    w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    packed, betas = pack_ternary(w), torch.rand(n, generator=g)
+    acc_ref = torch.from_numpy(q_ref).int() @ w.int().t()
+    for isa in _isas():
+        q, scale = ops.quantize_rows(x, norm, row_scale, 1e-5, native.ISA_IDS[isa])
+        assert np.array_equal(q.numpy(), q_ref) and np.array_equal(scale.numpy(), scale_ref), isa
+        acc, scale = ops.ternary_linear(x, norm, row_scale, 1e-5, packed, None, native.ISA_IDS[isa])
+        assert torch.equal(acc, acc_ref) and np.array_equal(scale.numpy(), scale_ref), isa
+        y, _ = ops.ternary_linear(x, norm, row_scale, 1e-5, packed, betas, native.ISA_IDS[isa])
+        assert torch.equal(y, acc_ref * (scale.reciprocal() * betas)), isa
+
+
+def test_fused_bitlinear_full_and_step_paths_agree_bit_for_bit():
+    """The unpack + _int_mm path (prefill) and the fused native path (decode) quantize and scale a row
+    with the same float32 operations: the same outputs, alone or in a block."""
+    if ops is None:
+        pytest.skip("native kernels not built (no compiler or PYBITNET_NATIVE=0)")
+    from pybitnet.layers import BitLinear, RMSNorm
+    from pybitnet.weights import TernaryWeight
+
+    g = torch.Generator().manual_seed(4)
+    parts = [TernaryWeight(torch.randint(-1, 2, (48, 300), generator=g, dtype=torch.int8), 0.02),
+             TernaryWeight(torch.randint(-1, 2, (16, 300), generator=g, dtype=torch.int8), 0.07)]
+    norm = RMSNorm(torch.rand(300, generator=g) + 0.5, 1e-5)
+    x = torch.randn(90, 300, generator=g) * 3
+    block = [BitLinear(parts, "int8")(x, norm=norm), BitLinear(parts, "native")(x, norm=norm)]
+    for a, b in zip(*block):
+        assert torch.equal(a, b)
+    rows = BitLinear(parts)(x[7:8], norm=norm)  # auto: the native path for one row
+    for a, b in zip(rows, block[0]):
+        assert torch.equal(a, b[7:8])
+
+
+@needs_native
+@pytest.mark.parametrize("heads,kv_heads,dim", [(20, 5, 128), (4, 2, 16), (6, 6, 10)])
+def test_decode_attention_matches_float64_sdpa_and_writes_the_rotated_keys(heads, kv_heads, dim):
+    import math
+
+    import torch.nn.functional as F
+
+    from pybitnet.layers import RotaryTables, apply_rope
+
+    g = torch.Generator().manual_seed(heads)
+    batch, length = 3, 70
+    positions = torch.tensor([69, 0, 33])  # ragged rows, one at the first position
+    keys, values = torch.randn(2, batch, kv_heads, length, dim, generator=g)
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=g)
+    cos, sin = RotaryTables(dim, 10000.0, torch.float32, "cpu", 128).at(positions)  # (B, D)
+    split = qkv.view(batch, 1, heads + 2 * kv_heads, dim)
+    q = apply_rope(split[:, :, :heads], cos[:, None, None], sin[:, None, None])
+    k = apply_rope(split[:, :, heads : heads + kv_heads], cos[:, None, None], sin[:, None, None])
+    expected_keys, expected_values = keys.clone(), values.clone()
+    rows = torch.arange(batch)
+    expected_keys[rows, :, positions] = k[:, 0]
+    expected_values[rows, :, positions] = split[:, 0, heads + kv_heads :]
+    for isa in _isas():
+        got_keys, got_values = keys.clone(), values.clone()
+        out = ops.attention_decode(qkv, cos, sin, got_keys, got_values, positions, heads, kv_heads,
+                                   1 / math.sqrt(dim), native.ISA_IDS[isa])
+        assert torch.equal(got_keys, expected_keys) and torch.equal(got_values, expected_values), isa
+        for b in range(batch):
+            seen = int(positions[b]) + 1
+            ref = F.scaled_dot_product_attention(
+                q[b : b + 1].transpose(1, 2).double(), expected_keys[b : b + 1, :, :seen].double(),
+                expected_values[b : b + 1, :, :seen].double(), enable_gqa=True, scale=1 / math.sqrt(dim))
+            assert (out[b].double() - ref.reshape(-1)).abs().max() < 1e-5, (isa, b)
+            alone = ops.attention_decode(qkv[b : b + 1], cos[b : b + 1], sin[b : b + 1], keys[b : b + 1].clone(),
+                                         values[b : b + 1].clone(), positions[b : b + 1], heads, kv_heads,
+                                         1 / math.sqrt(dim), native.ISA_IDS[isa])
+            assert torch.equal(alone[0], out[b]), (isa, b)  # a row's output ignores the rest of the batch
+
+
+@needs_native
+def test_decode_attention_refuses_a_position_outside_the_cache():
+    keys = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.attention_decode(torch.zeros(1, 24), torch.ones(1, 8), torch.zeros(1, 8), keys, keys.clone(),
+                             torch.tensor([4]), 1, 1, 1.0, 0)
+
+
+@needs_native
+def test_native_int8_head_gives_the_torch_formula_bit_for_bit(monkeypatch):
+    from pybitnet.quant.activations import quantize_activations
+
+    g = torch.Generator().manual_seed(9)
+    head = LMHead((torch.randn(777, 200, generator=g) * 0.05).bfloat16(), "int8")
+    h = torch.randn(10, 200, generator=g)
+    q, act_scale = quantize_activations(h, as_int8=True)
+    expected = (q.int() @ head.int8_weight.int().t()).float() * (head.int8_scale / act_scale)
+    for isa in _isas():
+        got = ops.int8_head(h, head.int8_weight, head.int8_scale, head.int8_sum, native.ISA_IDS[isa])
+        assert torch.equal(got, expected), isa
+    assert torch.equal(head(h), expected)
+    monkeypatch.setenv("PYBITNET_NATIVE_ISA", "avx2")  # no VNNI: the torch path, the same numbers
+    assert torch.equal(head(h), expected)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import kernels, native
 from .cache import LayerWindow
 from .quant.activations import quantize_activations, quantize_normed
 from .quant.packed import release_free_heap
@@ -43,10 +43,24 @@ class BitLinear(nn.Module):
         self.register_buffer("ternary_weights", weights)
         self.out_features = [p.shape[0] for p in parts]
         self.betas = [float(p.beta) for p in parts]
+        # (N,) float32 on CPU: β of each output column, the per-column scale of the native path (CPU only)
+        self.col_scale = torch.cat([torch.full((n,), b, dtype=torch.float32) for n, b in zip(self.out_features, self.betas)])
         self.backend = kernels.check_backend(backend)
 
     def choose_backend(self, rows: int, dtype: torch.dtype, device: torch.device) -> str:
         return kernels.select_backend(self.backend, rows, dtype, device, self.in_features, self.ternary_weights.shape[0])
+
+    def fused_ops(self, x: torch.Tensor, backend: str):
+        """The native ops when they run this call, else None.
+
+        Float32 rows on CPU with packed weights quantize in native code (kernels.cpp: quantize_rows)
+        for every backend but `reference`, and up to NATIVE_MAX_ROWS rows run the whole BitLinear there
+        (ternary_linear): the full path (unpack + `_int_mm`) and the step path then quantize and scale
+        with the same code and agree bit for bit. Without the native library, all of it is torch."""
+        if backend == "reference" or x.device.type != "cpu" or self.ternary_weights.dtype != torch.uint8 \
+                or x.dtype not in (torch.float32, torch.int32):
+            return None
+        return native.ops()
 
     def quantize(self, x: torch.Tensor, norm: "RMSNorm | None", row_scale: torch.Tensor | None,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,16 +81,47 @@ class BitLinear(nn.Module):
 
         The input quantized is RMSNorm(row_scale * x) when `norm` is given (every BitLinear input of
         BitNet is a norm's output), else row_scale * x; see quant.activations.quantize_normed.
+        x may also be int32 gate|up accumulators (M, 2K) of a relu² FFN: the input is then
+        relu(gate)² · up (FeedForward hands them over unformed when the native ops take them).
         """
-        chosen = backend or self.choose_backend(x.shape[0], x.dtype, x.device)
-        q, act_scale = self.quantize(x, norm, row_scale, chosen)
-        return kernels.accumulate(q, self.ternary_weights, chosen), act_scale
+        return self._run(x, norm, row_scale, backend, scaled=False)
+
+    def project(self, x: torch.Tensor, norm: "RMSNorm | None" = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., K) -> every part side by side (..., N) in x's dtype (float32 for int32 gate|up input)."""
+        lead, dtype = x.shape[:-1], torch.float32 if x.dtype == torch.int32 else x.dtype
+        y, act_scale = self._run(x.reshape(-1, x.shape[-1]), norm, row_scale, None, scaled=True)
+        if act_scale is not None:  # y holds the accumulators still
+            parts = self.scale_parts(y, act_scale)
+            y = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(dtype)
+        return y.reshape(*lead, y.shape[-1])
 
     def forward(self, x: torch.Tensor, norm: "RMSNorm | None" = None, row_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """x (..., K) -> one (..., N_j) tensor per part, in x's dtype."""
-        lead = x.shape[:-1]
-        acc, act_scale = self.accumulate(x.reshape(-1, self.in_features), norm, row_scale)
-        return [part.to(x.dtype).reshape(*lead, part.shape[-1]) for part in self.scale_parts(acc, act_scale)]
+        """x (..., K) -> one (..., N_j) tensor per part (views into one result)."""
+        y = self.project(x, norm, row_scale)
+        return [y] if len(self.out_features) == 1 else [y[..., a:b] for a, b in self.part_bounds()]
+
+    def _run(self, x: torch.Tensor, norm: "RMSNorm | None", row_scale: torch.Tensor | None, backend: str | None,
+             scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(accumulators, act_scale), or with `scaled` where the native ops ran: (y (M, N) float32, None)."""
+        dtype = torch.float32 if x.dtype == torch.int32 else x.dtype
+        chosen = backend or self.choose_backend(x.shape[0], dtype, x.device)
+        ops = self.fused_ops(x, chosen)
+        if ops is None:
+            if x.dtype == torch.int32:
+                x = relu2_product(x)
+            q, act_scale = self.quantize(x, norm, row_scale, chosen)
+            return kernels.accumulate(q, self.ternary_weights, chosen), act_scale
+        weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+        rows = row_scale.reshape(-1) if row_scale is not None else None
+        if chosen == "native":
+            out, act_scale = ops.ternary_linear(x, weight, rows, eps, self.ternary_weights,
+                                                self.col_scale if scaled else None, native.isa())
+            return (out, None) if scaled else (out, act_scale)
+        q, act_scale = ops.quantize_rows(x, weight, rows, eps, native.isa())
+        acc = kernels.accumulate(q, self.ternary_weights, chosen)
+        if scaled:  # ternary_linear's scaling, in the same float32 operations
+            return acc * (act_scale.reciprocal() * self.col_scale), None
+        return acc, act_scale
 
     def scale_parts(self, acc: torch.Tensor, act_scale: torch.Tensor, parts: tuple[int, ...] | None = None) -> list[torch.Tensor]:
         """Accumulators (M, N) -> y_j = acc_j * β_j / s_x for the chosen parts (default all)."""
@@ -95,6 +140,13 @@ class BitLinear(nn.Module):
         if rows.dtype == torch.uint8:
             return TernaryWeight(packed=rows, in_features=self.in_features, beta=self.betas[index])
         return TernaryWeight(rows, self.betas[index])
+
+
+def relu2_product(gate_up: torch.Tensor) -> torch.Tensor:
+    """int32 gate|up accumulators (M, 2F) -> relu(gate)² · up (M, F) float32, in the float32
+    operations of the native quantize_rows (so both paths quantize the same values)."""
+    half = gate_up.shape[1] // 2
+    return gate_up[:, :half].float().clamp_(min=0).square_().mul_(gate_up[:, half:].float())
 
 
 class RMSNorm(nn.Module):
@@ -168,6 +220,7 @@ class AttentionMask:
 
     own_block: bool
     allowed: torch.Tensor | None = None  # bool, broadcastable to (B, Hq, T, S); True = may attend
+    positions: torch.Tensor | None = None  # (B,) int64 for one query per row: its position (sees [0, position])
 
 
 def _sdpa(q, k, v, *, mask=None, causal=False, scale=None):
@@ -203,7 +256,14 @@ class Attention(nn.Module):
                 mask: AttentionMask) -> torch.Tensor:
         """x (B, T, H) -> o_proj(attention) (B, T, H); the block's K/V go to `kv` when a cache is kept."""
         bsz, seq, _ = x.shape
-        q, k, v = self.qkv(x, norm=self.input_norm)
+        qkv = self.qkv.project(x, norm=self.input_norm)  # (B, T, (Hq + 2 Hkv) * D)
+        ops = self._decode_ops(qkv, kv, mask)
+        if ops is not None:  # one token per row: RoPE, the cache write and attention in one native call
+            d = self.head_dim
+            out = ops.attention_decode(qkv.view(bsz, -1), cos.reshape(-1, d), sin.reshape(-1, d), kv.keys, kv.values,
+                                       mask.positions, self.num_heads, self.num_kv_heads, self.scale, native.isa())
+            return self.o_proj(out.view(bsz, 1, -1), norm=self.sub_norm)[0]  # out (B, Hq*D)
+        q, k, v = (qkv[..., a:b] for a, b in self.qkv.part_bounds())
         q = apply_rope(q.view(bsz, seq, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hq, T, D)
         k = apply_rope(k.view(bsz, seq, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -218,6 +278,15 @@ class Attention(nn.Module):
         return self.o_proj(out, norm=self.sub_norm)[0]
 
 
+    @staticmethod
+    def _decode_ops(qkv: torch.Tensor, kv: LayerWindow | None, mask: AttentionMask):
+        """The native ops when this call is one float32 CPU token per row over a cache, else None."""
+        if kv is None or mask.positions is None or qkv.shape[1] != 1 or qkv.dtype != torch.float32 \
+                or qkv.device.type != "cpu" or not kv.keys.is_contiguous():
+            return None
+        return native.ops()
+
+
 class FeedForward(nn.Module):
     def __init__(self, input_norm: RMSNorm, gate_up: BitLinear, down: BitLinear, sub_norm: RMSNorm | None, act: str):
         super().__init__()
@@ -230,15 +299,21 @@ class FeedForward(nn.Module):
         return self.down(z, norm=self.sub_norm, row_scale=row_scale)[0].view_as(x)
 
     def _activate(self, acc: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate/up accumulators (M, 2F) -> (z (M, F), row factor (M, 1)) with act(gate)·up = factor · z."""
+        """gate/up accumulators (M, 2F) -> (z (M, F), row factor (M, 1)) with act(gate)·up = factor · z.
+
+        For relu² on int32 accumulators of a float32 model, z is the accumulators themselves: the
+        down projection forms relu(g)²·u as it quantizes (BitLinear.accumulate)."""
         (g0, g1), (u0, u1) = self.gate_up.part_bounds()
         inv = act_scale.reciprocal()  # (M, 1)
-        up = acc[:, u0:u1].to(dtype)
         if self.act == "relu2":
             # relu(a·g)²·(b·u) = a²b · relu(g)²·u with a = β_g/s, b = β_u/s per row: work on the integer
             # accumulators and hand the row factor to the down projection's norm + quantization.
-            z = acc[:, g0:g1].to(dtype).clamp_(min=0).square_().mul_(up)
-            return z, (inv * self.gate_up.betas[0]).square_() * (inv * self.gate_up.betas[1])
+            factor = (inv * self.gate_up.betas[0]).square_() * (inv * self.gate_up.betas[1])
+            if acc.dtype == torch.int32 and dtype == torch.float32:
+                return acc, factor
+            up = acc[:, u0:u1].to(dtype)
+            return acc[:, g0:g1].to(dtype).clamp_(min=0).square_().mul_(up), factor
+        up = acc[:, u0:u1].to(dtype)
         gate = acc[:, g0:g1] * (inv * self.gate_up.betas[0])
         return F.silu(gate.to(dtype)).mul_(up), (inv * self.gate_up.betas[1]).to(dtype)
 

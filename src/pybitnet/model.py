@@ -245,9 +245,12 @@ class Transformer(nn.Module):
         bsz, seq = positions.shape
         if int(positions[:, 0].max()) == 0:  # every row starts a sequence: its own block, causal
             return AttentionMask(own_block=True)
+        if seq == 1:  # one query per row sees its cache up to its own position
+            rows_end_together = bool((positions[:, 0] == length - 1).all())
+            allowed = None if rows_end_together else \
+                (torch.arange(length, device=positions.device)[None, None, :] <= positions[:, :, None])[:, None]
+            return AttentionMask(own_block=False, allowed=allowed, positions=positions[:, 0])
         if bool((positions[:, -1] == length - 1).all()):  # rows end together: a (T, S) causal mask
-            if seq == 1:
-                return AttentionMask(own_block=False)  # one query per row sees everything written
             keys = torch.arange(length, device=positions.device)
             return AttentionMask(own_block=False, allowed=keys[None, :] <= positions[0, :, None])  # (T, S)
         keys = torch.arange(length, device=positions.device)

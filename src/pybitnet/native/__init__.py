@@ -60,6 +60,14 @@ def isa() -> int:
     return ISA_IDS[name]
 
 
+def has_avx512_vnni() -> bool:
+    """Whether the native ops run their AVX-512 VNNI bodies here (the CPU has them and
+    PYBITNET_NATIVE_ISA does not narrow the choice)."""
+    loaded = ops()
+    return loaded is not None and isa() in (ISA_IDS["auto"], ISA_IDS["avx512"]) \
+        and bool(int(loaded.cpu_features()) & HAS_AVX512_VNNI)
+
+
 def cache_dir() -> Path:
     if os.environ.get("PYBITNET_CACHE"):
         return Path(os.environ["PYBITNET_CACHE"])
@@ -82,7 +90,7 @@ def _torch_paths() -> tuple[list[str], str]:
 def _build_command(compiler: str, output: str) -> list[str]:
     includes, libdir = _torch_paths()
     return [
-        compiler, "-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-w",
+        compiler, "-O3", "-ffp-contract=off", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-w",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *[f"-I{p}" for p in includes], f"-I{sysconfig.get_paths()['include']}",
         str(SOURCE), "-o", output, f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lc10", "-ltorch_cpu",

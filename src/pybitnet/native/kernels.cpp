@@ -19,7 +19,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <tuple>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define PYBITNET_X86 1
@@ -64,9 +67,19 @@ int64_t resolve_isa(int64_t isa) {
 struct TernaryArgs {
   const uint8_t* w;  // (N, KB * 64)
   const int8_t* q;   // (M, KB * 256), zero past K
-  int32_t* out;      // (M, N)
+  int32_t* out;      // (M, N) accumulators, or null when out_scaled is set
   const int32_t* qsum;  // (M,)
   int64_t M, N, KB;
+  float* out_scaled = nullptr;        // (M, N): acc * (inv_scale[m] * col_scale[n]) instead of acc
+  const float* inv_scale = nullptr;   // (M,)  1 / act_scale
+  const float* col_scale = nullptr;   // (N,)  β of each output column's projection
+
+  // One output: the accumulator, or y = acc * (1/s_x * β) as BitLinear.scale_parts computes it
+  // (two float32 roundings in this order, so the packed and the unpacked paths agree bit for bit).
+  inline void store(int64_t m, int64_t n, int32_t acc) const {
+    if (out_scaled) out_scaled[m * N + n] = float(acc) * (inv_scale[m] * col_scale[n]);
+    else out[m * N + n] = acc;
+  }
 };
 
 // Scalar body, any CPU: the definition every vector body must agree with.
@@ -80,7 +93,7 @@ void ternary_rows_scalar(const TernaryArgs& a, int64_t n, int64_t m0, int64_t mt
       for (int64_t s = 0; s < 4; ++s)
         for (int64_t j = 0; j < kBlockBytes; ++j)
           acc += int32_t((w[b * kBlockBytes + j] >> (2 * s)) & 3) * q[b * kBlock + 64 * s + j];
-    a.out[m * a.N + n] = acc - a.qsum[m];
+    a.store(m, n, acc - a.qsum[m]);
   }
 }
 
@@ -131,7 +144,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void ternary_tile_avx512(
       __m512i total = acc[r][m][0];
       #pragma GCC unroll 16
       for (int t = 1; t < SA; ++t) total = _mm512_add_epi32(total, acc[r][m][t]);
-      a.out[(m0 + m) * a.N + n + r] = _mm512_reduce_add_epi32(total) - a.qsum[m0 + m];
+      a.store(m0 + m, n + r, _mm512_reduce_add_epi32(total) - a.qsum[m0 + m]);
     }
 }
 
@@ -186,7 +199,7 @@ __attribute__((target("avx2"))) void ternary_tile_avx2(const TernaryArgs& a, int
   #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
     #pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m) a.out[(m0 + m) * a.N + n + r] = hsum_avx2(acc[r][m]) - a.qsum[m0 + m];
+    for (int m = 0; m < MT; ++m) a.store(m0 + m, n + r, hsum_avx2(acc[r][m]) - a.qsum[m0 + m]);
 }
 
 template <template <int, int> class Tile, int NR>
@@ -240,16 +253,30 @@ void ternary_range(const TernaryArgs& a, int64_t isa, int64_t n0, int64_t n1) {
   }
 }
 
+void check_packed(const at::Tensor& packed, int64_t k, const char* op) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte, "pybitnet.", op,
+              ": packed weights must be 2-D uint8");
+  TORCH_CHECK(packed.device().is_cpu(), "pybitnet.", op, ": CPU tensors only");
+  const int64_t KB = (k + kBlock - 1) / kBlock;
+  TORCH_CHECK(packed.size(1) == KB * kBlockBytes, "pybitnet.", op, ": packed weights have ", packed.size(1),
+              " bytes per row, expected ", KB * kBlockBytes, " for K = ", k);
+}
+
+void run_ternary(const TernaryArgs& a, int64_t isa) {
+  if (a.M == 0 || a.N == 0) return;
+  // grain: whole groups of four output rows per task, so row pairs/quads never straddle threads
+  at::parallel_for(0, (a.N + 3) / 4, 16, [&](int64_t g0, int64_t g1) {
+    ternary_range(a, isa, g0 * 4, std::min(a.N, g1 * 4));
+  });
+}
+
 at::Tensor ternary_matmul(const at::Tensor& q, const at::Tensor& packed, int64_t k, int64_t isa) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar, "pybitnet.ternary_matmul: q must be 2-D int8, got ",
               q.scalar_type(), " ", q.sizes());
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte,
-              "pybitnet.ternary_matmul: packed weights must be 2-D uint8");
-  TORCH_CHECK(q.device().is_cpu() && packed.device().is_cpu(), "pybitnet.ternary_matmul: CPU tensors only");
+  TORCH_CHECK(q.device().is_cpu(), "pybitnet.ternary_matmul: CPU tensors only");
+  check_packed(packed, k, "ternary_matmul");
   const int64_t M = q.size(0), N = packed.size(0), KB = (k + kBlock - 1) / kBlock, kp = KB * kBlock;
   TORCH_CHECK(q.size(1) == k, "pybitnet.ternary_matmul: q has ", q.size(1), " columns, expected ", k);
-  TORCH_CHECK(packed.size(1) == KB * kBlockBytes, "pybitnet.ternary_matmul: packed weights have ", packed.size(1),
-              " bytes per row, expected ", KB * kBlockBytes, " for K = ", k);
   const int64_t chosen = resolve_isa(isa);
   at::Tensor w = packed.contiguous();
   at::Tensor qp = q.contiguous();
@@ -267,13 +294,236 @@ at::Tensor ternary_matmul(const at::Tensor& q, const at::Tensor& packed, int64_t
     qsum.data_ptr<int32_t>()[m] = s;
   }
   at::Tensor out = at::empty({M, N}, q.options().dtype(at::kInt));
-  if (M == 0 || N == 0) return out;
-  const TernaryArgs a{w.data_ptr<uint8_t>(), qd, out.data_ptr<int32_t>(), qsum.data_ptr<int32_t>(), M, N, KB};
-  // grain: whole groups of four output rows per task, so row pairs/quads never straddle threads
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t g0, int64_t g1) {
-    ternary_range(a, chosen, g0 * 4, std::min(N, g1 * 4));
-  });
+  run_ternary(TernaryArgs{w.data_ptr<uint8_t>(), qd, out.data_ptr<int32_t>(), qsum.data_ptr<int32_t>(), M, N, KB},
+              chosen);
   return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// Activation quantization of BitLinear inputs (docs/exactness.md), float32, one row at a time in one
+// fixed order, so a row gives the same integers alone or in any batch, on every instruction set:
+//   z = x (float rows) or relu(g)^2 * u (int32 gate|up accumulators (M, 2K): the relu^2 FFN)
+//   t = w * z with an RMSNorm weight w, else z;  c = row_scale[m] (1 without one)
+//   factor = c / sqrt(sum(z^2) / K * c^2 + eps) with a norm (the sum of squares in double), else c
+//   act_scale = 127 / max(absmax(t) * factor, 1e-5),  q = clamp(round_half_even(t * (act_scale * factor)))
+// Absmax quantization is invariant to a positive per-row factor, so the normed row is never built.
+
+constexpr float kActMax = 127.0f;
+constexpr float kAbsmaxFloor = 1e-5f;
+constexpr int kSumLanes = 16;  // squares are summed into 16 double lanes (element i into lane i % 16)
+
+struct QuantArgs {
+  const float* x = nullptr;      // (M, K) float rows, or
+  const int32_t* acc = nullptr;  // (M, 2K) gate|up accumulators
+  const float* norm = nullptr;   // (K,) or null
+  const float* row_scale = nullptr;  // (M,) or null
+  double eps = 0.0;
+  int64_t M = 0, K = 0, q_stride = 0;  // q_stride >= K: the padded width of q's rows
+  int8_t* q = nullptr;
+  float* act_scale = nullptr;    // (M,)
+  int32_t* qsum = nullptr;       // (M,) or null: sum of each row of q
+};
+
+inline float input_at(const QuantArgs& a, int64_t m, int64_t i) {
+  if (a.x) return a.x[m * a.K + i];
+  const int32_t* row = a.acc + m * 2 * a.K;
+  float g = std::max(float(row[i]), 0.0f);
+  return (g * g) * float(row[a.K + i]);
+}
+
+inline int8_t round_to_int8(float v) {
+  // round half to even (the default rounding mode), then clamp; NaN -> -128 (std::max keeps its first
+  // argument when the comparison fails), as _mm512_max_ps does with NaN in its first operand
+  return int8_t(std::min(127.0f, std::max(-128.0f, std::nearbyint(v))));
+}
+
+// The row's factor from the sum of squares: shared by every instruction set.
+inline float row_factor(const QuantArgs& a, int64_t m, const double* lanes) {
+  const float c = a.row_scale ? a.row_scale[m] : 1.0f;
+  if (!a.norm) return c;
+  double ss = 0.0;
+  for (int l = 0; l < kSumLanes; ++l) ss += lanes[l];
+  const double cd = double(c);
+  return float(cd / std::sqrt(ss / double(a.K) * cd * cd + a.eps));
+}
+
+inline void finish_row(const QuantArgs& a, int64_t m, float absmax, float factor, float* scale_out, float* mult_out) {
+  const float act_scale = kActMax / std::max(absmax * factor, kAbsmaxFloor);
+  a.act_scale[m] = act_scale;
+  *scale_out = act_scale;
+  *mult_out = act_scale * factor;
+}
+
+void quantize_row_scalar(const QuantArgs& a, int64_t m) {
+  double lanes[kSumLanes] = {0};
+  float absmax = 0.0f;
+  for (int64_t i = 0; i < a.K; ++i) {
+    const float z = input_at(a, m, i);
+    lanes[i % kSumLanes] += double(z) * double(z);
+    const float t = a.norm ? a.norm[i] * z : z;
+    absmax = std::max(absmax, std::fabs(t));
+  }
+  float scale, mult;
+  finish_row(a, m, absmax, row_factor(a, m, lanes), &scale, &mult);
+  int8_t* q = a.q + m * a.q_stride;
+  int32_t sum = 0;
+  for (int64_t i = 0; i < a.K; ++i) {
+    const float z = input_at(a, m, i);
+    q[i] = round_to_int8((a.norm ? a.norm[i] * z : z) * mult);
+    sum += q[i];
+  }
+  std::memset(q + a.K, 0, a.q_stride - a.K);
+  if (a.qsum) a.qsum[m] = sum;
+}
+
+#ifdef PYBITNET_X86
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) inline __m512 input16_avx512(const QuantArgs& a, int64_t m,
+                                                                                   int64_t i, __mmask16 mask) {
+  if (a.x) return _mm512_maskz_loadu_ps(mask, a.x + m * a.K + i);
+  const int32_t* row = a.acc + m * 2 * a.K;
+  __m512 g = _mm512_max_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, row + i)), _mm512_setzero_ps());
+  return _mm512_mul_ps(_mm512_mul_ps(g, g), _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, row + a.K + i)));
+}
+
+// The same operations as quantize_row_scalar, sixteen elements at a time (lane l of the double sums
+// holds elements l, l + 16, ..., as in the scalar body); products and roundings are per element.
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) void quantize_row_avx512(const QuantArgs& a, int64_t m) {
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+  __m512 absmax = _mm512_setzero_ps();
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t i = 0; i < a.K; i += 16) {
+    const __mmask16 mask = a.K - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (a.K - i)) - 1);
+    const __m512 z = input16_avx512(a, m, i, mask);
+    const __m512d zl = _mm512_cvtps_pd(_mm512_castps512_ps256(z));
+    const __m512d zh = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
+    lo = _mm512_add_pd(lo, _mm512_mul_pd(zl, zl));
+    hi = _mm512_add_pd(hi, _mm512_mul_pd(zh, zh));
+    const __m512 t = a.norm ? _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, a.norm + i), z) : z;
+    absmax = _mm512_max_ps(absmax, _mm512_andnot_ps(sign, t));
+  }
+  alignas(64) double lanes[kSumLanes];
+  _mm512_store_pd(lanes, lo);
+  _mm512_store_pd(lanes + 8, hi);
+  float scale, mult;
+  finish_row(a, m, _mm512_reduce_max_ps(absmax), row_factor(a, m, lanes), &scale, &mult);
+  const __m512 vmult = _mm512_set1_ps(mult);
+  int8_t* q = a.q + m * a.q_stride;
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t i = 0; i < a.K; i += 16) {
+    const __mmask16 mask = a.K - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (a.K - i)) - 1);
+    const __m512 z = input16_avx512(a, m, i, mask);
+    const __m512 t = a.norm ? _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, a.norm + i), z) : z;
+    __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(t, vmult), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-128.0f)), _mm512_set1_ps(127.0f));  // NaN -> -128
+    const __m512i v = _mm512_maskz_mov_epi32(mask, _mm512_cvtps_epi32(r));
+    _mm_mask_storeu_epi8(q + i, mask, _mm512_cvtsepi32_epi8(v));
+    sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(_mm512_cvtsepi32_epi8(v)));
+  }
+  std::memset(q + a.K, 0, a.q_stride - a.K);
+  if (a.qsum) a.qsum[m] = _mm512_reduce_add_epi32(sum);
+}
+#endif
+
+void quantize_rows_into(const QuantArgs& a, int64_t isa) {
+  at::parallel_for(0, a.M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+#ifdef PYBITNET_X86
+      if (isa == kAvx512) {
+        quantize_row_avx512(a, m);
+        continue;
+      }
+#endif
+      quantize_row_scalar(a, m);
+    }
+  });
+}
+
+// x (M, K) float32 or (M, 2K) int32 gate|up accumulators; the norm weight (K,) and row_scale (M,)
+// or (M, 1) optional. The arguments common to quantize_rows and ternary_linear, checked once.
+QuantArgs quant_args(const at::Tensor& x, const c10::optional<at::Tensor>& norm_weight,
+                     const c10::optional<at::Tensor>& row_scale, double eps, const char* op, at::Tensor& xc,
+                     at::Tensor& wc, at::Tensor& rc) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kInt),
+              "pybitnet.", op, ": x must be a 2-D float32 (rows) or int32 (gate|up accumulators) CPU tensor, got ",
+              x.scalar_type(), " ", x.sizes());
+  QuantArgs a;
+  xc = x.contiguous();
+  a.M = xc.size(0);
+  if (xc.scalar_type() == at::kFloat) {
+    a.K = xc.size(1);
+    a.x = xc.data_ptr<float>();
+  } else {
+    TORCH_CHECK(xc.size(1) % 2 == 0, "pybitnet.", op, ": gate|up accumulators need an even width, got ", xc.size(1));
+    a.K = xc.size(1) / 2;
+    a.acc = xc.data_ptr<int32_t>();
+  }
+  if (norm_weight.has_value() && norm_weight->defined()) {
+    wc = norm_weight->contiguous();
+    TORCH_CHECK(wc.scalar_type() == at::kFloat && wc.numel() == a.K, "pybitnet.", op,
+                ": norm weight must be float32 with ", a.K, " elements");
+    a.norm = wc.data_ptr<float>();
+  }
+  if (row_scale.has_value() && row_scale->defined()) {
+    rc = row_scale->contiguous();
+    TORCH_CHECK(rc.scalar_type() == at::kFloat && rc.numel() == a.M, "pybitnet.", op,
+                ": row_scale must be float32 with one value per row (", a.M, ")");
+    a.row_scale = rc.data_ptr<float>();
+  }
+  a.eps = eps;
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, const c10::optional<at::Tensor>& norm_weight,
+                                                 const c10::optional<at::Tensor>& row_scale, double eps, int64_t isa) {
+  at::Tensor xc, wc, rc;
+  QuantArgs a = quant_args(x, norm_weight, row_scale, eps, "quantize_rows", xc, wc, rc);
+  at::Tensor q = at::empty({a.M, a.K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({a.M, 1}, x.options().dtype(at::kFloat));
+  a.q_stride = a.K;
+  a.q = q.data_ptr<int8_t>();
+  a.act_scale = scale.data_ptr<float>();
+  quantize_rows_into(a, resolve_isa(isa));
+  return {q, scale};
+}
+
+// The whole BitLinear on packed weights: quantize_rows, the ternary GEMV, and (with col_scale, the β
+// of each output column) the scaling y = acc * (1/act_scale * β). Returns (acc int32 or y float32
+// (M, N), act_scale (M, 1)).
+std::tuple<at::Tensor, at::Tensor> ternary_linear(const at::Tensor& x, const c10::optional<at::Tensor>& norm_weight,
+                                                  const c10::optional<at::Tensor>& row_scale, double eps,
+                                                  const at::Tensor& packed, const c10::optional<at::Tensor>& col_scale,
+                                                  int64_t isa) {
+  at::Tensor xc, wc, rc;
+  QuantArgs a = quant_args(x, norm_weight, row_scale, eps, "ternary_linear", xc, wc, rc);
+  check_packed(packed, a.K, "ternary_linear");
+  const int64_t chosen = resolve_isa(isa);
+  const int64_t M = a.M, N = packed.size(0), KB = (a.K + kBlock - 1) / kBlock;
+  at::Tensor q = at::empty({M, KB * kBlock}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M, 1}, x.options().dtype(at::kFloat));
+  at::Tensor qsum = at::empty({M}, x.options().dtype(at::kInt));
+  a.q_stride = KB * kBlock;
+  a.q = q.data_ptr<int8_t>();
+  a.act_scale = scale.data_ptr<float>();
+  a.qsum = qsum.data_ptr<int32_t>();
+  quantize_rows_into(a, chosen);
+  at::Tensor w = packed.contiguous();
+  TernaryArgs t{w.data_ptr<uint8_t>(), a.q, nullptr, a.qsum, M, N, KB};
+  at::Tensor out, inv, cs;
+  if (col_scale.has_value() && col_scale->defined()) {
+    cs = col_scale->contiguous();
+    TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.numel() == N, "pybitnet.ternary_linear: col_scale must be float32 with ",
+                N, " elements");
+    inv = scale.reciprocal();
+    out = at::empty({M, N}, x.options().dtype(at::kFloat));
+    t.out_scaled = out.data_ptr<float>();
+    t.inv_scale = inv.data_ptr<float>();
+    t.col_scale = cs.data_ptr<float>();
+  } else {
+    out = at::empty({M, N}, x.options().dtype(at::kInt));
+    t.out = out.data_ptr<int32_t>();
+  }
+  run_ternary(t, chosen);
+  return {out, scale};
 }
 
 // packed blocks [b0, b1) -> int8 values: each 64-byte block becomes four 64-byte runs of w = code - 1
@@ -569,12 +819,295 @@ at::Tensor half_matmul(const at::Tensor& h, const at::Tensor& weight, int64_t is
   return out;
 }
 
+// ------------------------------------------------------------------------------------------
+// The int8 head: per-row int8 activations (quantize_rows without a norm) against a per-row int8
+// copy of the head, exact int32 sums, logits = acc * (w_scale[v] / act_scale[m]) (head.py's formula
+// and op order). vpdpbusd multiplies unsigned by signed bytes, so the activations go in offset by
+// +128 and 128 * sum(w[v]) comes off again: every sum stays an exact integer.
+
+struct Int8HeadArgs {
+  const uint8_t* qu;      // (M, Hp) activations + 128, zero past H
+  const int8_t* w;        // (V, H)
+  const float* w_scale;   // (V,)
+  const int32_t* w_sum;   // (V,)
+  const float* act_scale; // (M,)
+  float* out;             // (M, V)
+  int64_t M, V, H, Hp;
+};
+
+inline void int8_head_store(const Int8HeadArgs& a, int64_t m, int64_t v, int32_t acc) {
+  a.out[m * a.V + v] = float(acc - 128 * a.w_sum[v]) * (a.w_scale[v] / a.act_scale[m]);
+}
+
+void int8_head_scalar(const Int8HeadArgs& a, int64_t v0, int64_t v1) {
+  for (int64_t v = v0; v < v1; ++v)
+    for (int64_t m = 0; m < a.M; ++m) {
+      int32_t acc = 0;
+      for (int64_t i = 0; i < a.H; ++i) acc += int32_t(a.qu[m * a.Hp + i]) * int32_t(a.w[v * a.H + i]);
+      int8_head_store(a, m, v, acc);
+    }
+}
+
+#ifdef PYBITNET_X86
+template <int MT>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_head_tile_avx512(const Int8HeadArgs& a, int64_t v,
+                                                                                   int64_t m0) {
+  const int8_t* w = a.w + v * a.H;
+  __m512i acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+  int64_t i = 0, c = 0;
+  for (; i < a.H; i += 64, ++c) {
+    const __mmask64 mask = a.H - i >= 64 ? ~__mmask64(0) : (__mmask64(1) << (a.H - i)) - 1;
+    const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + i);
+    for (int m = 0; m < MT; ++m)
+      acc[m][c & 1] = _mm512_dpbusd_epi32(acc[m][c & 1], _mm512_loadu_si512(a.qu + (m0 + m) * a.Hp + i), wv);
+  }
+  for (int m = 0; m < MT; ++m)
+    int8_head_store(a, m0 + m, v, _mm512_reduce_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1])));
+}
+#endif
+
+at::Tensor int8_head(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& w_scale, const at::Tensor& w_sum,
+                     int64_t isa) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.device().is_cpu(),
+              "pybitnet.int8_head: h must be 2-D float32 on CPU");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.size(1) == h.size(1),
+              "pybitnet.int8_head: weight must be int8 (V, ", h.size(1), ")");
+  const int64_t M = h.size(0), V = weight.size(0), H = h.size(1), Hp = (H + 63) / 64 * 64;
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == V && w_sum.scalar_type() == at::kInt &&
+                  w_sum.numel() == V,
+              "pybitnet.int8_head: w_scale (float32) and w_sum (int32) need one value per vocabulary row");
+  const int64_t chosen = resolve_isa(isa);
+  at::Tensor hc = h.contiguous(), wc = weight.contiguous(), sc = w_scale.contiguous(), uc = w_sum.contiguous();
+  at::Tensor q = at::empty({M, Hp}, h.options().dtype(at::kChar));
+  at::Tensor act = at::empty({M}, h.options());
+  QuantArgs qa;
+  qa.x = hc.data_ptr<float>();
+  qa.M = M;
+  qa.K = H;
+  qa.q_stride = Hp;
+  qa.q = q.data_ptr<int8_t>();
+  qa.act_scale = act.data_ptr<float>();
+  quantize_rows_into(qa, chosen);
+  uint8_t* qu = reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < H; ++i) qu[m * Hp + i] ^= 0x80;  // two's complement + 128 as unsigned
+  at::Tensor out = at::empty({M, V}, h.options());
+  if (M == 0 || V == 0) return out;
+  const Int8HeadArgs a{qu, wc.data_ptr<int8_t>(), sc.data_ptr<float>(), uc.data_ptr<int32_t>(), act.data_ptr<float>(),
+                       out.data_ptr<float>(), M, V, H, Hp};
+  at::parallel_for(0, V, 256, [&](int64_t v0, int64_t v1) {
+#ifdef PYBITNET_X86
+    if (chosen == kAvx512) {
+      for (int64_t v = v0; v < v1; ++v)
+        for (int64_t m = 0; m < M; m += 8) {
+          switch (std::min<int64_t>(8, M - m)) {
+            case 1: int8_head_tile_avx512<1>(a, v, m); break;
+            case 2: int8_head_tile_avx512<2>(a, v, m); break;
+            case 3: int8_head_tile_avx512<3>(a, v, m); break;
+            case 4: int8_head_tile_avx512<4>(a, v, m); break;
+            case 5: int8_head_tile_avx512<5>(a, v, m); break;
+            case 6: int8_head_tile_avx512<6>(a, v, m); break;
+            case 7: int8_head_tile_avx512<7>(a, v, m); break;
+            default: int8_head_tile_avx512<8>(a, v, m); break;
+          }
+        }
+      return;
+    }
+#endif
+    int8_head_scalar(a, v0, v1);
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// Decode attention: one new token per row, attending over that row's own cache positions.
+//   qkv (B, (Hq + 2 Hkv) * D) float32: each row's q | k | v projections
+//   cos, sin (B or 1, D): RoPE at each row's position;  positions (B,) int64
+//   keys, values (B, Hkv, L, D): one layer's cache, written in place at positions[b]
+// q and k are rotated as layers.apply_rope does (x * cos + rotate_half(x) * sin, the same float32
+// operations, so the keys written here equal the full path's), then out = softmax(q·Kᵀ * scale) V
+// over positions [0, positions[b]]. Each (row, kv head) is one task in a fixed order: a row's output
+// does not depend on the other rows of the batch or on their lengths.
+
+inline void rope_row(const float* x, const float* cos, const float* sin, float* out, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; ++i) {
+    const float rotated = i < half ? -x[i + half] : x[i - half];
+    out[i] = x[i] * cos[i] + rotated * sin[i];
+  }
+}
+
+struct AttnArgs {
+  const float* qkv;
+  const float *cos, *sin;
+  int64_t cos_stride;  // 0 when one RoPE row serves every batch row
+  float *keys, *values;
+  const int64_t* positions;
+  float* out;
+  int64_t B, Hq, Hkv, L, D;
+  float scale;
+};
+
+void attend_scalar(const AttnArgs& a, int64_t b, int64_t h, const float* q, int64_t rep, int64_t S, float* scores) {
+  const float* K = a.keys + (b * a.Hkv + h) * a.L * a.D;
+  const float* V = a.values + (b * a.Hkv + h) * a.L * a.D;
+  for (int64_t r = 0; r < rep; ++r) {
+    float* s = scores + r * S;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < S; ++j) {
+      float dot = 0.f;
+      for (int64_t d = 0; d < a.D; ++d) dot += q[r * a.D + d] * K[j * a.D + d];
+      s[j] = dot * a.scale;
+      mx = std::max(mx, s[j]);
+    }
+    float total = 0.f;
+    for (int64_t j = 0; j < S; ++j) total += (s[j] = std::exp(s[j] - mx));
+    float* o = a.out + b * a.Hq * a.D + (h * rep + r) * a.D;
+    for (int64_t d = 0; d < a.D; ++d) o[d] = 0.f;
+    for (int64_t j = 0; j < S; ++j)
+      for (int64_t d = 0; d < a.D; ++d) o[d] += s[j] * V[j * a.D + d];
+    const float inv = 1.0f / total;
+    for (int64_t d = 0; d < a.D; ++d) o[d] *= inv;
+  }
+}
+
+#ifdef PYBITNET_X86
+// exp(x) for x <= 0 (scores minus their max): Cephes' expf polynomial, 2^n applied with scalef.
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// D a multiple of 16 (head dims of real models: 64, 128, ...)
+__attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a, int64_t b, int64_t h, const float* q,
+                                                       int64_t rep, int64_t S, float* scores) {
+  const float* K = a.keys + (b * a.Hkv + h) * a.L * a.D;
+  const float* V = a.values + (b * a.Hkv + h) * a.L * a.D;
+  const __m512 vscale = _mm512_set1_ps(a.scale);
+  for (int64_t j = 0; j < S; ++j) {  // each key read once for every query head of the group
+    const float* k = K + j * a.D;
+    for (int64_t r = 0; r < rep; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < a.D; d += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * a.D + d), _mm512_loadu_ps(k + d), acc);
+      scores[r * S + j] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  float inv[64];
+  for (int64_t r = 0; r < rep; ++r) {
+    float* s = scores + r * S;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 16 <= S; j += 16) mx = _mm512_max_ps(mx, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
+    float m = _mm512_reduce_max_ps(mx);
+    for (; j < S; ++j) m = std::max(m, s[j] * a.scale);
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= S; j += 16) {
+      const __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vscale), vm));
+      _mm512_storeu_ps(s + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (j < S) {
+      const __mmask16 mask = __mmask16((1u << (S - j)) - 1);
+      const __m512 e = exp_nonpositive_avx512(
+          _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + j), vscale), vm));
+      _mm512_mask_storeu_ps(s + j, mask, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+    }
+    inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+  for (int64_t r = 0; r < rep; ++r) {
+    float* o = a.out + b * a.Hq * a.D + (h * rep + r) * a.D;
+    for (int64_t d = 0; d < a.D; d += 16) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t j = 0; j < S; ++j)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * S + j]), _mm512_loadu_ps(V + j * a.D + d), acc);
+      _mm512_storeu_ps(o + d, _mm512_mul_ps(acc, _mm512_set1_ps(inv[r])));
+    }
+  }
+}
+#endif
+
+at::Tensor attention_decode(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor keys,
+                            at::Tensor values, const at::Tensor& positions, int64_t num_heads, int64_t num_kv_heads,
+                            double scale, int64_t isa) {
+  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && keys.scalar_type() == at::kFloat &&
+                  values.scalar_type() == at::kFloat && keys.is_contiguous() && values.is_contiguous() &&
+                  keys.device().is_cpu() && values.device().is_cpu(),
+              "pybitnet.attention_decode: keys and values must be contiguous float32 (B, Hkv, L, D) CPU tensors");
+  const int64_t B = keys.size(0), Hkv = keys.size(1), L = keys.size(2), D = keys.size(3);
+  TORCH_CHECK(num_kv_heads == Hkv && num_heads % Hkv == 0 && num_heads / Hkv <= 64 && D % 2 == 0,
+              "pybitnet.attention_decode: ", num_heads, " query heads do not group over ", Hkv, " kv heads of dim ", D);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.size(0) == B &&
+                  qkv.size(1) == (num_heads + 2 * Hkv) * D,
+              "pybitnet.attention_decode: qkv must be float32 (", B, ", ", (num_heads + 2 * Hkv) * D, "), got ",
+              qkv.sizes());
+  TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes() && cos.size(1) == D && (cos.size(0) == B || cos.size(0) == 1) &&
+                  cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "pybitnet.attention_decode: cos/sin must be float32 (B or 1, ", D, ")");
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == B && positions.scalar_type() == at::kLong,
+              "pybitnet.attention_decode: positions must be int64 (", B, ",)");
+  at::Tensor qc = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous(), pc = positions.contiguous();
+  const int64_t* pos = pc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < L, "pybitnet.attention_decode: position ", pos[b], " of row ", b,
+                " is outside the cache's ", L, " positions");
+  const int64_t chosen = resolve_isa(isa);
+  at::Tensor out = at::empty({B, num_heads * D}, qkv.options());
+  const AttnArgs a{qc.data_ptr<float>(), cc.data_ptr<float>(), sc.data_ptr<float>(), cc.size(0) == 1 ? 0 : D,
+                   keys.data_ptr<float>(), values.data_ptr<float>(), pos, out.data_ptr<float>(),
+                   B, num_heads, Hkv, L, D, float(scale)};
+  const int64_t rep = num_heads / Hkv, width = (num_heads + 2 * Hkv) * D;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> q(rep * D), scores;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, h = t % Hkv, S = pos[b] + 1;
+      const float* row = a.qkv + b * width;
+      const float* c = a.cos + b * a.cos_stride;
+      const float* s = a.sin + b * a.cos_stride;
+      float* kdst = a.keys + ((b * Hkv + h) * L + pos[b]) * D;
+      float* vdst = a.values + ((b * Hkv + h) * L + pos[b]) * D;
+      rope_row(row + (num_heads + h) * D, c, s, kdst, D);
+      std::memcpy(vdst, row + (num_heads + Hkv + h) * D, D * sizeof(float));
+      for (int64_t r = 0; r < rep; ++r) rope_row(row + (h * rep + r) * D, c, s, q.data() + r * D, D);
+      scores.resize(rep * S);
+#ifdef PYBITNET_X86
+      if (chosen == kAvx512 && D % 16 == 0) {
+        attend_avx512(a, b, h, q.data(), rep, S, scores.data());
+        continue;
+      }
+#endif
+      attend_scalar(a, b, h, q.data(), rep, S, scores.data());
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pybitnet, m) {
   m.def("ternary_matmul(Tensor q, Tensor packed, int k, int isa=0) -> Tensor");
   m.def("unpack_ternary(Tensor packed, Tensor(a!) out, int isa=0) -> Tensor(a!)");
   m.def("half_matmul(Tensor h, Tensor weight, int isa=0) -> Tensor");
+  m.def("quantize_rows(Tensor x, Tensor? norm_weight, Tensor? row_scale, float eps, int isa=0) -> (Tensor, Tensor)");
+  m.def("ternary_linear(Tensor x, Tensor? norm_weight, Tensor? row_scale, float eps, Tensor packed, Tensor? col_scale, "
+        "int isa=0) -> (Tensor, Tensor)");
+  m.def("attention_decode(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, Tensor positions, "
+        "int num_heads, int num_kv_heads, float scale, int isa=0) -> Tensor");
+  m.def("int8_head(Tensor h, Tensor weight, Tensor w_scale, Tensor w_sum, int isa=0) -> Tensor");
   m.def("cpu_features() -> int", &cpu_features);
 }
 
@@ -582,4 +1115,8 @@ TORCH_LIBRARY_IMPL(pybitnet, CPU, m) {
   m.impl("ternary_matmul", &ternary_matmul);
   m.impl("unpack_ternary", &unpack_ternary_out);
   m.impl("half_matmul", &half_matmul);
+  m.impl("quantize_rows", &quantize_rows);
+  m.impl("ternary_linear", &ternary_linear);
+  m.impl("attention_decode", &attention_decode);
+  m.impl("int8_head", &int8_head);
 }
