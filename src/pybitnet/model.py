@@ -106,6 +106,12 @@ class Transformer(nn.Module):
             if isinstance(module, BitLinear):
                 module.backend = backend
 
+    def decode_is_row_independent(self) -> bool:
+        """Whether decode_step gives each row the same bits whatever the rest of the batch holds: the
+        native float32 CPU path, where every step of a row (quantization, attention over its own
+        positions, the head) runs on that row alone and the projections sum exact integers."""
+        return self.dtype == torch.float32 and self.device.type == "cpu" and kernels.native_available()
+
     # ------------------------------------------------------------------ the one forward
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

@@ -11,8 +11,11 @@ A long prompt is thus prefilled in chunks between decode steps, and running requ
 Busy rows stay packed at the front of the cache (a finished row's place is taken by the last busy row), so
 a decode step runs over a view of the busy rows only and idle capacity costs nothing.
 
-Batch invariance: a request's logits must not depend on who else is being served. Three things in a decode
-step can make them depend on the batch, all measured on this engine (torch 2.13, MKL, 2 threads):
+Batch invariance: a request's logits must not depend on who else is being served. A float32 CPU model with
+the native library decodes every row on its own (Transformer.decode_is_row_independent: per-row
+quantization, exact integer GEMVs, attention over each row's own positions, a row-independent head), so
+a step runs over the busy rows only. Without the native library, three things in a decode step can make
+logits depend on the batch, all measured on this engine (torch 2.13, MKL, 2 threads):
   - the lm_head GEMM rounds differently for 1, 2 or 3 rows than for 4 or more (BLAS picks another kernel);
   - attention sums a row's scores over every key position up to the batch's longest row (masked ones
     included), and a longer key range changes the order of that float sum;
@@ -20,12 +23,12 @@ step can make them depend on the batch, all measured on this engine (torch 2.13,
     alignment-dependent code paths, so a row's result depends on which thread its row lands on. MKL's
     conditional numerical reproducibility (environment MKL_CBWR=AUTO, read at MKL's first call) removes
     this; `pybitnet serve` sets it, and `attention_is_row_independent()` checks it at start.
-So a decode step always has at least MIN_DECODE_ROWS rows (idle rows decode a dummy token at position 0 and
-their output is dropped), and row 0 is a sentinel held at the cache's last position, which fixes every
-step's key range at the whole cache. Prefill always runs one request alone, so it is batch-independent as it
-stands. `batch_invariant=False` drops the sentinel and the padding: attention then spans only the longest
-busy row (cheaper when prompts are short next to the cache), and logits may differ from a solo run in the
-last bits.
+So on that path a decode step always has at least MIN_DECODE_ROWS rows (idle rows decode a dummy token at
+position 0 and their output is dropped), and row 0 is a sentinel held at the cache's last position, which
+fixes every step's key range at the whole cache. Prefill always runs one request alone, so it is
+batch-independent as it stands. `batch_invariant=False` drops the sentinel and the padding: attention then
+spans only the longest busy row (cheaper when prompts are short next to the cache), and on the torch path
+logits may differ from a solo run in the last bits.
 
 The scheduler never blocks on clients: it reports through each request's `on_event` callback, which the
 HTTP layer turns into a thread-safe hand-off to its event loop.
@@ -165,13 +168,16 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.batch_invariant = batch_invariant
         self.metrics = metrics or ServerMetrics()
-        self.row_independent = attention_is_row_independent()
+        # pinned: the torch path's invariance (a sentinel row pins the key range, steps padded to
+        # MIN_DECODE_ROWS rows); the native decode path needs neither.
+        self.pinned = batch_invariant and not model.decode_is_row_independent()
+        self.row_independent = not self.pinned or attention_is_row_independent()
         if batch_invariant and not self.row_independent:
             log.warning("attention output depends on a row's place in the batch on this BLAS: outputs may differ "
                         "in the last bits with the rest of the batch (start the process with MKL_CBWR=AUTO)")
         self.metrics.batch_invariant.set(1 if batch_invariant and self.row_independent else 0)
         self.vocab_size = int(model.config.vocab_size)
-        self.first_row = 1 if batch_invariant else 0  # row 0 is the sentinel that pins the key range
+        self.first_row = 1 if self.pinned else 0  # row 0 is the sentinel that pins the key range
         self.cache = model.new_cache(self.first_row + max_batch, self.context)  # every row's K/V, in place
         self._views: dict[int, object] = {}  # rows -> a cache over the first `rows` rows of self.cache
         self._active: list[tuple[GenerationRequest, _Choice]] = []  # in cache-row order from first_row
@@ -365,7 +371,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         busy = self.first_row + len(self._active)
-        rows = min(max(busy, MIN_DECODE_ROWS), self.cache.batch_size) if self.batch_invariant else busy
+        rows = min(max(busy, MIN_DECODE_ROWS), self.cache.batch_size) if self.pinned else busy
         view = self._view(rows)
         tokens = torch.zeros(rows, dtype=torch.long)  # (rows,): the sentinel and padding decode token 0
         for request, choice in self._active:
