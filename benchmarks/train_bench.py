@@ -54,6 +54,8 @@ def _peak_in_child(args: argparse.Namespace, side: str) -> float:
     if args.layers:
         command += ["--layers", str(args.layers)]
     command += ["--checkpointing"] if args.checkpointing else []
+    command += ["--bf16-backward"] if args.bf16_backward else []
+    command += ["--compile"] if args.compile else []
     command += ["--eager-transformers"]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="measured steps of each (after one warm-up step)")
     parser.add_argument("--checkpointing", action="store_true", help="our side with activation checkpointing")
+    parser.add_argument("--bf16-backward", action="store_true", help="our side with bf16 backward GEMMs")
+    parser.add_argument("--compile", action="store_true", help="our side with TrainableBitNet(compile=True)")
     parser.add_argument("--eager-transformers", action="store_true",
                         help="run transformers' torch.compile'd quantizers eagerly (default: as shipped, compiled)")
     parser.add_argument("--json", type=Path, default=None)
@@ -96,7 +100,8 @@ def main() -> None:
     config = preset(args.preset)
     if args.layers:
         config = config.replace(num_layers=args.layers)
-    ours = TrainableBitNet(config, seed=0, checkpoint_layers=args.checkpointing)
+    ours = TrainableBitNet(config, seed=0, checkpoint_layers=args.checkpointing, compile=args.compile,
+                           backward_dtype=torch.bfloat16 if args.bf16_backward else None)
     with tempfile.TemporaryDirectory() as tmp:
         theirs = _transformers_twin(ours, Path(tmp), args.eager_transformers)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-3)
@@ -142,7 +147,8 @@ def main() -> None:
     tokens_per_step = args.batch * args.ctx
     summary = {"preset": args.preset, "layers": config.num_layers, "batch": args.batch, "ctx": args.ctx,
                "threads": args.threads, "parameters": sum(p.numel() for p in ours.parameters()),
-               "transformers_compiled": not args.eager_transformers, "activation_checkpointing": args.checkpointing}
+               "transformers_compiled": not args.eager_transformers, "activation_checkpointing": args.checkpointing,
+               "pybitnet_compiled": args.compile, "pybitnet_backward_gemms": "bf16" if args.bf16_backward else "float32"}
     for name, rows in results.items():
         median = statistics.median(rows)
         summary[name] = {"median_step_s": median, "tokens_per_s": tokens_per_step / median,

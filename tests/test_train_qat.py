@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from pybitnet import native
 from pybitnet.config import ModelConfig
 from pybitnet.loaders.hf import hf_config_dict
 from pybitnet.loaders.names import hf_to_internal, internal_to_hf
@@ -113,6 +114,34 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert plain[0] == recomputed[0]
     for name, grad in plain[1].items():
         assert torch.equal(grad, recomputed[1][name]), name
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_loss_gives_the_eager_loss_and_gradients():
+    """TrainableBitNet(compile=True) runs the same graph through torch.compile: the same loss and
+    gradients up to float32 reassociation of the fused elementwise chains."""
+    config = _config()
+    tokens = _tokens(config, seq=15, seed=4)
+    eager = _our_grads(_model(config, torch.float32), tokens)
+    compiled = _our_grads(_model(config, torch.float32, compile=True), tokens)
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
+    for name, grad in eager[1].items():
+        assert (compiled[1][name] - grad).abs().max() <= 1e-3 * grad.abs().max() + 1e-9, name
+
+
+def test_bf16_backward_gemms_give_nearly_the_float32_gradients():
+    """backward_dtype=bfloat16 rounds grad_y and the GEMM outputs to bf16 (the ternary weights and
+    int8 activations are exact there): the same loss, every gradient within ~1% and aligned."""
+    config = _config()
+    tokens = _tokens(config, batch=4, seq=31, seed=5)
+    exact = _our_grads(_model(config, torch.float32), tokens)
+    bf16 = _our_grads(_model(config, torch.float32, backward_dtype=torch.bfloat16), tokens)
+    assert bf16[0] == exact[0]  # the forward is untouched
+    for name, grad in exact[1].items():
+        rel = float((bf16[1][name] - grad).abs().max() / grad.abs().max())
+        cosine = float(F.cosine_similarity(bf16[1][name].flatten().double(), grad.flatten().double(), dim=0))
+        assert rel <= 2e-2 and cosine >= 0.9999, f"{name}: rel {rel:.2e}, cosine {cosine:.6f}"
+        assert not torch.equal(bf16[1][name], grad) or name.endswith("norm"), name  # bf16 did run
 
 
 # ---------------------------------------------------------------------------------------------- reference

@@ -30,6 +30,9 @@ def train(
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="steps between checkpoints"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop after this many steps (resume later)"),
     checkpoint_layers: bool = typer.Option(False, "--activation-checkpointing", help="recompute layers in backward"),
+    compile_loss: bool = typer.Option(False, "--compile", help="torch.compile the training step's graphs (C++ compiler; ~10 s once)"),
+    bf16_backward: bool = typer.Option(False, "--bf16-backward",
+                                       help="backward GEMMs of the projections in bf16 (faster; ~0.4 percent noise on each gradient)"),
     gguf: bool = typer.Option(True, "--gguf/--no-gguf", help="also write OUT/model-i2_s.gguf"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="torch threads (default: all cores)"),
 ) -> None:
@@ -41,6 +44,7 @@ def train(
                            lr=lr, warmup=warmup, weight_decay=weight_decay, seed=seed, float_weights=float_weights,
                            tokenizer=str(tokenizer) if tokenizer else None, eval_every=eval_every,
                            checkpoint_every=checkpoint_every, checkpoint_layers=checkpoint_layers,
+                           compile=compile_loss, bf16_backward=bf16_backward,
                            stop_after=stop_after)
     run = Run(options, resume=resume)
     typer.echo(f"{run.config.num_layers} layers, {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M "

@@ -55,13 +55,14 @@ class _TernaryLinearSTE(torch.autograd.Function):
     """y = acc · (1/s_x · β_j) with acc = q · Tᵀ, parts j of a fused weight each with their own β.
 
     Inputs: x (M, K) the float input, weight (N, K) latent, part_bounds, and optionally (q, act_scale)
-    already computed from x by an exact route (the FFN's down projection); else x is quantized here.
+    already computed from x by an exact route (the FFN's down projection); else x is quantized here;
+    backward_dtype: the dtype of the two backward GEMMs (None: x's dtype).
     Outputs: y (M, N), and the non-differentiable acc (M, N) (int32 from the int8 GEMM, else x's dtype),
     act_scale (M, 1), betas (N,) per column.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, part_bounds, q=None, act_scale=None):
+    def forward(ctx, x, weight, part_bounds, q=None, act_scale=None, backward_dtype=None):
         parts = [ternarize(weight[a:b]) for a, b in part_bounds]
         values = torch.cat([t for t, _ in parts]) if len(parts) > 1 else parts[0][0]  # (N, K)
         betas = torch.cat([beta.expand(b - a) for (a, b), (_, beta) in zip(part_bounds, parts)])  # (N,)
@@ -77,6 +78,7 @@ class _TernaryLinearSTE(torch.autograd.Function):
         for (a, b), (_, beta) in zip(part_bounds, parts):  # the inference BitLinear's acc_j * (1/s_x * β_j)
             torch.mul(acc[:, a:b], inv_scale * beta, out=y[:, a:b])
         ctx.save_for_backward(q, act_scale, values, betas)
+        ctx.backward_dtype = backward_dtype
         ctx.mark_non_differentiable(acc, act_scale, betas)
         return y, acc, act_scale, betas
 
@@ -84,11 +86,13 @@ class _TernaryLinearSTE(torch.autograd.Function):
     def backward(ctx, grad_y, _acc, _scale, _betas):
         q, act_scale, values, betas = ctx.saved_tensors
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ (values.to(grad_y.dtype) * betas[:, None])  # ∂/∂x of x̂ Ŵᵀ with ∂x̂/∂x = I
-        if ctx.needs_input_grad[1]:
-            grad_w = grad_y.t() @ (q.to(grad_y.dtype) / act_scale)  # ∂/∂W with ∂Ŵ/∂W = I
-        return grad_x, grad_w, None, None, None
+        gemm = ctx.backward_dtype if ctx.backward_dtype is not None else grad_y.dtype
+        # ternary T and int8 q are exact in bf16: only grad_y (and the products' sums) are rounded
+        if ctx.needs_input_grad[0]:  # ∂/∂x of x̂ Ŵᵀ with ∂x̂/∂x = I: (grad_y · β) Tᵀᵀ
+            grad_x = ((grad_y * betas).to(gemm) @ values.to(gemm)).to(grad_y.dtype)
+        if ctx.needs_input_grad[1]:  # ∂/∂W with ∂Ŵ/∂W = I: (grad_y / s_x)ᵀ q
+            grad_w = ((grad_y / act_scale).to(gemm).t() @ q.to(gemm)).to(grad_y.dtype)
+        return grad_x, grad_w, None, None, None, None
 
 
 class TrainableRMSNorm(RMSNorm):
@@ -103,9 +107,11 @@ class TrainableRMSNorm(RMSNorm):
 class LatentLinear(nn.Module):
     """A (fused) BitLinear in training: one latent weight (sum(out_features), in_features)."""
 
-    def __init__(self, out_features: list[int], in_features: int, dtype: torch.dtype, float_weights: bool):
+    def __init__(self, out_features: list[int], in_features: int, dtype: torch.dtype, float_weights: bool,
+                 backward_dtype: torch.dtype | None = None):
         super().__init__()
         self.out_features, self.in_features, self.float_weights = list(out_features), in_features, float_weights
+        self.backward_dtype = backward_dtype
         self.weight = nn.Parameter(torch.empty(sum(out_features), in_features, dtype=dtype))  # (N, K)
         ends = [sum(out_features[: j + 1]) for j in range(len(out_features))]
         self.part_bounds = tuple((end - n, end) for end, n in zip(ends, out_features))
@@ -114,7 +120,7 @@ class LatentLinear(nn.Module):
         """x (M, K) -> (y (M, N), acc, act_scale, betas); the last three are None without quantization."""
         if self.float_weights:
             return x @ self.weight.t(), None, None, None
-        return _TernaryLinearSTE.apply(x, self.weight, self.part_bounds, q, act_scale)
+        return _TernaryLinearSTE.apply(x, self.weight, self.part_bounds, q, act_scale, self.backward_dtype)
 
     def export(self) -> list[TernaryWeight]:
         out = []
@@ -125,18 +131,19 @@ class LatentLinear(nn.Module):
 
 
 class TrainingBlock(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, float_weights: bool):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, float_weights: bool,
+                 backward_dtype: torch.dtype | None = None):
         super().__init__()
         c, eps = config, config.rms_norm_eps
         self.config = c
         self.input_norm = TrainableRMSNorm(c.hidden_size, eps, dtype)
-        self.qkv = LatentLinear([c.q_size, c.kv_size, c.kv_size], c.hidden_size, dtype, float_weights)
+        self.qkv = LatentLinear([c.q_size, c.kv_size, c.kv_size], c.hidden_size, dtype, float_weights, backward_dtype)
         self.attn_sub_norm = TrainableRMSNorm(c.q_size, eps, dtype) if c.sub_norms else None
-        self.o_proj = LatentLinear([c.hidden_size], c.q_size, dtype, float_weights)
+        self.o_proj = LatentLinear([c.hidden_size], c.q_size, dtype, float_weights, backward_dtype)
         self.post_attention_norm = TrainableRMSNorm(c.hidden_size, eps, dtype)
-        self.gate_up = LatentLinear([c.intermediate_size, c.intermediate_size], c.hidden_size, dtype, float_weights)
+        self.gate_up = LatentLinear([c.intermediate_size, c.intermediate_size], c.hidden_size, dtype, float_weights, backward_dtype)
         self.ffn_sub_norm = TrainableRMSNorm(c.intermediate_size, eps, dtype) if c.sub_norms else None
-        self.down = LatentLinear([c.hidden_size], c.intermediate_size, dtype, float_weights)
+        self.down = LatentLinear([c.hidden_size], c.intermediate_size, dtype, float_weights, backward_dtype)
         self.scale = 1.0 / math.sqrt(c.head_dim)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -186,17 +193,25 @@ class TrainableBitNet(nn.Module):
     loss(tokens, targets) -> mean next-token cross-entropy; export() -> (config, inference Weights)."""
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32, float_weights: bool = False,
-                 checkpoint_layers: bool = False, seed: int = 0, vocab_chunk: int = 8192):
+                 checkpoint_layers: bool = False, seed: int = 0, vocab_chunk: int = 8192,
+                 backward_dtype: torch.dtype | None = None, compile: bool = False):
+        """backward_dtype: the dtype of the projections' backward GEMMs. None (default) = the model dtype;
+        torch.bfloat16 runs them as bf16 GEMMs (AVX-512 BF16), which round grad_y and the gradients to
+        bf16 (the ternary weights and int8 activations they multiply are exact in bf16): about twice
+        the GEMM rate for ~0.4% relative noise on each gradient element, mixed-precision training's trade.
+        compile: torch.compile the loss (forward and backward graphs; elementwise chains fused), for long runs."""
         super().__init__()
         self.config, self.dtype, self.float_weights = config, dtype, float_weights
         self.checkpoint_layers, self.vocab_chunk = checkpoint_layers, vocab_chunk
         self.embed_tokens = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype))  # (V, H)
-        self.layers = nn.ModuleList(TrainingBlock(config, dtype, float_weights) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(TrainingBlock(config, dtype, float_weights, backward_dtype)
+                                    for _ in range(config.num_layers))
         self.norm = TrainableRMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = None if config.tie_word_embeddings else nn.Parameter(torch.empty_like(self.embed_tokens))
         self.rope = RotaryTables(config.head_dim, config.rope_theta, dtype, torch.device("cpu"),
                                  min(config.max_position_embeddings, 8192))
         self.reset_parameters(seed)
+        self._loss = torch.compile(self._eager_loss, dynamic=False) if compile else self._eager_loss
 
     def reset_parameters(self, seed: int) -> None:
         """Normal(0, 0.02) projections and embeddings, norms at 1, from one seeded generator."""
@@ -214,10 +229,16 @@ class TrainableBitNet(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> final-normed hidden (B, T, H)."""
+        self._check_tokens(tokens)
+        return self._hidden(tokens)
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 2 or tokens.numel() == 0:
             raise InputError(f"tokens must be a non-empty (batch, seq) tensor, got shape {tuple(tokens.shape)}")
         if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
             raise InputError(f"token id out of range [0, {self.config.vocab_size})")
+
+    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         h = F.embedding(tokens, self.embed_tokens)  # (B, T, H)
         cos, sin = self.rope.span(0, tokens.shape[1])  # (T, D)
         cos, sin = cos[None, :, None, :].to(h.device), sin[None, :, None, :].to(h.device)
@@ -234,7 +255,11 @@ class TrainableBitNet(nn.Module):
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of targets (B, T) (-100 = ignored) given tokens (B, T), vocab chunk by chunk."""
-        hidden = self(tokens)
+        self._check_tokens(tokens)
+        return self._loss(tokens, targets)
+
+    def _eager_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        hidden = self._hidden(tokens)
         return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.head_weight, targets.reshape(-1),
                                      self.vocab_chunk)
 

@@ -49,6 +49,8 @@ class TrainOptions:
     eval_windows: int = 64
     checkpoint_every: int = 100
     checkpoint_layers: bool = False
+    compile: bool = False  # torch.compile the loss (TrainableBitNet(compile=True))
+    bf16_backward: bool = False  # the projections' backward GEMMs in bf16 (TrainableBitNet(backward_dtype=...))
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps: for tests and time limits
 
     def steps(self) -> int:
@@ -117,7 +119,8 @@ class Run:
         self.held_out = data.validation_windows(data.encode(self.tokenizer, held_out_text), options.ctx,
                                                 options.eval_windows)
         self.model = TrainableBitNet(self.config, float_weights=options.float_weights, seed=options.seed,
-                                     checkpoint_layers=options.checkpoint_layers)
+                                     checkpoint_layers=options.checkpoint_layers, compile=options.compile,
+                                     backward_dtype=torch.bfloat16 if options.bf16_backward else None)
         self.optimizer = _optimizer(self.model, options)
         self.step = 0
         self.history: dict[str, list] = {"train": [], "validation": []}
