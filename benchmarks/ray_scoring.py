@@ -1,8 +1,10 @@
 """Corpus scoring throughput: Ray Data (A actors x 1 thread) against one local process (A threads), side by side.
 
-Both sides score the same corpus of random token-id documents with the same model and windows, and both
-are timed end to end as a user runs the job: the local side loads the model and scores the documents one
-after another; the Ray side starts its actors (each loads the model) and scores through `score_corpus`.
+Both sides score the same corpus of random token-id documents with the same model file and windows, and
+both are timed end to end as a user runs the job: the local side loads the model and scores the documents
+one after another; the Ray side starts its actors (each loads the model) and scores through `score_corpus`.
+The model is a 2B-4T-shaped random model written once, before either side is timed, as a GGUF I2_S file
+with F16 embeddings (the form a user scores with), unless --model names a checkpoint.
 The two results must agree (float32 rule on the corpus perplexity), else the run fails.
 
     python benchmarks/ray_scoring.py                       # 2B-4T shape, 6 layers, 2 actors vs 2 threads
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 
 import torch
@@ -61,15 +64,31 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=256, help="longest document; lengths vary from half of it")
     parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--model", help="a checkpoint to score with (default: write the random model's GGUF)")
     parser.add_argument("--json", dest="json_path", help="write the figures here")
     args = parser.parse_args()
 
-    import ray
-
     from pybitnet.config import preset
 
-    spec = f"synthetic:{args.preset}:{args.layers}"
-    rows = corpus_rows(args.documents, args.tokens, preset(args.preset).vocab_size, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = args.model or write_model(args.preset, args.layers, os.path.join(tmp, "model-i2_s.gguf"))
+        compare(args, spec, preset(args.preset).vocab_size)
+
+
+def write_model(preset_name: str, layers: int, path: str) -> str:
+    from pybitnet.config import preset
+    from pybitnet.loaders.gguf import write_gguf
+    from pybitnet.synthetic import random_weights
+
+    config = preset(preset_name).replace(num_layers=layers)
+    write_gguf(path, config, random_weights(config, 0), "i2_s", embed_type="f16")
+    return path
+
+
+def compare(args: argparse.Namespace, spec: str, vocab: int) -> None:
+    import ray
+
+    rows = corpus_rows(args.documents, args.tokens, vocab, seed=0)
     total_tokens = sum(len(r["tokens"]) for r in rows)
     # Ray first, and shut down before the local run, so neither side competes with the other's processes
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
@@ -84,7 +103,7 @@ def main() -> None:
     if rel > 5e-2 or ray_result.failed or local_result.failed:
         raise SystemExit(f"results differ: ray {ray_result.perplexity} vs local {local_result.perplexity}")
     figures = {
-        "model": spec, "documents": args.documents, "tokens": total_tokens, "ctx": args.ctx, "actors": args.actors,
+        "model": args.model or f"{args.preset}, {args.layers} layers, GGUF I2_S + F16 embeddings", "documents": args.documents, "tokens": total_tokens, "ctx": args.ctx, "actors": args.actors,
         "ray_seconds": ray_seconds, "ray_tokens_per_s": total_tokens / ray_seconds,
         "local_threads": args.actors, "local_seconds": local_seconds, "local_tokens_per_s": total_tokens / local_seconds,
         "ratio_ray_over_local": local_seconds / ray_seconds, "perplexity_relative_difference": rel,

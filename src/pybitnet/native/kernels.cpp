@@ -34,7 +34,6 @@ namespace {
 constexpr int64_t kBlock = 256;      // weights per packed block
 constexpr int64_t kBlockBytes = 64;  // bytes per packed block
 constexpr int64_t kRowChunk = 64;    // activation rows kept hot in cache while a weight row is read
-constexpr int64_t kHeadRows = 8;     // rows of a head tile (AVX-512: 16 accumulators + operands in 32 zmm)
 
 enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 enum Feature : int64_t { kHasAvx2 = 1, kHasAvx512Vnni = 2, kHasAvx512Bf16 = 4 };
@@ -619,81 +618,73 @@ void head_scalar(const HeadArgs& a, int64_t v0, int64_t v1) {
 }
 
 #ifdef PYBITNET_X86
+// AVX-512 head: VB vocabulary entries x MT rows per tile, every partial sum in a register, the rows'
+// h chunk loaded once for the VB entries. A bf16 chunk of 32 weights widens with two unpacks (zero
+// words below each bf16), which leave its elements lane-permuted: lo holds elements 0-3, 8-11, 16-19,
+// 24-27 and hi 4-7, 12-15, 20-23, 28-31. h is permuted the same way once per call (head_permuted_h),
+// so lane l of lo always meets the same element of h. Each (row, entry) thus gets the same FMA
+// sequence in every tile shape and batch size: two lane-wise fp32 accumulators over the 32-element
+// chunks, a fixed reduction, then the scalar tail. VB and MT change speed only, never bits.
+inline int64_t head_lane_element(int64_t j) {  // position in a 32-chunk of lane j of (lo | hi), bf16
+  const int64_t half = j / 16, l = j % 16;
+  return (l / 4) * 8 + half * 4 + l % 4;
+}
+
 template <bool kHalf>
-__attribute__((target("avx512f,avx512bw"))) inline __m512 widen16_avx512(__m256i raw) {
-  if (kHalf) return _mm512_cvtph_ps(raw);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-template <int MT, bool kHalf>
-__attribute__((target("avx512f,avx512bw"))) void head_tile_avx512(const HeadArgs& a, int64_t v, int64_t m0) {
-  const uint16_t* w = a.w + v * a.H;
-  __m512 acc0[MT], acc1[MT];
-  for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= a.H; i += 32) {
-    const __m512i raw = _mm512_loadu_si512(w + i);
-    const __m512 lo = widen16_avx512<kHalf>(_mm512_castsi512_si256(raw));
-    const __m512 hi = widen16_avx512<kHalf>(_mm512_extracti64x4_epi64(raw, 1));
-    for (int m = 0; m < MT; ++m) {
-      const float* h = a.h + (m0 + m) * a.H + i;
-      acc0[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(h), acc0[m]);
-      acc1[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(h + 16), acc1[m]);
-    }
-  }
-  for (int m = 0; m < MT; ++m) {
-    float acc = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
-    for (int64_t t = i; t < a.H; ++t) acc += a.h[(m0 + m) * a.H + t] * widen<kHalf>(w[t]);
-    a.out[(m0 + m) * a.V + v] = acc;
+__attribute__((target("avx512f,avx512bw"))) inline void widen32_avx512(const uint16_t* w, __m512& lo, __m512& hi) {
+  const __m512i raw = _mm512_loadu_si512(w);
+  if (kHalf) {
+    lo = _mm512_cvtph_ps(_mm512_castsi512_si256(raw));
+    hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(raw, 1));
+  } else {
+    lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), raw));
+    hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), raw));
   }
 }
 
-// Several rows: the same per-(row, entry) FMA sequence as head_tile_avx512, walked in chunks of the
-// hidden dim over a group of vocabulary entries, so the rows' chunk of h stays in L1 instead of
-// streaming all of h from L2 once per vocabulary entry. The 16-lane partial sums wait in `state`
-// between chunks (a store and a load change no bits): results equal the unblocked tile's exactly.
-constexpr int64_t kHeadGroup = 16;   // vocabulary entries per group
-constexpr int64_t kHeadChunk = 256;  // hidden elements per chunk (a multiple of 32)
-
-template <int MT, bool kHalf>
-__attribute__((target("avx512f,avx512bw"))) void head_group_avx512(const HeadArgs& a, int64_t v0, int64_t nv,
+template <int VB, int MT, bool kHalf>
+__attribute__((target("avx512f,avx512bw"))) void head_block_avx512(const HeadArgs& a, const float* hp, int64_t v,
                                                                      int64_t m0) {
-  alignas(64) float state[kHeadGroup][MT][2][16];
-  std::memset(state, 0, sizeof(state));
+  __m512 acc0[VB][MT], acc1[VB][MT];
+  #pragma GCC unroll 8
+  for (int r = 0; r < VB; ++r)
+    #pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) acc0[r][m] = acc1[r][m] = _mm512_setzero_ps();
   const int64_t vector_end = a.H / 32 * 32;
-  for (int64_t c0 = 0; c0 < vector_end; c0 += kHeadChunk) {
-    const int64_t c1 = std::min(vector_end, c0 + kHeadChunk);
-    for (int64_t g = 0; g < nv; ++g) {
-      const uint16_t* w = a.w + (v0 + g) * a.H;
-      __m512 acc0[MT], acc1[MT];
-      for (int m = 0; m < MT; ++m) {
-        acc0[m] = _mm512_load_ps(state[g][m][0]);
-        acc1[m] = _mm512_load_ps(state[g][m][1]);
-      }
-      for (int64_t i = c0; i < c1; i += 32) {
-        const __m512i raw = _mm512_loadu_si512(w + i);
-        const __m512 lo = widen16_avx512<kHalf>(_mm512_castsi512_si256(raw));
-        const __m512 hi = widen16_avx512<kHalf>(_mm512_extracti64x4_epi64(raw, 1));
-        for (int m = 0; m < MT; ++m) {
-          const float* h = a.h + (m0 + m) * a.H + i;
-          acc0[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(h), acc0[m]);
-          acc1[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(h + 16), acc1[m]);
-        }
-      }
-      for (int m = 0; m < MT; ++m) {
-        _mm512_store_ps(state[g][m][0], acc0[m]);
-        _mm512_store_ps(state[g][m][1], acc1[m]);
-      }
-    }
-  }
-  for (int64_t g = 0; g < nv; ++g) {
-    const uint16_t* w = a.w + (v0 + g) * a.H;
+  for (int64_t i = 0; i < vector_end; i += 32) {
+    __m512 h0[MT], h1[MT];
+    #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) {
-      float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_load_ps(state[g][m][0]), _mm512_load_ps(state[g][m][1])));
-      for (int64_t t = vector_end; t < a.H; ++t) acc += a.h[(m0 + m) * a.H + t] * widen<kHalf>(w[t]);
-      a.out[(m0 + m) * a.V + v0 + g] = acc;
+      h0[m] = _mm512_loadu_ps(hp + (m0 + m) * a.H + i);
+      h1[m] = _mm512_loadu_ps(hp + (m0 + m) * a.H + i + 16);
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < VB; ++r) {
+      __m512 lo, hi;
+      widen32_avx512<kHalf>(a.w + (v + r) * a.H + i, lo, hi);
+      #pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        acc0[r][m] = _mm512_fmadd_ps(lo, h0[m], acc0[r][m]);
+        acc1[r][m] = _mm512_fmadd_ps(hi, h1[m], acc1[r][m]);
+      }
     }
   }
+  #pragma GCC unroll 8
+  for (int r = 0; r < VB; ++r)
+    #pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      float acc = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][m], acc1[r][m]));
+      const uint16_t* w = a.w + (v + r) * a.H;
+      for (int64_t t = vector_end; t < a.H; ++t) acc += a.h[(m0 + m) * a.H + t] * widen<kHalf>(w[t]);
+      a.out[(m0 + m) * a.V + v + r] = acc;
+    }
+}
+
+template <int VB, bool kHalf>
+void head_rows_avx512(const HeadArgs& a, const float* hp, int64_t v) {
+  int64_t m = 0;
+  for (; m + 2 <= a.M; m += 2) head_block_avx512<VB, 2, kHalf>(a, hp, v, m);
+  if (m < a.M) head_block_avx512<VB, 1, kHalf>(a, hp, v, m);
 }
 
 __attribute__((target("avx2,fma"))) inline float hsum_ps_avx2(__m256 v) {
@@ -734,62 +725,28 @@ __attribute__((target("avx2,fma,f16c"))) void head_tile_avx2(const HeadArgs& a, 
 #endif
 
 template <bool kHalf>
-void head_range(const HeadArgs& a, int64_t isa, int64_t v0, int64_t v1) {
+void head_range(const HeadArgs& a, const float* hp, int64_t isa, int64_t v0, int64_t v1) {
 #ifdef PYBITNET_X86
-  if (isa == kAvx512 && a.M > 1) {
-    for (int64_t mc = 0; mc < a.M; mc += kRowChunk) {
-      const int64_t mend = std::min(a.M, mc + kRowChunk);
-      for (int64_t v = v0; v < v1; v += kHeadGroup) {
-        const int64_t nv = std::min(kHeadGroup, v1 - v);
-        for (int64_t m = mc; m < mend; m += kHeadRows) {
-          switch (std::min<int64_t>(kHeadRows, mend - m)) {
-            case 1: head_group_avx512<1, kHalf>(a, v, nv, m); break;
-            case 2: head_group_avx512<2, kHalf>(a, v, nv, m); break;
-            case 3: head_group_avx512<3, kHalf>(a, v, nv, m); break;
-            case 4: head_group_avx512<4, kHalf>(a, v, nv, m); break;
-            case 5: head_group_avx512<5, kHalf>(a, v, nv, m); break;
-            case 6: head_group_avx512<6, kHalf>(a, v, nv, m); break;
-            case 7: head_group_avx512<7, kHalf>(a, v, nv, m); break;
-            default: head_group_avx512<8, kHalf>(a, v, nv, m); break;
-          }
-        }
-      }
+  if (isa == kAvx512) {
+    if (a.M == 1) {  // one entry at a time: the head streams from memory in one sequential sweep
+      for (int64_t v = v0; v < v1; ++v) head_block_avx512<1, 1, kHalf>(a, hp, v, 0);
+      return;
     }
+    int64_t v = v0;  // several rows: 4 entries x 2 rows per tile, the entries' 20 KB reused from L1
+    for (; v + 4 <= v1; v += 4) head_rows_avx512<4, kHalf>(a, hp, v);
+    for (; v < v1; ++v) head_rows_avx512<1, kHalf>(a, hp, v);
     return;
   }
   if (isa != kScalar) {
     for (int64_t mc = 0; mc < a.M; mc += kRowChunk) {
       const int64_t mend = std::min(a.M, mc + kRowChunk);
       for (int64_t v = v0; v < v1; ++v)
-        for (int64_t m = mc; m < mend; m += kHeadRows) {
-          // up to 8 rows per tile: each 16-bit weight is widened once for all of them
-          const int64_t mt = std::min<int64_t>(kHeadRows, mend - m);
-          if (isa == kAvx512) {
-            switch (mt) {
-              case 1: head_tile_avx512<1, kHalf>(a, v, m); break;
-              case 2: head_tile_avx512<2, kHalf>(a, v, m); break;
-              case 3: head_tile_avx512<3, kHalf>(a, v, m); break;
-              case 4: head_tile_avx512<4, kHalf>(a, v, m); break;
-              case 5: head_tile_avx512<5, kHalf>(a, v, m); break;
-              case 6: head_tile_avx512<6, kHalf>(a, v, m); break;
-              case 7: head_tile_avx512<7, kHalf>(a, v, m); break;
-              default: head_tile_avx512<8, kHalf>(a, v, m); break;
-            }
-          } else {  // 16 ymm registers: tiles of 4 rows at most
-            switch (mt) {
-              case 1: head_tile_avx2<1, kHalf>(a, v, m); break;
-              case 2: head_tile_avx2<2, kHalf>(a, v, m); break;
-              case 3: head_tile_avx2<3, kHalf>(a, v, m); break;
-              default:
-                for (int64_t t = 0; t < mt; t += 4) {
-                  const int64_t rows = std::min<int64_t>(4, mt - t);
-                  if (rows == 4) head_tile_avx2<4, kHalf>(a, v, m + t);
-                  else if (rows == 3) head_tile_avx2<3, kHalf>(a, v, m + t);
-                  else if (rows == 2) head_tile_avx2<2, kHalf>(a, v, m + t);
-                  else head_tile_avx2<1, kHalf>(a, v, m + t);
-                }
-                break;
-            }
+        for (int64_t m = mc; m < mend; m += 4) {  // 16 ymm registers: tiles of 4 rows at most
+          switch (std::min<int64_t>(4, mend - m)) {
+            case 1: head_tile_avx2<1, kHalf>(a, v, m); break;
+            case 2: head_tile_avx2<2, kHalf>(a, v, m); break;
+            case 3: head_tile_avx2<3, kHalf>(a, v, m); break;
+            default: head_tile_avx2<4, kHalf>(a, v, m); break;
           }
         }
     }
@@ -797,6 +754,19 @@ void head_range(const HeadArgs& a, int64_t isa, int64_t v0, int64_t v1) {
   }
 #endif
   head_scalar<kHalf>(a, v0, v1);
+}
+
+// h (M, H) -> the AVX-512 bf16 body's lane order within each 32-element chunk (tails stay in place)
+at::Tensor head_permuted_h(const at::Tensor& h, bool half, int64_t isa) {
+  if (isa != kAvx512 || half) return h;
+  at::Tensor out = h.clone();
+  const int64_t M = h.size(0), H = h.size(1), vector_end = H / 32 * 32;
+  const float* src = h.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < vector_end; i += 32)
+      for (int64_t j = 0; j < 32; ++j) dst[m * H + i + j] = src[m * H + i + head_lane_element(j)];
+  return out;
 }
 
 at::Tensor half_matmul(const at::Tensor& h, const at::Tensor& weight, int64_t isa) {
@@ -813,8 +783,10 @@ at::Tensor half_matmul(const at::Tensor& h, const at::Tensor& weight, int64_t is
   if (M == 0 || V == 0) return out;
   const HeadArgs a{hc.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wc.data_ptr()), out.data_ptr<float>(), M,
                    V, H};
+  const at::Tensor hp = head_permuted_h(hc, half, chosen);
+  const float* hpd = hp.data_ptr<float>();
   at::parallel_for(0, V, 256, [&](int64_t v0, int64_t v1) {
-    half ? head_range<true>(a, chosen, v0, v1) : head_range<false>(a, chosen, v0, v1);
+    half ? head_range<true>(a, hpd, chosen, v0, v1) : head_range<false>(a, hpd, chosen, v0, v1);
   });
   return out;
 }
