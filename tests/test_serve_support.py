@@ -103,3 +103,21 @@ class ServerProcess:
         self.process.wait(timeout=30)
         self.log.seek(0)
         return self.log.read()
+
+
+def test_prefill_chunks_take_a_short_remainder_along():
+    from pybitnet.serve.engine import chunk_end
+
+    def plan(total: int, chunk: int) -> list[int]:
+        ends, start = [], 0
+        while start < total:
+            start = chunk_end(start, total, chunk)
+            ends.append(start)
+        return ends
+
+    assert plan(513, 512) == [513]  # 512 + BOS: one pass, not 512 then 1
+    assert plan(640, 512) == [640]  # a quarter chunk rides along
+    assert plan(641, 512) == [512, 641]
+    assert plan(1100, 512) == [512, 1100]  # 588 left after the first: 512 + 76 in one
+    assert plan(48, 7) == [7, 14, 21, 28, 35, 42, 48]  # 7 // 4 = 1: the last 6 go alone
+    assert plan(5, 512) == [5]

@@ -3,7 +3,8 @@
 Each iteration of the scheduler
   1. drops cancelled requests (their rows are free for the next iteration),
   2. admits the oldest waiting request when enough rows are free for its `n` choices,
-  3. runs one prefill chunk of the request being admitted, alone (batch 1) in a cache of its own;
+  3. runs one prefill chunk of the request being admitted (`prefill_chunk` tokens, up to a quarter more
+     to finish the prompt), alone (batch 1) in a cache of its own;
      after its last chunk the prompt's K/V are copied into rows of the shared cache (KVCache.copy_rows)
      and its first tokens are sampled,
   4. runs one decode step over the busy rows and samples each one's next token.
@@ -309,7 +310,7 @@ class Engine:
 
     def _prefill_chunk(self, request: GenerationRequest) -> None:
         spec, start = request.spec, request.prefilled
-        end = min(start + self.prefill_chunk, len(spec.prompt))
+        end = chunk_end(start, len(spec.prompt), self.prefill_chunk)
         tokens = torch.tensor([spec.prompt[start:end]], dtype=torch.long, device=self.model.device)  # (1, C)
         if spec.prompt_logprobs:
             logits = self.model.prefill(tokens, request.small_cache, logits="all")[0]  # (C, V)
@@ -447,6 +448,14 @@ class Engine:
         for request in requests.values():
             self._release(request, "error")
             request.on_event(ErrorEvent(message))
+
+
+def chunk_end(start: int, total: int, chunk: int) -> int:
+    """Where the prefill chunk that begins at `start` of a `total`-token prompt ends: `chunk` tokens on,
+    or the end of the prompt when at most chunk // 4 would be left. A short remainder rides along: a
+    pass of its own would read every weight again (a 512-token prompt plus its BOS is 513 tokens)."""
+    end = min(start + chunk, total)
+    return total if total - end <= chunk // 4 else end
 
 
 def attention_is_row_independent() -> bool:
