@@ -1001,13 +1001,20 @@ __attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a, int64_t
     }
     inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
   }
-  for (int64_t r = 0; r < rep; ++r) {
-    float* o = a.out + b * a.Hq * a.D + (h * rep + r) * a.D;
+  // out = P V: each 16-wide slice of a value row is loaded once for up to 8 query heads of the group
+  for (int64_t r0 = 0; r0 < rep; r0 += 8) {
+    const int64_t nr = std::min<int64_t>(8, rep - r0);
     for (int64_t d = 0; d < a.D; d += 16) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t j = 0; j < S; ++j)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * S + j]), _mm512_loadu_ps(V + j * a.D + d), acc);
-      _mm512_storeu_ps(o + d, _mm512_mul_ps(acc, _mm512_set1_ps(inv[r])));
+      __m512 acc[8];
+      for (int64_t r = 0; r < nr; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < S; ++j) {
+        const __m512 v = _mm512_loadu_ps(V + j * a.D + d);
+        for (int64_t r = 0; r < nr; ++r)
+          acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(r0 + r) * S + j]), v, acc[r]);
+      }
+      for (int64_t r = 0; r < nr; ++r)
+        _mm512_storeu_ps(a.out + b * a.Hq * a.D + (h * rep + r0 + r) * a.D + d,
+                         _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r0 + r])));
     }
   }
 }
