@@ -962,13 +962,59 @@ __attribute__((target("avx512f"))) inline __m512 exp_nonpositive_avx512(__m512 x
   return _mm512_scalef_ps(y, n);
 }
 
+// Lane k of the result = the sum of the 16 lanes of v[k]: pairs within 128-bit lanes, then quads,
+// then across the four 128-bit lanes (45 instructions for 16 sums, against 16 full reductions).
+__attribute__((target("avx512f"))) inline __m512 sum16_avx512(const __m512* v) {
+  __m512 t[8], u[4];
+  #pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of a = v[2k], b = v[2k+1]
+    t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  #pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k)  // per 128-bit lane: the lane's sums of v[4k .. 4k+3]
+    u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // D a multiple of 16 (head dims of real models: 64, 128, ...)
 __attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a, int64_t b, int64_t h, const float* q,
                                                        int64_t rep, int64_t S, float* scores) {
   const float* K = a.keys + (b * a.Hkv + h) * a.L * a.D;
   const float* V = a.values + (b * a.Hkv + h) * a.L * a.D;
   const __m512 vscale = _mm512_set1_ps(a.scale);
-  for (int64_t j = 0; j < S; ++j) {  // each key read once for every query head of the group
+  int64_t j0 = 0;
+  if (rep % 4 == 0)  // tiles of 4 keys x 4 query heads: 16 lane-wise dot products, then one transposing sum
+    for (; j0 + 4 <= S; j0 += 4)
+      for (int64_t r0 = 0; r0 < rep; r0 += 4) {
+        __m512 acc[16];  // acc[4 r + jj]
+        #pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < a.D; d += 16) {
+          __m512 kv[4];
+          #pragma GCC unroll 4
+          for (int jj = 0; jj < 4; ++jj) kv[jj] = _mm512_loadu_ps(K + (j0 + jj) * a.D + d);
+          #pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) {
+            const __m512 qv = _mm512_loadu_ps(q + (r0 + r) * a.D + d);
+            #pragma GCC unroll 4
+            for (int jj = 0; jj < 4; ++jj) acc[4 * r + jj] = _mm512_fmadd_ps(qv, kv[jj], acc[4 * r + jj]);
+          }
+        }
+        const __m512 sums = sum16_avx512(acc);  // lanes 4r .. 4r+3: head r0 + r, keys j0 .. j0+3
+        #pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          alignas(16) float lane[4];
+          _mm_store_ps(lane, r == 0 ? _mm512_extractf32x4_ps(sums, 0) : r == 1 ? _mm512_extractf32x4_ps(sums, 1)
+                                 : r == 2 ? _mm512_extractf32x4_ps(sums, 2) : _mm512_extractf32x4_ps(sums, 3));
+          std::memcpy(scores + (r0 + r) * S + j0, lane, sizeof(lane));
+        }
+      }
+  for (int64_t j = j0; j < S; ++j) {  // the last keys one at a time
     const float* k = K + j * a.D;
     for (int64_t r = 0; r < rep; ++r) {
       __m512 acc = _mm512_setzero_ps();
