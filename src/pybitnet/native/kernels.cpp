@@ -825,17 +825,28 @@ template <int MT>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_head_tile_avx512(const Int8HeadArgs& a, int64_t v,
                                                                                    int64_t m0) {
   const int8_t* w = a.w + v * a.H;
-  __m512i acc[MT][2];
-  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-  int64_t i = 0, c = 0;
-  for (; i < a.H; i += 64, ++c) {
+  const uint8_t* qu = a.qu + m0 * a.Hp;
+  __m512i acc0[MT], acc1[MT];  // two chains per row, so consecutive vpdpbusd do not wait on each other
+  #pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 128 <= a.H; i += 128) {
+    const __m512i w0 = _mm512_loadu_si512(w + i), w1 = _mm512_loadu_si512(w + i + 64);
+    #pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      acc0[m] = _mm512_dpbusd_epi32(acc0[m], _mm512_loadu_si512(qu + m * a.Hp + i), w0);
+      acc1[m] = _mm512_dpbusd_epi32(acc1[m], _mm512_loadu_si512(qu + m * a.Hp + i + 64), w1);
+    }
+  }
+  for (; i < a.H; i += 64) {  // the activations are zero past H; the weights are masked there
     const __mmask64 mask = a.H - i >= 64 ? ~__mmask64(0) : (__mmask64(1) << (a.H - i)) - 1;
     const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + i);
-    for (int m = 0; m < MT; ++m)
-      acc[m][c & 1] = _mm512_dpbusd_epi32(acc[m][c & 1], _mm512_loadu_si512(a.qu + (m0 + m) * a.Hp + i), wv);
+    #pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) acc0[m] = _mm512_dpbusd_epi32(acc0[m], _mm512_loadu_si512(qu + m * a.Hp + i), wv);
   }
+  #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m)
-    int8_head_store(a, m0 + m, v, _mm512_reduce_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1])));
+    int8_head_store(a, m0 + m, v, _mm512_reduce_add_epi32(_mm512_add_epi32(acc0[m], acc1[m])));
 }
 #endif
 
