@@ -4,14 +4,15 @@
 - Loss and every parameter's gradient against an independent float64 reference written here from the
   BitNet b1.58 definition (straight-through estimators as x + (quant(x) - x).detach()), <= 1e-9.
 - Loss and every gradient against transformers' BitNetForCausalLM in its online-quantization (STE)
-  mode, loaded from a float checkpoint of the same latent weights, float32 rule. (transformers keeps
-  RMSNorm, RoPE angles and the loss in float32 whatever the model dtype, so float64 agreement with it
-  cannot go below ~1e-7; the float64 reference above holds the tight bound.)
+  mode, loaded from a float checkpoint of the same latent weights: in float32 under the float32 rule,
+  and in float64 <= 1e-9 (transformers computes RMSNorm, the RoPE angles and its quantizers in float32
+  whatever the model dtype; the float64 test runs those four in float64 with the same operations).
 - Central finite differences on the smooth parts in float64.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -256,6 +257,86 @@ def test_loss_and_gradients_match_transformers_online_quantization(transformers_
         assert rel <= 5e-2, f"gradient of {name}: max |d| / max|transformers| = {rel:.2e}"
         cosine = float(F.cosine_similarity(grad.flatten().double(), ref.flatten().double(), dim=0))
         assert cosine >= 0.999, f"gradient of {name}: cosine similarity {cosine:.5f}"
+
+
+class _Float64Quantizer(torch.autograd.Function):
+    """transformers' WeightQuant / ActQuant (integrations/bitnet.py), the same operations in the input's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, per_row):
+        if per_row:  # ActQuant: absmax per token to int8
+            scale = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+            return (x * scale).round().clamp(-128, 127) / scale
+        scale = 1.0 / x.abs().mean().clamp(min=1e-5)  # WeightQuant: absmean to ternary
+        return (x * scale).round().clamp(-1, 1) / scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone(), None
+
+
+@contextlib.contextmanager
+def _transformers_in_float64(hf, config):
+    """transformers' BitNet runs RMSNorm, the RoPE angles and both STE quantizers in float32 whatever the
+    model dtype. Within this context those four run the same operations in float64 (and the caller takes
+    the loss from the float64 logits); everything else is transformers' own code."""
+    from unittest import mock
+
+    from transformers.integrations import bitnet as hf_bitnet
+    from transformers.models.bitnet import modeling_bitnet as hf_model
+
+    def rms_norm(self, h):
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def rotary(self, x, position_ids):
+        freqs = position_ids[..., None].to(torch.float64) * self.inv_freq.to(device=x.device, dtype=torch.float64)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+    weight_quant = type("WeightQuant", (), {"apply": staticmethod(lambda w: _Float64Quantizer.apply(w, False))})
+    act_quant = type("ActQuant", (), {"apply": staticmethod(lambda a: _Float64Quantizer.apply(a, True))})
+    d = config.head_dim
+    for module in hf.modules():  # built in float32 at load
+        if isinstance(module, hf_model.BitNetRotaryEmbedding):
+            module.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    with mock.patch.object(hf_model.BitNetRMSNorm, "forward", rms_norm), \
+            mock.patch.object(hf_model.BitNetRotaryEmbedding, "forward", rotary), \
+            mock.patch.object(hf_bitnet, "WeightQuant", weight_quant), mock.patch.object(hf_bitnet, "ActQuant", act_quant):
+        yield
+
+
+@pytest.mark.parametrize("act,tie", [("relu2", True), ("silu", False)])
+def test_loss_and_gradients_match_transformers_in_float64(tmp_path, act, tie):
+    """Loss and every gradient against transformers' online-quantization BitNet in float64: <= 1e-9."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    config = _config(act, tie)
+    model = _model(config, torch.float64, seed=11)
+    raw = hf_config_dict(config, "autobitlinear", "float64")
+    raw["quantization_config"]["quantization_mode"] = "online"
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    save_file({internal_to_hf(k): v.contiguous() for k, v in model.latent_weights().items()},
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    major = int(transformers.__version__.split(".")[0])
+    with torch._dynamo.config.patch(disable=True):
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa",
+                                                  **{"dtype" if major >= 5 else "torch_dtype": torch.float64}).train()
+    assert {p.dtype for p in hf.parameters()} == {torch.float64}
+    tokens = _tokens(config, batch=2, seq=31, seed=6)
+    loss, grads = _our_grads(model, tokens)
+    with _transformers_in_float64(hf, config):
+        logits = hf(input_ids=tokens[:, :-1]).logits  # (B, T, V) float64
+        hf_loss = F.cross_entropy(logits.reshape(-1, config.vocab_size), tokens[:, 1:].reshape(-1))
+        hf_loss.backward()
+    assert abs(loss - float(hf_loss)) <= 1e-9 * abs(float(hf_loss))
+    hf_grads = {hf_to_internal(n): p.grad for n, p in hf.named_parameters()}
+    assert set(hf_grads) == set(grads)
+    for name, grad in grads.items():
+        ref = hf_grads[name]
+        rel = float((grad - ref).abs().max() / ref.abs().max())
+        assert rel <= 1e-9, f"gradient of {name}: max |d| / max|transformers| = {rel:.2e}"
 
 
 # ---------------------------------------------------------------------------------------------- finite differences
