@@ -1077,6 +1077,46 @@ __attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a, int64_t
 }
 #endif
 
+#ifdef PYBITNET_X86
+// AVX2, D a multiple of 8: eight-lane dot products and P·V, the softmax's exp in scalar code.
+__attribute__((target("avx2,fma"))) void attend_avx2(const AttnArgs& a, int64_t b, int64_t h, const float* q,
+                                                     int64_t rep, int64_t S, float* scores) {
+  const float* K = a.keys + (b * a.Hkv + h) * a.L * a.D;
+  const float* V = a.values + (b * a.Hkv + h) * a.L * a.D;
+  for (int64_t j = 0; j < S; ++j)
+    for (int64_t r = 0; r < rep; ++r) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t d = 0; d < a.D; d += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * a.D + d), _mm256_loadu_ps(K + j * a.D + d), acc);
+      scores[r * S + j] = hsum_ps_avx2(acc) * a.scale;
+    }
+  float inv[64];
+  for (int64_t r = 0; r < rep; ++r) {
+    float* s = scores + r * S;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < S; ++j) mx = std::max(mx, s[j]);
+    float total = 0.f;
+    for (int64_t j = 0; j < S; ++j) total += (s[j] = std::exp(s[j] - mx));
+    inv[r] = 1.0f / total;
+  }
+  for (int64_t r0 = 0; r0 < rep; r0 += 8) {  // each 8-wide slice of a value row loaded once for 8 heads
+    const int64_t nr = std::min<int64_t>(8, rep - r0);
+    for (int64_t d = 0; d < a.D; d += 8) {
+      __m256 acc[8];
+      for (int64_t r = 0; r < nr; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < S; ++j) {
+        const __m256 v = _mm256_loadu_ps(V + j * a.D + d);
+        for (int64_t r = 0; r < nr; ++r)
+          acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scores[(r0 + r) * S + j]), v, acc[r]);
+      }
+      for (int64_t r = 0; r < nr; ++r)
+        _mm256_storeu_ps(a.out + b * a.Hq * a.D + (h * rep + r0 + r) * a.D + d,
+                         _mm256_mul_ps(acc[r], _mm256_set1_ps(inv[r0 + r])));
+    }
+  }
+}
+#endif
+
 at::Tensor attention_decode(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor keys,
                             at::Tensor values, const at::Tensor& positions, int64_t num_heads, int64_t num_kv_heads,
                             double scale, int64_t isa) {
@@ -1123,6 +1163,10 @@ at::Tensor attention_decode(const at::Tensor& qkv, const at::Tensor& cos, const 
 #ifdef PYBITNET_X86
       if (chosen == kAvx512 && D % 16 == 0) {
         attend_avx512(a, b, h, q.data(), rep, S, scores.data());
+        continue;
+      }
+      if (chosen == kAvx2 && D % 8 == 0) {
+        attend_avx2(a, b, h, q.data(), rep, S, scores.data());
         continue;
       }
 #endif
