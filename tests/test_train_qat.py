@@ -214,25 +214,31 @@ def test_loss_and_gradients_match_float64_reference(act, tie):
 
 
 # ---------------------------------------------------------------------------------------------- transformers
-@pytest.fixture(scope="module")
-def transformers_twin(tmp_path_factory):
-    """(our float32 model, transformers' online-quantization BitNet loaded from its latent weights)."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
+def _load_online_twin(model: TrainableBitNet, path, **load_options):
+    """Write `model`'s latent weights as a float checkpoint in transformers' online-quantization mode and
+    load it with transformers in the model's dtype (its torch.compile'd quantizers run eagerly)."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
-    config = _config()
-    model = _model(config, torch.float32, seed=11)
-    path = tmp_path_factory.mktemp("online")
-    raw = hf_config_dict(config, "autobitlinear", "float32")
+    raw = hf_config_dict(model.config, "autobitlinear", str(model.dtype).removeprefix("torch."))
     raw["quantization_config"]["quantization_mode"] = "online"
     (path / "config.json").write_text(json.dumps(raw))
     save_file({internal_to_hf(k): v.contiguous() for k, v in model.latent_weights().items()},
               str(path / "model.safetensors"), metadata={"format": "pt"})
-    major = int(transformers.__version__.split(".")[0])
-    with torch._dynamo.config.patch(disable=True):  # its quantizers are torch.compile'd: run them eagerly
-        hf, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
-                                                        **{"dtype" if major >= 5 else "torch_dtype": torch.float32})
+    dtype_option = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    with torch._dynamo.config.patch(disable=True):
+        return AutoModelForCausalLM.from_pretrained(path, **{dtype_option: model.dtype}, **load_options)
+
+
+@pytest.fixture(scope="module")
+def transformers_twin(tmp_path_factory):
+    """(our float32 model, transformers' online-quantization BitNet loaded from its latent weights)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+
+    config = _config()
+    model = _model(config, torch.float32, seed=11)
+    hf, info = _load_online_twin(model, tmp_path_factory.mktemp("online"), output_loading_info=True)
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     assert not problems, f"transformers did not load the latent weights cleanly: {problems}"
     assert any(type(m).__name__ == "AutoBitLinear" and m.online_quant for m in hf.modules())
@@ -308,21 +314,12 @@ def _transformers_in_float64(hf, config):
 @pytest.mark.parametrize("act,tie", [("relu2", True), ("silu", False)])
 def test_loss_and_gradients_match_transformers_in_float64(tmp_path, act, tie):
     """Loss and every gradient against transformers' online-quantization BitNet in float64: <= 1e-9."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM
 
     config = _config(act, tie)
     model = _model(config, torch.float64, seed=11)
-    raw = hf_config_dict(config, "autobitlinear", "float64")
-    raw["quantization_config"]["quantization_mode"] = "online"
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    save_file({internal_to_hf(k): v.contiguous() for k, v in model.latent_weights().items()},
-              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    major = int(transformers.__version__.split(".")[0])
-    with torch._dynamo.config.patch(disable=True):
-        hf = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa",
-                                                  **{"dtype" if major >= 5 else "torch_dtype": torch.float64}).train()
+    hf = _load_online_twin(model, tmp_path, attn_implementation="sdpa").train()
     assert {p.dtype for p in hf.parameters()} == {torch.float64}
     tokens = _tokens(config, batch=2, seq=31, seed=6)
     loss, grads = _our_grads(model, tokens)

@@ -42,6 +42,8 @@ class BitLinear(nn.Module):
         # (N, ceil(K/256) * 64) uint8 packed 2-bit codes on CPU, (N, K) int8 elsewhere: the only copy
         self.register_buffer("ternary_weights", weights)
         self.out_features = [p.shape[0] for p in parts]
+        ends = [sum(self.out_features[: j + 1]) for j in range(len(parts))]
+        self.bounds = tuple((end - n, end) for end, n in zip(ends, self.out_features))  # each part's columns
         self.betas = [float(p.beta) for p in parts]
         # (N,) float32 on CPU: β of each output column, the per-column scale of the native path (CPU only)
         self.col_scale = torch.cat([torch.full((n,), b, dtype=torch.float32) for n, b in zip(self.out_features, self.betas)])
@@ -91,14 +93,13 @@ class BitLinear(nn.Module):
         lead, dtype = x.shape[:-1], torch.float32 if x.dtype == torch.int32 else x.dtype
         y, act_scale = self._run(x.reshape(-1, x.shape[-1]), norm, row_scale, None, scaled=True)
         if act_scale is not None:  # y holds the accumulators still
-            parts = self.scale_parts(y, act_scale)
-            y = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(dtype)
+            y = self._scale(y, act_scale, dtype)
         return y.reshape(*lead, y.shape[-1])
 
     def forward(self, x: torch.Tensor, norm: "RMSNorm | None" = None, row_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
         """x (..., K) -> one (..., N_j) tensor per part (views into one result)."""
         y = self.project(x, norm, row_scale)
-        return [y] if len(self.out_features) == 1 else [y[..., a:b] for a, b in self.part_bounds()]
+        return [y] if len(self.out_features) == 1 else [y[..., a:b] for a, b in self.bounds]
 
     def _run(self, x: torch.Tensor, norm: "RMSNorm | None", row_scale: torch.Tensor | None, backend: str | None,
              scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -123,20 +124,17 @@ class BitLinear(nn.Module):
             return acc * (act_scale.reciprocal() * self.col_scale), None
         return acc, act_scale
 
-    def scale_parts(self, acc: torch.Tensor, act_scale: torch.Tensor, parts: tuple[int, ...] | None = None) -> list[torch.Tensor]:
-        """Accumulators (M, N) -> y_j = acc_j * β_j / s_x for the chosen parts (default all)."""
+    def _scale(self, acc: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Accumulators (M, N) -> y (M, N) in `dtype`, y_j = acc_j * (1/s_x * β_j) for each part j."""
         inv_scale = act_scale.reciprocal()  # (M, 1); acc / s_x * β == acc * (β / s_x)
-        bounds = self.part_bounds()
-        return [acc[:, bounds[j][0] : bounds[j][1]] * (inv_scale * self.betas[j])
-                for j in (parts if parts is not None else range(len(bounds)))]
-
-    def part_bounds(self) -> list[tuple[int, int]]:
-        ends = [sum(self.out_features[: j + 1]) for j in range(len(self.out_features))]
-        return [(end - n, end) for end, n in zip(ends, self.out_features)]
+        y = torch.empty(acc.shape, dtype=dtype, device=acc.device)
+        for (a, b), beta in zip(self.bounds, self.betas):
+            torch.mul(acc[:, a:b], inv_scale * beta, out=y[:, a:b])
+        return y
 
     def part(self, index: int) -> TernaryWeight:
-        start = sum(self.out_features[:index])
-        rows = self.ternary_weights[start : start + self.out_features[index]]
+        start, end = self.bounds[index]
+        rows = self.ternary_weights[start:end]
         if rows.dtype == torch.uint8:
             return TernaryWeight(packed=rows, in_features=self.in_features, beta=self.betas[index])
         return TernaryWeight(rows, self.betas[index])
@@ -263,7 +261,7 @@ class Attention(nn.Module):
             out = ops.attention_decode(qkv.view(bsz, -1), cos.reshape(-1, d), sin.reshape(-1, d), kv.keys, kv.values,
                                        mask.positions, self.num_heads, self.num_kv_heads, self.scale, native.isa())
             return self.o_proj(out.view(bsz, 1, -1), norm=self.sub_norm)[0]  # out (B, Hq*D)
-        q, k, v = (qkv[..., a:b] for a, b in self.qkv.part_bounds())
+        q, k, v = (qkv[..., a:b] for a, b in self.qkv.bounds)
         q = apply_rope(q.view(bsz, seq, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hq, T, D)
         k = apply_rope(k.view(bsz, seq, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -303,7 +301,7 @@ class FeedForward(nn.Module):
 
         For relu² on int32 accumulators of a float32 model, z is the accumulators themselves: the
         down projection forms relu(g)²·u as it quantizes (BitLinear.accumulate)."""
-        (g0, g1), (u0, u1) = self.gate_up.part_bounds()
+        (g0, g1), (u0, u1) = self.gate_up.bounds
         inv = act_scale.reciprocal()  # (M, 1)
         if self.act == "relu2":
             # relu(a·g)²·(b·u) = a²b · relu(g)²·u with a = β_g/s, b = β_u/s per row: work on the integer

@@ -932,25 +932,30 @@ struct AttnArgs {
   float scale;
 };
 
+// Scores s[0, S) of one query head -> exp(s - max(s)) in place; returns 1 / their sum.
+inline float softmax_numerators(float* s, int64_t S) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < S; ++j) mx = std::max(mx, s[j]);
+  float total = 0.f;
+  for (int64_t j = 0; j < S; ++j) total += (s[j] = std::exp(s[j] - mx));
+  return 1.0f / total;
+}
+
 void attend_scalar(const AttnArgs& a, int64_t b, int64_t h, const float* q, int64_t rep, int64_t S, float* scores) {
   const float* K = a.keys + (b * a.Hkv + h) * a.L * a.D;
   const float* V = a.values + (b * a.Hkv + h) * a.L * a.D;
   for (int64_t r = 0; r < rep; ++r) {
     float* s = scores + r * S;
-    float mx = -INFINITY;
     for (int64_t j = 0; j < S; ++j) {
       float dot = 0.f;
       for (int64_t d = 0; d < a.D; ++d) dot += q[r * a.D + d] * K[j * a.D + d];
       s[j] = dot * a.scale;
-      mx = std::max(mx, s[j]);
     }
-    float total = 0.f;
-    for (int64_t j = 0; j < S; ++j) total += (s[j] = std::exp(s[j] - mx));
+    const float inv = softmax_numerators(s, S);
     float* o = a.out + b * a.Hq * a.D + (h * rep + r) * a.D;
     for (int64_t d = 0; d < a.D; ++d) o[d] = 0.f;
     for (int64_t j = 0; j < S; ++j)
       for (int64_t d = 0; d < a.D; ++d) o[d] += s[j] * V[j * a.D + d];
-    const float inv = 1.0f / total;
     for (int64_t d = 0; d < a.D; ++d) o[d] *= inv;
   }
 }
@@ -1091,14 +1096,7 @@ __attribute__((target("avx2,fma"))) void attend_avx2(const AttnArgs& a, int64_t 
       scores[r * S + j] = hsum_ps_avx2(acc) * a.scale;
     }
   float inv[64];
-  for (int64_t r = 0; r < rep; ++r) {
-    float* s = scores + r * S;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < S; ++j) mx = std::max(mx, s[j]);
-    float total = 0.f;
-    for (int64_t j = 0; j < S; ++j) total += (s[j] = std::exp(s[j] - mx));
-    inv[r] = 1.0f / total;
-  }
+  for (int64_t r = 0; r < rep; ++r) inv[r] = softmax_numerators(scores + r * S, S);
   for (int64_t r0 = 0; r0 < rep; r0 += 8) {  // each 8-wide slice of a value row loaded once for 8 heads
     const int64_t nr = std::min<int64_t>(8, rep - r0);
     for (int64_t d = 0; d < a.D; d += 8) {
