@@ -357,3 +357,80 @@ def test_native_int8_head_gives_the_torch_formula_bit_for_bit(monkeypatch):
     assert torch.equal(head(h), expected)
     monkeypatch.setenv("PYBITNET_NATIVE_ISA", "avx2")  # no VNNI: the torch path, the same numbers
     assert torch.equal(head(h), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode step of the whole stack in one native call
+
+
+def _decode_logits(model, tokens: torch.Tensor, mask: torch.Tensor, steps: int):
+    """Prefill a ragged batch, then decode `steps` tokens: logits (steps, B, V) and the cache."""
+    cache = model.new_cache(tokens.shape[0], tokens.shape[1] + steps)
+    model.prefill(tokens, cache, attention_mask=mask)
+    out = [model.decode_step(tokens[:, t], cache) for t in range(steps)]
+    return torch.stack(out), cache
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "auto"])
+@pytest.mark.parametrize("sub_norms", [True, False])
+def test_decode_stack_gives_the_layer_by_layer_bits(monkeypatch, isa, sub_norms):
+    """One decode_stack call per step (the default on this path) against the same model running its
+    blocks one by one: identical logits and caches, ragged rows, every instruction set."""
+    import pybitnet
+    from pybitnet.model import Transformer
+
+    if isa != "auto" and isa not in _isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("PYBITNET_NATIVE_ISA", isa)
+    config = pybitnet.preset("tiny").replace(num_layers=3, sub_norms=sub_norms)
+    model = Transformer(config, synthetic.random_weights(config, 11))
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, config.vocab_size, (3, 9), generator=g)
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
+    calls = []
+    original = type(model._decode_stack).__call__
+    monkeypatch.setattr(type(model._decode_stack), "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    stacked, stacked_cache = _decode_logits(model, tokens, mask, 6)
+    assert len(calls) == 6  # every step ran as one call
+    model._decode_stack._args = ()  # never applies: the blocks one by one
+    layered, layered_cache = _decode_logits(model, tokens, mask, 6)
+    assert len(calls) == 6
+    assert torch.equal(stacked, layered)
+    assert torch.equal(stacked_cache.keys, layered_cache.keys) and torch.equal(stacked_cache.values, layered_cache.values)
+
+
+@needs_native
+def test_decode_stack_stays_out_where_it_does_not_apply():
+    """SiLU FFNs, float64 models and a backend other than native decode block by block."""
+    import pybitnet
+    from pybitnet.model import Transformer
+
+    config = pybitnet.preset("tiny")
+    token = torch.tensor([3, 4])
+    for model in (Transformer(config.replace(hidden_act="silu"), synthetic.random_weights(config, 1)),
+                  Transformer(config, synthetic.random_weights(config, 1), dtype=torch.float64)):
+        cache = model.new_cache(2, 4)
+        h = model._embed(token[:, None])
+        windows, _ = cache.windows(1)
+        assert model._decode_stack.ops_for(h, windows, model._mask(torch.tensor([[1], [1]]), 2)) is None
+    model = Transformer(config, synthetic.random_weights(config, 1))
+    model.set_backend("int8")
+    cache = model.new_cache(2, 4)
+    windows, _ = cache.windows(1)
+    h = model._embed(token[:, None])
+    assert model._decode_stack.ops_for(h, windows, model._mask(torch.tensor([[1], [1]]), 2)) is None
+    model.set_backend("auto")
+    assert model._decode_stack.ops_for(h, windows, model._mask(torch.tensor([[1], [1]]), 2)) is not None
+
+
+@needs_native
+def test_decode_stack_names_a_missing_weight():
+    keys = [torch.zeros(1, 1, 4, 8)]
+    weights = [torch.ones(8)] + [None] * 10
+    with pytest.raises(RuntimeError, match=r"weight \d+ of layer 0 is missing"):
+        ops.decode_stack(torch.zeros(1, 8), weights, [1.0, 1.0], 1e-5, torch.ones(1, 8), torch.zeros(1, 8), keys,
+                         [keys[0].clone()], torch.tensor([0]), 1, 1, 1.0, 0)
+    with pytest.raises(RuntimeError, match="2 betas and one cache per layer"):
+        ops.decode_stack(torch.zeros(1, 8), weights, [1.0], 1e-5, torch.ones(1, 8), torch.zeros(1, 8), keys,
+                         [keys[0].clone()], torch.tensor([0]), 1, 1, 1.0, 0)

@@ -325,3 +325,61 @@ class Block(nn.Module):
                 mask: AttentionMask) -> torch.Tensor:
         h = h + self.attention(h, cos, sin, kv, mask)  # a new tensor: the caller's h is never modified
         return h.add_(self.ffn(h))
+
+
+class DecodeStack:
+    """A stack of blocks' decode step as one native call (kernels.cpp: decode_stack), where it applies:
+    one float32 CPU token per row over a cache, relu² FFNs, packed weights, every projection on the
+    native backend, one eps for all norms. The op makes the calls Block.forward makes on that path,
+    with the same float32 operations, so it changes no bit; it saves the per-call cost of some twenty
+    calls per layer. The fixed arguments are gathered once; call `reset()` when the blocks' tensors or
+    backends change (Transformer does, in set_backend and .to())."""
+
+    def __init__(self, blocks: list[Block]):
+        self.blocks = blocks
+        self._args: tuple | None = None  # (weights, betas, eps, heads, backends), or () where it never applies
+
+    def reset(self) -> None:
+        self._args = None
+
+    def ops_for(self, h: torch.Tensor, windows: list[LayerWindow], mask: AttentionMask):
+        """The native ops when this step runs as one decode_stack call, else None."""
+        if not self.blocks or Attention._decode_ops(h, windows[0], mask) is None:
+            return None
+        if self._args is None:
+            self._args = self._gather(h)
+        if not self._args or not all(w.keys.is_contiguous() and w.values.is_contiguous() for w in windows):
+            return None
+        backends = self._args[4]
+        if any(kernels.select_backend(b, h.shape[0], h.dtype, h.device, 1) != "native" for b in backends):
+            return None
+        return native.ops()
+
+    def __call__(self, ops, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, windows: list[LayerWindow],
+                 mask: AttentionMask) -> torch.Tensor:
+        """h (B, 1, H) -> h after every block (B, 1, H); each block's K/V written to its window."""
+        weights, betas, eps, (num_heads, num_kv_heads, head_dim, scale), _ = self._args
+        out = ops.decode_stack(h.view(h.shape[0], -1), weights, betas, eps, cos.reshape(-1, head_dim),
+                               sin.reshape(-1, head_dim), [w.keys for w in windows], [w.values for w in windows],
+                               mask.positions, num_heads, num_kv_heads, scale, native.isa())
+        return out.view_as(h)
+
+    def _gather(self, h: torch.Tensor) -> tuple:
+        weights, betas, eps, linears = [], [], set(), []
+        for block in self.blocks:
+            a, f = block.attention, block.ffn
+            layer_linears = (a.qkv, a.o_proj, f.gate_up, f.down)
+            if f.act != "relu2" or any(linear.fused_ops(h, "native") is None for linear in layer_linears):
+                return ()
+            linears += layer_linears
+            eps |= {n.eps for n in (a.input_norm, a.sub_norm, f.input_norm, f.sub_norm) if n is not None}
+            sub_a, sub_f = (n.weight if n is not None else None for n in (a.sub_norm, f.sub_norm))
+            weights += [a.input_norm.weight, a.qkv.ternary_weights, a.qkv.col_scale, sub_a, a.o_proj.ternary_weights,
+                        a.o_proj.col_scale, f.input_norm.weight, f.gate_up.ternary_weights, sub_f,
+                        f.down.ternary_weights, f.down.col_scale]
+            betas += f.gate_up.betas
+        if len(eps) != 1:
+            return ()
+        a = self.blocks[0].attention
+        heads = (a.num_heads, a.num_kv_heads, a.head_dim, a.scale)
+        return weights, betas, eps.pop(), heads, {linear.backend for linear in linears}

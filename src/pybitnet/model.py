@@ -17,7 +17,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .errors import ConfigError, InputError
 from .head import LMHead
-from .layers import Attention, AttentionMask, BitLinear, Block, FeedForward, RMSNorm, RotaryTables
+from .layers import Attention, AttentionMask, BitLinear, Block, DecodeStack, FeedForward, RMSNorm, RotaryTables
 from .weights import PROJECTIONS, TernaryWeight, Weights, check_weights
 
 # Longer sequences are prefilled in chunks of this many tokens, bounding activation memory.
@@ -83,6 +83,7 @@ class Transformer(nn.Module):
             )
             blocks.append(Block(attention, ffn))
         self.layers = nn.ModuleList(blocks)
+        self._decode_stack = DecodeStack(blocks)
         self.norm = RMSNorm(floats("norm"), eps)
         # The embedding stays in its checkpoint dtype (bf16 for 2B-4T) unless the model runs in a
         # wider float that the exactness tests need; rows are upcast as they are looked up.
@@ -105,6 +106,11 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, BitLinear):
                 module.backend = backend
+        self._decode_stack.reset()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._decode_stack.reset()  # .to() / .float() replace the tensors it holds
+        return super()._apply(fn, *args, **kwargs)
 
     def decode_is_row_independent(self) -> bool:
         """Whether decode_step gives each row the same bits whatever the rest of the batch holds: the
@@ -131,8 +137,12 @@ class Transformer(nn.Module):
             cos, sin = self._rope_at(positions, windows[0].write_at)
             mask = self._mask(positions, windows[0].length)
         h = self._embed(tokens)  # (B, T, H)
-        for layer, window in zip(self.layers, windows):
-            h = layer(h, cos, sin, window, mask)
+        ops = self._decode_stack.ops_for(h, windows, mask) if cache is not None else None
+        if ops is not None:  # one token per row on the native path: every layer in one call
+            h = self._decode_stack(ops, h, cos, sin, windows, mask)
+        else:
+            for layer, window in zip(self.layers, windows):
+                h = layer(h, cos, sin, window, mask)
         if cache is not None:
             cache.lengths += seq
         return self.norm(h)

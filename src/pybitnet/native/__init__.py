@@ -41,12 +41,13 @@ def enabled() -> bool:
 
 
 def ops():
-    """torch.ops.pybitnet when the native library is available, else None (after one stderr line)."""
-    if not enabled():
-        return None
+    """torch.ops.pybitnet when the native library is available, else None (after one stderr line).
+    `PYBITNET_NATIVE` is read on the first call; the answer holds for the life of the process."""
+    if "ops" in _state:  # every BitLinear call asks: no lock, no environment read once decided
+        return _state["ops"]
     with _lock:
         if "ops" not in _state:
-            _state["ops"] = _load()
+            _state["ops"] = _load() if enabled() else None
     return _state["ops"]
 
 

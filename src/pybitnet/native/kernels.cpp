@@ -99,13 +99,17 @@ void ternary_rows_scalar(const TernaryArgs& a, int64_t n, int64_t m0, int64_t mt
 #ifdef PYBITNET_X86
 template <int MT, int NR>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void ternary_tile_avx512(const TernaryArgs& a, int64_t n,
-                                                                                  int64_t m0) {
+                                                                                  int64_t m0, int64_t rs) {
   const int64_t row_bytes = a.KB * kBlockBytes, kp = a.KB * kBlock;
   const uint8_t* w = a.w + n * row_bytes;
   const int8_t* q = a.q + m0 * kp;
   const __m512i mask = _mm512_set1_epi8(3);
   // Few rows: one accumulator per (row, s) so the four vpdpbusd of a block do not wait on each other.
+  // Those tiles also skip the shifts: code s is masked in place (code * 4^s, at most 128, still a
+  // u8 operand), its accumulator sums exact multiples of 4^s, and an exact arithmetic shift by 2s
+  // takes the factor off at the end. With one or two rows the shifts were as costly as the vpdpbusd.
   constexpr int SA = NR * MT <= 4 ? 4 : (NR * MT <= 8 ? 2 : 1);
+  constexpr bool kInPlace = SA == 4;
   __m512i acc[NR][MT][SA];
   #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
@@ -117,16 +121,20 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void ternary_tile_avx512(
     __m512i v[NR];
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
-      v[r] = _mm512_loadu_si512(w + r * row_bytes + b * kBlockBytes);
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * row_bytes + (b + 8) * kBlockBytes), _MM_HINT_T0);
+      v[r] = _mm512_loadu_si512(w + r * rs * row_bytes + b * kBlockBytes);
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * rs * row_bytes + (b + 8) * kBlockBytes), _MM_HINT_T0);
     }
     #pragma GCC unroll 16
     for (int s = 0; s < 4; ++s) {
       __m512i c[NR];
       #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
-        c[r] = _mm512_and_si512(v[r], mask);
-        v[r] = _mm512_srli_epi16(v[r], 2);
+        if (kInPlace) {
+          c[r] = _mm512_and_si512(v[r], _mm512_set1_epi8(char(3 << (2 * s))));
+        } else {
+          c[r] = _mm512_and_si512(v[r], mask);
+          v[r] = _mm512_srli_epi16(v[r], 2);
+        }
       }
       #pragma GCC unroll 16
       for (int m = 0; m < MT; ++m) {
@@ -142,8 +150,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void ternary_tile_avx512(
     for (int m = 0; m < MT; ++m) {
       __m512i total = acc[r][m][0];
       #pragma GCC unroll 16
-      for (int t = 1; t < SA; ++t) total = _mm512_add_epi32(total, acc[r][m][t]);
-      a.store(m0 + m, n + r, _mm512_reduce_add_epi32(total) - a.qsum[m0 + m]);
+      for (int t = 1; t < SA; ++t)
+        total = _mm512_add_epi32(total, kInPlace ? _mm512_srai_epi32(acc[r][m][t], 2 * t) : acc[r][m][t]);
+      a.store(m0 + m, n + r * rs, _mm512_reduce_add_epi32(total) - a.qsum[m0 + m]);
     }
 }
 
@@ -155,7 +164,7 @@ __attribute__((target("avx2"))) inline int32_t hsum_avx2(__m256i v) {
 }
 
 template <int MT, int NR>
-__attribute__((target("avx2"))) void ternary_tile_avx2(const TernaryArgs& a, int64_t n, int64_t m0) {
+__attribute__((target("avx2"))) void ternary_tile_avx2(const TernaryArgs& a, int64_t n, int64_t m0, int64_t rs) {
   const int64_t row_bytes = a.KB * kBlockBytes, kp = a.KB * kBlock;
   const uint8_t* w = a.w + n * row_bytes;
   const int8_t* q = a.q + m0 * kp;
@@ -172,7 +181,7 @@ __attribute__((target("avx2"))) void ternary_tile_avx2(const TernaryArgs& a, int
       __m256i v[NR];
       #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r)
-        v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * row_bytes + b * kBlockBytes + 32 * h));
+        v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * rs * row_bytes + b * kBlockBytes + 32 * h));
       #pragma GCC unroll 16
       for (int s = 0; s < 4; ++s) {
         __m256i c[NR];
@@ -198,7 +207,7 @@ __attribute__((target("avx2"))) void ternary_tile_avx2(const TernaryArgs& a, int
   #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
     #pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m) a.store(m0 + m, n + r, hsum_avx2(acc[r][m]) - a.qsum[m0 + m]);
+    for (int m = 0; m < MT; ++m) a.store(m0 + m, n + r * rs, hsum_avx2(acc[r][m]) - a.qsum[m0 + m]);
 }
 
 template <template <int, int> class Tile, int NR>
@@ -206,16 +215,16 @@ struct ByRows;
 
 #define PYBITNET_TILE_FN(NAME)                                                               \
   template <int NR>                                                                          \
-  void NAME##_dispatch(const TernaryArgs& a, int64_t n, int64_t m0, int64_t mt) {            \
+  void NAME##_dispatch(const TernaryArgs& a, int64_t n, int64_t m0, int64_t mt, int64_t rs) { \
     switch (mt) {                                                                            \
-      case 1: NAME<1, NR>(a, n, m0); break;                                                  \
-      case 2: NAME<2, NR>(a, n, m0); break;                                                  \
-      case 3: NAME<3, NR>(a, n, m0); break;                                                  \
-      case 4: NAME<4, NR>(a, n, m0); break;                                                  \
-      case 5: NAME<5, NR>(a, n, m0); break;                                                  \
-      case 6: NAME<6, NR>(a, n, m0); break;                                                  \
-      case 7: NAME<7, NR>(a, n, m0); break;                                                  \
-      default: NAME<8, NR>(a, n, m0); break;                                                 \
+      case 1: NAME<1, NR>(a, n, m0, rs); break;                                              \
+      case 2: NAME<2, NR>(a, n, m0, rs); break;                                              \
+      case 3: NAME<3, NR>(a, n, m0, rs); break;                                              \
+      case 4: NAME<4, NR>(a, n, m0, rs); break;                                              \
+      case 5: NAME<5, NR>(a, n, m0, rs); break;                                              \
+      case 6: NAME<6, NR>(a, n, m0, rs); break;                                              \
+      case 7: NAME<7, NR>(a, n, m0, rs); break;                                              \
+      default: NAME<8, NR>(a, n, m0, rs); break;                                             \
     }                                                                                        \
   }
 PYBITNET_TILE_FN(ternary_tile_avx512)
@@ -232,18 +241,28 @@ void ternary_range(const TernaryArgs& a, int64_t isa, int64_t n0, int64_t n1) {
 #ifdef PYBITNET_X86
     if (isa != kScalar) {
       const bool wide = isa == kAvx512;
-      // Up to 8 activation rows: one weight row at a time, so the weights stream in one sequential
-      // sweep (interleaving rows halved the rate from DRAM); more rows: two weight rows per pass.
-      if ((mend - mc) > 8)
+      if (mend - mc <= 8) {
+        // Up to 8 activation rows: two weight rows per pass, taken from the two halves of the range,
+        // so each of the two loads walks its own rows in one sequential sweep. (Two adjacent rows per
+        // pass jump at every row end and halved the rate from DRAM; one row per pass leaves the core
+        // short of memory-level parallelism: ~15% slower on the 2B-4T shapes.)
+        const int64_t half = (n1 - n) / 2, mt = mend - mc;
+        for (int64_t i = 0; i < half; ++i)
+          wide ? ternary_tile_avx512_dispatch<2>(a, n + i, mc, mt, half)
+               : ternary_tile_avx2_dispatch<2>(a, n + i, mc, mt, half);
+        n += 2 * half;
+      }
+      // More than 8 activation rows: two adjacent weight rows per pass, reused from L1 for every row.
+      if (mend - mc > 8)
         for (; n + 2 <= n1; n += 2)
           for (int64_t m = mc; m < mend; m += 8) {
             const int64_t mt = std::min<int64_t>(8, mend - m);
-            wide ? ternary_tile_avx512_dispatch<2>(a, n, m, mt) : ternary_tile_avx2_dispatch<2>(a, n, m, mt);
+            wide ? ternary_tile_avx512_dispatch<2>(a, n, m, mt, 1) : ternary_tile_avx2_dispatch<2>(a, n, m, mt, 1);
           }
       for (; n < n1; ++n)
         for (int64_t m = mc; m < mend; m += 8) {
           const int64_t mt = std::min<int64_t>(8, mend - m);
-          wide ? ternary_tile_avx512_dispatch<1>(a, n, m, mt) : ternary_tile_avx2_dispatch<1>(a, n, m, mt);
+          wide ? ternary_tile_avx512_dispatch<1>(a, n, m, mt, 1) : ternary_tile_avx2_dispatch<1>(a, n, m, mt, 1);
         }
       continue;
     }
@@ -821,32 +840,62 @@ void int8_head_scalar(const Int8HeadArgs& a, int64_t v0, int64_t v1) {
 }
 
 #ifdef PYBITNET_X86
-template <int MT>
+// VR vocabulary entries (v, v + rs, ...) x MT rows per tile; each (row, entry) sums in the same order
+// whatever the tile, so VR and MT change speed only.
+template <int MT, int VR>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_head_tile_avx512(const Int8HeadArgs& a, int64_t v,
-                                                                                   int64_t m0) {
-  const int8_t* w = a.w + v * a.H;
+                                                                                   int64_t m0, int64_t rs) {
   const uint8_t* qu = a.qu + m0 * a.Hp;
-  __m512i acc0[MT], acc1[MT];  // two chains per row, so consecutive vpdpbusd do not wait on each other
+  __m512i acc0[VR][MT], acc1[VR][MT];  // two chains per sum, so consecutive vpdpbusd do not wait on each other
   #pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_si512();
+  for (int r = 0; r < VR; ++r)
+    #pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) acc0[r][m] = acc1[r][m] = _mm512_setzero_si512();
   int64_t i = 0;
   for (; i + 128 <= a.H; i += 128) {
-    const __m512i w0 = _mm512_loadu_si512(w + i), w1 = _mm512_loadu_si512(w + i + 64);
     #pragma GCC unroll 8
-    for (int m = 0; m < MT; ++m) {
-      acc0[m] = _mm512_dpbusd_epi32(acc0[m], _mm512_loadu_si512(qu + m * a.Hp + i), w0);
-      acc1[m] = _mm512_dpbusd_epi32(acc1[m], _mm512_loadu_si512(qu + m * a.Hp + i + 64), w1);
+    for (int r = 0; r < VR; ++r) {
+      const int8_t* w = a.w + (v + r * rs) * a.H;
+      const __m512i w0 = _mm512_loadu_si512(w + i), w1 = _mm512_loadu_si512(w + i + 64);
+      #pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        acc0[r][m] = _mm512_dpbusd_epi32(acc0[r][m], _mm512_loadu_si512(qu + m * a.Hp + i), w0);
+        acc1[r][m] = _mm512_dpbusd_epi32(acc1[r][m], _mm512_loadu_si512(qu + m * a.Hp + i + 64), w1);
+      }
     }
   }
   for (; i < a.H; i += 64) {  // the activations are zero past H; the weights are masked there
     const __mmask64 mask = a.H - i >= 64 ? ~__mmask64(0) : (__mmask64(1) << (a.H - i)) - 1;
-    const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + i);
     #pragma GCC unroll 8
-    for (int m = 0; m < MT; ++m) acc0[m] = _mm512_dpbusd_epi32(acc0[m], _mm512_loadu_si512(qu + m * a.Hp + i), wv);
+    for (int r = 0; r < VR; ++r) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, a.w + (v + r * rs) * a.H + i);
+      #pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m)
+        acc0[r][m] = _mm512_dpbusd_epi32(acc0[r][m], _mm512_loadu_si512(qu + m * a.Hp + i), wv);
+    }
   }
   #pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m)
-    int8_head_store(a, m0 + m, v, _mm512_reduce_add_epi32(_mm512_add_epi32(acc0[m], acc1[m])));
+  for (int r = 0; r < VR; ++r)
+    #pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m)
+      int8_head_store(a, m0 + m, v + r * rs, _mm512_reduce_add_epi32(_mm512_add_epi32(acc0[r][m], acc1[r][m])));
+}
+
+template <int VR>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_head_rows_avx512(const Int8HeadArgs& a, int64_t v,
+                                                                                   int64_t rs) {
+  for (int64_t m = 0; m < a.M; m += 8) {
+    switch (std::min<int64_t>(8, a.M - m)) {
+      case 1: int8_head_tile_avx512<1, VR>(a, v, m, rs); break;
+      case 2: int8_head_tile_avx512<2, VR>(a, v, m, rs); break;
+      case 3: int8_head_tile_avx512<3, VR>(a, v, m, rs); break;
+      case 4: int8_head_tile_avx512<4, VR>(a, v, m, rs); break;
+      case 5: int8_head_tile_avx512<5, VR>(a, v, m, rs); break;
+      case 6: int8_head_tile_avx512<6, VR>(a, v, m, rs); break;
+      case 7: int8_head_tile_avx512<7, VR>(a, v, m, rs); break;
+      default: int8_head_tile_avx512<8, VR>(a, v, m, rs); break;
+    }
+  }
 }
 #endif
 
@@ -882,19 +931,10 @@ at::Tensor int8_head(const at::Tensor& h, const at::Tensor& weight, const at::Te
   at::parallel_for(0, V, 256, [&](int64_t v0, int64_t v1) {
 #ifdef PYBITNET_X86
     if (chosen == kAvx512) {
-      for (int64_t v = v0; v < v1; ++v)
-        for (int64_t m = 0; m < M; m += 8) {
-          switch (std::min<int64_t>(8, M - m)) {
-            case 1: int8_head_tile_avx512<1>(a, v, m); break;
-            case 2: int8_head_tile_avx512<2>(a, v, m); break;
-            case 3: int8_head_tile_avx512<3>(a, v, m); break;
-            case 4: int8_head_tile_avx512<4>(a, v, m); break;
-            case 5: int8_head_tile_avx512<5>(a, v, m); break;
-            case 6: int8_head_tile_avx512<6>(a, v, m); break;
-            case 7: int8_head_tile_avx512<7>(a, v, m); break;
-            default: int8_head_tile_avx512<8>(a, v, m); break;
-          }
-        }
+      // two entries per pass, one from each half of the range: two sequential sweeps of the weights
+      const int64_t half = (v1 - v0) / 2;
+      for (int64_t v = v0; v < v0 + half; ++v) int8_head_rows_avx512<2>(a, v, half);
+      for (int64_t v = v0 + 2 * half; v < v1; ++v) int8_head_rows_avx512<1>(a, v, 1);
       return;
     }
 #endif
@@ -1174,6 +1214,62 @@ at::Tensor attention_decode(const at::Tensor& qkv, const at::Tensor& cos, const 
   return out;
 }
 
+// ------------------------------------------------------------------------------------------
+// The decode step of a stack of relu² BitNet blocks, float32, one token per row, in one op: the
+// calls and float32 operations of layers.Block.forward on the native path, so a step pays Python's
+// and the dispatcher's per-call cost once rather than some twenty times per layer. Per layer:
+//   mid = h + o_proj(attn_sub_norm(attention(qkv(attn_norm(h)))))
+//   h   = mid + down(ffn_sub_norm(relu(g)² · u · factor)),  [g | u] = gate_up(ffn_norm(mid)) as int32
+// with factor = (β_g/s)² · (β_u/s) per row (FeedForward._activate's operations), s the gate/up
+// activation scale. `weights` holds kLayerTensors per layer in the order below (sub norms may be
+// None), `betas` (β_g, β_u) per layer; keys/values are each layer's cache, written in place.
+constexpr int64_t kLayerTensors = 11;
+
+at::Tensor decode_stack(const at::Tensor& h, const c10::List<c10::optional<at::Tensor>>& weights,
+                        c10::ArrayRef<double> betas, double eps, const at::Tensor& cos, const at::Tensor& sin,
+                        at::TensorList keys, at::TensorList values, const at::Tensor& positions, int64_t num_heads,
+                        int64_t num_kv_heads, double scale, int64_t isa) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat, "pybitnet.decode_stack: h must be float32 (B, H)");
+  const int64_t layers = int64_t(keys.size());
+  TORCH_CHECK(int64_t(values.size()) == layers && int64_t(weights.size()) == kLayerTensors * layers &&
+                  int64_t(betas.size()) == 2 * layers,
+              "pybitnet.decode_stack: need ", kLayerTensors, " weights, 2 betas and one cache per layer");
+  auto required = [&](int64_t i) -> at::Tensor {
+    const c10::optional<at::Tensor> t = weights.get(i);
+    TORCH_CHECK(t.has_value() && t->defined(), "pybitnet.decode_stack: weight ", i % kLayerTensors, " of layer ",
+                i / kLayerTensors, " is missing");
+    return *t;
+  };
+  const int64_t M = h.size(0);
+  at::Tensor x = h;
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t w = l * kLayerTensors;
+    // attn_norm, qkv, qkv β per column, attn_sub_norm?, o_proj, o β, ffn_norm, gate_up, ffn_sub_norm?, down, down β
+    const at::Tensor qkv = std::get<0>(ternary_linear(x, required(w), c10::nullopt, eps, required(w + 1),
+                                                      required(w + 2), isa));
+    const at::Tensor attended = attention_decode(qkv, cos, sin, keys[l], values[l], positions, num_heads,
+                                                 num_kv_heads, scale, isa);
+    const at::Tensor o = std::get<0>(ternary_linear(attended, weights.get(w + 3), c10::nullopt, eps, required(w + 4),
+                                                    required(w + 5), isa));
+    at::Tensor mid = x.add(o);
+    const auto [acc, act_scale] = ternary_linear(mid, required(w + 6), c10::nullopt, eps, required(w + 7),
+                                                 c10::nullopt, isa);
+    at::Tensor factor = at::empty({M}, h.options());
+    const float* s = act_scale.data_ptr<float>();
+    float* f = factor.data_ptr<float>();
+    const float bg = float(betas[2 * l]), bu = float(betas[2 * l + 1]);  // torch scales float32 rows by float32(β)
+    for (int64_t m = 0; m < M; ++m) {
+      const float inv = 1.0f / s[m];
+      const float g = inv * bg;
+      f[m] = (g * g) * (inv * bu);
+    }
+    const at::Tensor y = std::get<0>(ternary_linear(acc, weights.get(w + 8), factor, eps, required(w + 9),
+                                                    required(w + 10), isa));
+    x = mid.add_(y);
+  }
+  return x;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pybitnet, m) {
@@ -1186,6 +1282,9 @@ TORCH_LIBRARY(pybitnet, m) {
   m.def("attention_decode(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, Tensor positions, "
         "int num_heads, int num_kv_heads, float scale, int isa=0) -> Tensor");
   m.def("int8_head(Tensor h, Tensor weight, Tensor w_scale, Tensor w_sum, int isa=0) -> Tensor");
+  m.def("decode_stack(Tensor h, Tensor?[] weights, float[] betas, float eps, Tensor cos, Tensor sin, "
+        "Tensor(a!)[] keys, Tensor(b!)[] values, Tensor positions, int num_heads, int num_kv_heads, float scale, "
+        "int isa=0) -> Tensor");
   m.def("cpu_features() -> int", &cpu_features);
 }
 
@@ -1197,4 +1296,5 @@ TORCH_LIBRARY_IMPL(pybitnet, CPU, m) {
   m.impl("ternary_linear", &ternary_linear);
   m.impl("attention_decode", &attention_decode);
   m.impl("int8_head", &int8_head);
+  m.impl("decode_stack", &decode_stack);
 }
