@@ -39,14 +39,14 @@ def _isas() -> list[str]:
 @needs_native
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(m=st.integers(1, 64), n=st.integers(1, 37), k=st.integers(1, 800), seed=st.integers(0, 2**16),
-       extreme=st.booleans())
+       extreme=st.sampled_from([None, -1, 1]))
 def test_every_path_gives_the_reference_accumulators(m, n, k, seed, extreme):
     g = torch.Generator().manual_seed(seed)
     w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
     q = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
-    if extreme:  # every product at its bound
+    if extreme is not None:  # every product at its bound: code 0 (-1) or code 2 (+1, 128 masked in place)
         q.fill_(-128)
-        w.fill_(-1)
+        w.fill_(extreme)
     expected = (q.double() @ w.double().t()).to(torch.int32)
     packed = pack_ternary(w)
     unpacked = torch.empty(n, packed.shape[1] * 4, dtype=torch.int8)
@@ -372,65 +372,106 @@ def _decode_logits(model, tokens: torch.Tensor, mask: torch.Tensor, steps: int):
 
 
 @needs_native
-@pytest.mark.parametrize("isa", ["avx2", "avx512", "auto"])
-@pytest.mark.parametrize("sub_norms", [True, False])
-def test_decode_stack_gives_the_layer_by_layer_bits(monkeypatch, isa, sub_norms):
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "auto"])
+@pytest.mark.parametrize("sub_norms,ragged", [(True, True), (False, True), (True, False)])
+def test_decode_stack_gives_the_layer_by_layer_bits(monkeypatch, isa, sub_norms, ragged):
     """One decode_stack call per step (the default on this path) against the same model running its
-    blocks one by one: identical logits and caches, ragged rows, every instruction set."""
+    blocks one by one: identical logits and caches, ragged rows or rows at one length, every
+    instruction set."""
     import pybitnet
+    from pybitnet.layers import DecodeStack
     from pybitnet.model import Transformer
 
-    if isa != "auto" and isa not in _isas():
+    if isa not in ("auto", "scalar") and isa not in _isas():
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("PYBITNET_NATIVE_ISA", isa)
     config = pybitnet.preset("tiny").replace(num_layers=3, sub_norms=sub_norms)
     model = Transformer(config, synthetic.random_weights(config, 11))
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, config.vocab_size, (3, 9), generator=g)
-    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
-    calls = []
-    original = type(model._decode_stack).__call__
-    monkeypatch.setattr(type(model._decode_stack), "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2]) if ragged else torch.ones(3, 9, dtype=torch.long)
+    runs = []
+    original = DecodeStack.run
+    monkeypatch.setattr(DecodeStack, "run", lambda self, *a: runs.append(1) or original(self, *a))
     stacked, stacked_cache = _decode_logits(model, tokens, mask, 6)
-    assert len(calls) == 6  # every step ran as one call
-    model._decode_stack._args = ()  # never applies: the blocks one by one
+    assert len(runs) == 6  # every step ran as one call
+    monkeypatch.setattr(DecodeStack, "plan", lambda self, *a: None)  # the blocks one by one
     layered, layered_cache = _decode_logits(model, tokens, mask, 6)
-    assert len(calls) == 6
+    assert len(runs) == 6
     assert torch.equal(stacked, layered)
     assert torch.equal(stacked_cache.keys, layered_cache.keys) and torch.equal(stacked_cache.values, layered_cache.values)
 
 
+def _plan(model, rows: int = 2):
+    cache = model.new_cache(rows, 4)
+    cache.lengths.fill_(1)
+    windows, positions = cache.windows(1)
+    h = model._embed(torch.full((rows, 1), 3))
+    return model._decode_stack.plan(h, windows, model._mask(positions, windows[0].length))
+
+
 @needs_native
 def test_decode_stack_stays_out_where_it_does_not_apply():
-    """SiLU FFNs, float64 models and a backend other than native decode block by block."""
+    """SiLU FFNs, float64 models, a backend other than native, and more rows than the native backend
+    takes decode block by block."""
     import pybitnet
     from pybitnet.model import Transformer
 
     config = pybitnet.preset("tiny")
-    token = torch.tensor([3, 4])
-    for model in (Transformer(config.replace(hidden_act="silu"), synthetic.random_weights(config, 1)),
-                  Transformer(config, synthetic.random_weights(config, 1), dtype=torch.float64)):
-        cache = model.new_cache(2, 4)
-        h = model._embed(token[:, None])
-        windows, _ = cache.windows(1)
-        assert model._decode_stack.ops_for(h, windows, model._mask(torch.tensor([[1], [1]]), 2)) is None
+    assert _plan(Transformer(config.replace(hidden_act="silu"), synthetic.random_weights(config, 1))) is None
+    assert _plan(Transformer(config, synthetic.random_weights(config, 1), dtype=torch.float64)) is None
     model = Transformer(config, synthetic.random_weights(config, 1))
-    model.set_backend("int8")
-    cache = model.new_cache(2, 4)
-    windows, _ = cache.windows(1)
-    h = model._embed(token[:, None])
-    assert model._decode_stack.ops_for(h, windows, model._mask(torch.tensor([[1], [1]]), 2)) is None
+    assert _plan(model) is not None
+    assert _plan(model, rows=kernels.NATIVE_MAX_ROWS + 1) is None
+    for backend in ("int8", "reference"):
+        model.set_backend(backend)
+        assert _plan(model) is None, backend
     model.set_backend("auto")
-    assert model._decode_stack.ops_for(h, windows, model._mask(torch.tensor([[1], [1]]), 2)) is not None
+    assert _plan(model) is not None
+    model.layers[1].ffn.down.backend = "reference"  # one projection changed directly
+    assert _plan(model) is None
+
+
+@needs_native
+def test_decode_stack_follows_replaced_weights():
+    """A projection's weights, a norm's weight or a whole block replaced after the first step: the next
+    step runs the new ones (the same logits as the blocks one by one), never the gathered ones."""
+    import pybitnet
+    from pybitnet.layers import DecodeStack
+    from pybitnet.model import Transformer
+
+    config = pybitnet.preset("tiny").replace(num_layers=3)
+    model = Transformer(config, synthetic.random_weights(config, 2))
+    other = Transformer(config, synthetic.random_weights(config, 3))
+    tokens = torch.randint(0, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    before, _ = _decode_logits(model, tokens, mask, 2)
+    changes = [lambda: setattr(model.layers[0].ffn.down, "ternary_weights", other.layers[0].ffn.down.ternary_weights),
+               lambda: setattr(model.layers[1].attention.sub_norm, "weight", other.layers[1].attention.sub_norm.weight),
+               lambda: model.layers.__setitem__(2, other.layers[2])]
+    for change in changes:
+        change()
+        stacked, _ = _decode_logits(model, tokens, mask, 2)
+        plan = DecodeStack.plan
+        DecodeStack.plan = lambda self, *a: None
+        try:
+            layered, _ = _decode_logits(model, tokens, mask, 2)
+        finally:
+            DecodeStack.plan = plan
+        assert torch.equal(stacked, layered) and not torch.equal(stacked, before)
+        before = stacked
 
 
 @needs_native
 def test_decode_stack_names_a_missing_weight():
     keys = [torch.zeros(1, 1, 4, 8)]
     weights = [torch.ones(8)] + [None] * 10
-    with pytest.raises(RuntimeError, match=r"weight \d+ of layer 0 is missing"):
+    with pytest.raises(RuntimeError, match=r"(qkv|o_proj|gate_up|down|column scale|ffn_norm) of layer 0 is missing"):
         ops.decode_stack(torch.zeros(1, 8), weights, [1.0, 1.0], 1e-5, torch.ones(1, 8), torch.zeros(1, 8), keys,
                          [keys[0].clone()], torch.tensor([0]), 1, 1, 1.0, 0)
-    with pytest.raises(RuntimeError, match="2 betas and one cache per layer"):
+    with pytest.raises(RuntimeError, match="got 11 weights, 1 betas, 1 key and 1 value caches"):
         ops.decode_stack(torch.zeros(1, 8), weights, [1.0], 1e-5, torch.ones(1, 8), torch.zeros(1, 8), keys,
                          [keys[0].clone()], torch.tensor([0]), 1, 1, 1.0, 0)
+    with pytest.raises(RuntimeError, match="at least one layer"):
+        ops.decode_stack(torch.zeros(1, 8), [], [], 1e-5, torch.ones(1, 8), torch.zeros(1, 8), [], [],
+                         torch.tensor([0]), 1, 1, 1.0, 0)

@@ -20,7 +20,7 @@ Dispatch (`select_backend`, the one place that decides, per device, dtype and ro
                                         int8 (unpack + `_int_mm`) above (prefill: a GEMM's compute
                                         dwarfs the unpacking)
     CPU, no native kernels           -> int8 (the pure-PyTorch fallback)
-`PYBITNET_NATIVE=0` forces the fallback; `PYBITNET_NATIVE_ISA=avx2` the AVX2 body of the native kernel.
+`PYBITNET_NATIVE=0` at process start forces the fallback; `PYBITNET_NATIVE_ISA=avx2` the AVX2 body of the native kernel.
 """
 
 from __future__ import annotations

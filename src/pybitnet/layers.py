@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -327,59 +328,104 @@ class Block(nn.Module):
         return h.add_(self.ffn(h))
 
 
+LAYER_TENSORS = 11  # decode_stack's tensors per layer (kernels.cpp: kLayerTensors)
+
+
+class _StackArgs(NamedTuple):
+    """decode_stack's fixed arguments, and where each came from (to notice a replaced tensor)."""
+
+    weights: list  # LAYER_TENSORS per layer, in kernels.cpp's order (kLayerTensorNames)
+    betas: list  # (β_gate, β_up) per layer
+    eps: float
+    heads: tuple  # (num_heads, num_kv_heads, head_dim, scale)
+    sources: list  # (dict, key, object) for every module, tensor and scale gathered
+    linears: list  # every projection: their backends are read on each call
+    norms: list  # (norm, eps at gathering)
+
+
+def _take(sources: list, module: nn.Module, name: str):
+    """module.name (a submodule, parameter, buffer or plain attribute), recording where it lives."""
+    for holder in (module._modules, module._parameters, module._buffers, module.__dict__):
+        if name in holder:
+            sources.append((holder, name, holder[name]))
+            return holder[name]
+    raise AttributeError(name)
+
+
 class DecodeStack:
     """A stack of blocks' decode step as one native call (kernels.cpp: decode_stack), where it applies:
     one float32 CPU token per row over a cache, relu² FFNs, packed weights, every projection on the
-    native backend, one eps for all norms. The op makes the calls Block.forward makes on that path,
-    with the same float32 operations, so it changes no bit; it saves the per-call cost of some twenty
-    calls per layer. The fixed arguments are gathered once; call `reset()` when the blocks' tensors or
-    backends change (Transformer does, in set_backend and .to())."""
+    native backend, one eps for all norms, one head shape. The op makes the calls Block.forward makes
+    on that path, with the same float32 operations, so it changes no bit; it saves the per-call cost
+    of some twenty Python calls per layer. The fixed arguments are gathered once and checked on every
+    call against the modules they came from (a replaced block, projection, tensor or eps, or a changed
+    backend, is seen); Transformer also drops them in set_backend and .to()."""
 
-    def __init__(self, blocks: list[Block]):
+    def __init__(self, blocks: nn.ModuleList):
         self.blocks = blocks
-        self._args: tuple | None = None  # (weights, betas, eps, heads, backends), or () where it never applies
+        self._args: _StackArgs | None = None
 
     def reset(self) -> None:
         self._args = None
 
-    def ops_for(self, h: torch.Tensor, windows: list[LayerWindow], mask: AttentionMask):
-        """The native ops when this step runs as one decode_stack call, else None."""
-        if not self.blocks or Attention._decode_ops(h, windows[0], mask) is None:
+    def plan(self, h: torch.Tensor, windows: list[LayerWindow], mask: AttentionMask):
+        """(ops, arguments) when this step runs as one decode_stack call, else None."""
+        if len(self.blocks) == 0 or len(windows) != len(self.blocks) \
+                or Attention._decode_ops(h, windows[0], mask) is None:
             return None
-        if self._args is None:
-            self._args = self._gather(h)
-        if not self._args or not all(w.keys.is_contiguous() and w.values.is_contiguous() for w in windows):
+        args = self._args
+        if args is None or not self._current(args):
+            args = self._args = self._gather(h)
+        if args is None or not all(w.keys.is_contiguous() and w.values.is_contiguous() for w in windows):
             return None
-        backends = self._args[4]
-        if any(kernels.select_backend(b, h.shape[0], h.dtype, h.device, 1) != "native" for b in backends):
+        rows = h.shape[0]
+        if any(kernels.select_backend(linear.backend, rows, h.dtype, h.device, linear.in_features) != "native"
+               for linear in args.linears):
             return None
-        return native.ops()
+        return native.ops(), args
 
-    def __call__(self, ops, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, windows: list[LayerWindow],
-                 mask: AttentionMask) -> torch.Tensor:
+    def run(self, plan, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, windows: list[LayerWindow],
+            mask: AttentionMask) -> torch.Tensor:
         """h (B, 1, H) -> h after every block (B, 1, H); each block's K/V written to its window."""
-        weights, betas, eps, (num_heads, num_kv_heads, head_dim, scale), _ = self._args
-        out = ops.decode_stack(h.view(h.shape[0], -1), weights, betas, eps, cos.reshape(-1, head_dim),
+        ops, args = plan
+        num_heads, num_kv_heads, head_dim, scale = args.heads
+        out = ops.decode_stack(h.view(h.shape[0], -1), args.weights, args.betas, args.eps, cos.reshape(-1, head_dim),
                                sin.reshape(-1, head_dim), [w.keys for w in windows], [w.values for w in windows],
                                mask.positions, num_heads, num_kv_heads, scale, native.isa())
         return out.view_as(h)
 
-    def _gather(self, h: torch.Tensor) -> tuple:
-        weights, betas, eps, linears = [], [], set(), []
-        for block in self.blocks:
-            a, f = block.attention, block.ffn
-            layer_linears = (a.qkv, a.o_proj, f.gate_up, f.down)
+    def _current(self, args: _StackArgs) -> bool:
+        return args.sources[0][0] is self.blocks._modules and len(self.blocks) * LAYER_TENSORS == len(args.weights) \
+            and all(holder.get(name) is value for holder, name, value in args.sources) \
+            and all(norm.eps == eps for norm, eps in args.norms)
+
+    def _gather(self, h: torch.Tensor) -> _StackArgs | None:
+        weights, betas, sources, linears, norms, heads = [], [], [], [], [], set()
+        sources.append((self.blocks._modules, "", None))  # marks which ModuleList these came from
+
+        def weight(norm):  # an optional norm's weight
+            return _take(sources, norm, "weight") if norm is not None else None
+
+        def packed(linear, with_scale=True):  # packed weights (and the per-column β)
+            taken = [_take(sources, linear, "ternary_weights")]
+            return taken + [_take(sources, linear, "col_scale")] if with_scale else taken
+
+        for index in range(len(self.blocks)):
+            block = _take(sources, self.blocks, str(index))
+            a, f = _take(sources, block, "attention"), _take(sources, block, "ffn")
+            in_a, qkv, sub_a, o_proj = (_take(sources, a, n) for n in ("input_norm", "qkv", "sub_norm", "o_proj"))
+            in_f, gate_up, sub_f, down = (_take(sources, f, n) for n in ("input_norm", "gate_up", "sub_norm", "down"))
+            layer_linears = (qkv, o_proj, gate_up, down)
             if f.act != "relu2" or any(linear.fused_ops(h, "native") is None for linear in layer_linears):
-                return ()
+                return None
+            # kernels.cpp kLayerTensorNames: attn_norm, qkv (+β), attn_sub_norm, o_proj (+β), ffn_norm,
+            # gate_up, ffn_sub_norm, down (+β)
+            weights += [weight(in_a), *packed(qkv), weight(sub_a), *packed(o_proj), weight(in_f),
+                        *packed(gate_up, with_scale=False), weight(sub_f), *packed(down)]
+            betas += _take(sources, gate_up, "betas")
             linears += layer_linears
-            eps |= {n.eps for n in (a.input_norm, a.sub_norm, f.input_norm, f.sub_norm) if n is not None}
-            sub_a, sub_f = (n.weight if n is not None else None for n in (a.sub_norm, f.sub_norm))
-            weights += [a.input_norm.weight, a.qkv.ternary_weights, a.qkv.col_scale, sub_a, a.o_proj.ternary_weights,
-                        a.o_proj.col_scale, f.input_norm.weight, f.gate_up.ternary_weights, sub_f,
-                        f.down.ternary_weights, f.down.col_scale]
-            betas += f.gate_up.betas
-        if len(eps) != 1:
-            return ()
-        a = self.blocks[0].attention
-        heads = (a.num_heads, a.num_kv_heads, a.head_dim, a.scale)
-        return weights, betas, eps.pop(), heads, {linear.backend for linear in linears}
+            norms += [(n, n.eps) for n in (in_a, sub_a, in_f, sub_f) if n is not None]
+            heads.add((a.num_heads, a.num_kv_heads, a.head_dim, a.scale))
+        if len({eps for _, eps in norms}) != 1 or len(heads) != 1:
+            return None  # the op takes one eps and one head shape for the whole stack
+        return _StackArgs(weights, betas, norms[0][1], heads.pop(), sources, linears, norms)

@@ -83,7 +83,7 @@ class Transformer(nn.Module):
             )
             blocks.append(Block(attention, ffn))
         self.layers = nn.ModuleList(blocks)
-        self._decode_stack = DecodeStack(blocks)
+        self._decode_stack = DecodeStack(self.layers)
         self.norm = RMSNorm(floats("norm"), eps)
         # The embedding stays in its checkpoint dtype (bf16 for 2B-4T) unless the model runs in a
         # wider float that the exactness tests need; rows are upcast as they are looked up.
@@ -137,9 +137,9 @@ class Transformer(nn.Module):
             cos, sin = self._rope_at(positions, windows[0].write_at)
             mask = self._mask(positions, windows[0].length)
         h = self._embed(tokens)  # (B, T, H)
-        ops = self._decode_stack.ops_for(h, windows, mask) if cache is not None else None
-        if ops is not None:  # one token per row on the native path: every layer in one call
-            h = self._decode_stack(ops, h, cos, sin, windows, mask)
+        plan = self._decode_stack.plan(h, windows, mask) if cache is not None else None
+        if plan is not None:  # one token per row on the native path: every layer in one call
+            h = self._decode_stack.run(plan, h, cos, sin, windows, mask)
         else:
             for layer, window in zip(self.layers, windows):
                 h = layer(h, cos, sin, window, mask)

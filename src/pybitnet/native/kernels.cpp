@@ -103,13 +103,14 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void ternary_tile_avx512(
   const int64_t row_bytes = a.KB * kBlockBytes, kp = a.KB * kBlock;
   const uint8_t* w = a.w + n * row_bytes;
   const int8_t* q = a.q + m0 * kp;
-  const __m512i mask = _mm512_set1_epi8(3);
   // Few rows: one accumulator per (row, s) so the four vpdpbusd of a block do not wait on each other.
-  // Those tiles also skip the shifts: code s is masked in place (code * 4^s, at most 128, still a
-  // u8 operand), its accumulator sums exact multiples of 4^s, and an exact arithmetic shift by 2s
-  // takes the factor off at the end. With one or two rows the shifts were as costly as the vpdpbusd.
+  // Those tiles (at most 4 (weight row, activation row) pairs) also skip the shifts: code s is masked
+  // in place (code * 4^s, at most 128, still a u8 operand), its accumulator sums exact multiples of
+  // 4^s, and an exact arithmetic shift by 2s takes the factor off at the end. With one or two rows
+  // the shifts were as costly as the vpdpbusd; larger tiles have no registers for four accumulators.
   constexpr int SA = NR * MT <= 4 ? 4 : (NR * MT <= 8 ? 2 : 1);
   constexpr bool kInPlace = SA == 4;
+  const __m512i mask = _mm512_set1_epi8(3);  // the shifted tiles' mask
   __m512i acc[NR][MT][SA];
   #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
@@ -282,7 +283,8 @@ void check_packed(const at::Tensor& packed, int64_t k, const char* op) {
 
 void run_ternary(const TernaryArgs& a, int64_t isa) {
   if (a.M == 0 || a.N == 0) return;
-  // grain: whole groups of four output rows per task, so row pairs/quads never straddle threads
+  // grain: whole groups of four output rows per task (at least 16 groups, so the two halves that a
+  // thread's few-row tiles sweep at once are long runs)
   at::parallel_for(0, (a.N + 3) / 4, 16, [&](int64_t g0, int64_t g1) {
     ternary_range(a, isa, g0 * 4, std::min(a.N, g1 * 4));
   });
@@ -1217,13 +1219,17 @@ at::Tensor attention_decode(const at::Tensor& qkv, const at::Tensor& cos, const 
 // ------------------------------------------------------------------------------------------
 // The decode step of a stack of relu² BitNet blocks, float32, one token per row, in one op: the
 // calls and float32 operations of layers.Block.forward on the native path, so a step pays Python's
-// and the dispatcher's per-call cost once rather than some twenty times per layer. Per layer:
+// and the dispatcher's per-call cost once rather than for some twenty Python calls (five of them
+// native ops) per layer. Per layer:
 //   mid = h + o_proj(attn_sub_norm(attention(qkv(attn_norm(h)))))
 //   h   = mid + down(ffn_sub_norm(relu(g)² · u · factor)),  [g | u] = gate_up(ffn_norm(mid)) as int32
 // with factor = (β_g/s)² · (β_u/s) per row (FeedForward._activate's operations), s the gate/up
-// activation scale. `weights` holds kLayerTensors per layer in the order below (sub norms may be
-// None), `betas` (β_g, β_u) per layer; keys/values are each layer's cache, written in place.
+// activation scale. `weights` holds kLayerTensors per layer in the order of kLayerTensorNames (sub
+// norms may be None), `betas` (β_g, β_u) per layer; keys/values are each layer's cache, written in place.
 constexpr int64_t kLayerTensors = 11;
+constexpr const char* kLayerTensorNames[kLayerTensors] = {
+    "attn_norm", "qkv", "qkv column scale", "attn_sub_norm", "o_proj", "o_proj column scale",
+    "ffn_norm", "gate_up", "ffn_sub_norm", "down", "down column scale"};
 
 at::Tensor decode_stack(const at::Tensor& h, const c10::List<c10::optional<at::Tensor>>& weights,
                         c10::ArrayRef<double> betas, double eps, const at::Tensor& cos, const at::Tensor& sin,
@@ -1231,13 +1237,15 @@ at::Tensor decode_stack(const at::Tensor& h, const c10::List<c10::optional<at::T
                         int64_t num_kv_heads, double scale, int64_t isa) {
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat, "pybitnet.decode_stack: h must be float32 (B, H)");
   const int64_t layers = int64_t(keys.size());
-  TORCH_CHECK(int64_t(values.size()) == layers && int64_t(weights.size()) == kLayerTensors * layers &&
+  TORCH_CHECK(layers > 0 && int64_t(values.size()) == layers && int64_t(weights.size()) == kLayerTensors * layers &&
                   int64_t(betas.size()) == 2 * layers,
-              "pybitnet.decode_stack: need ", kLayerTensors, " weights, 2 betas and one cache per layer");
+              "pybitnet.decode_stack: need at least one layer and, per layer, ", kLayerTensors,
+              " weights, 2 betas and one key and one value cache; got ", weights.size(), " weights, ", betas.size(),
+              " betas, ", keys.size(), " key and ", values.size(), " value caches");
   auto required = [&](int64_t i) -> at::Tensor {
     const c10::optional<at::Tensor> t = weights.get(i);
-    TORCH_CHECK(t.has_value() && t->defined(), "pybitnet.decode_stack: weight ", i % kLayerTensors, " of layer ",
-                i / kLayerTensors, " is missing");
+    TORCH_CHECK(t.has_value() && t->defined(), "pybitnet.decode_stack: ", kLayerTensorNames[i % kLayerTensors],
+                " of layer ", i / kLayerTensors, " is missing");
     return *t;
   };
   const int64_t M = h.size(0);
