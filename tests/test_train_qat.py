@@ -230,6 +230,20 @@ def _load_online_twin(model: TrainableBitNet, path, **load_options):
         return AutoModelForCausalLM.from_pretrained(path, **{dtype_option: model.dtype}, **load_options)
 
 
+def _assert_gradients_match(grads: dict[str, torch.Tensor], hf, max_rel: float, min_cosine: float | None = None) -> None:
+    """Our gradients against the transformers model's, parameter by parameter (names mapped to ours):
+    max |difference| / max |transformers| <= max_rel, and the cosine similarity >= min_cosine if given."""
+    hf_grads = {hf_to_internal(n): p.grad for n, p in hf.named_parameters()}
+    assert set(hf_grads) == set(grads)
+    for name, grad in grads.items():
+        ref = hf_grads[name]
+        rel = float((grad - ref).abs().max() / ref.abs().max())
+        assert rel <= max_rel, f"gradient of {name}: max |d| / max|transformers| = {rel:.2e}"
+        if min_cosine is not None:
+            cosine = float(F.cosine_similarity(grad.flatten().double(), ref.flatten().double(), dim=0))
+            assert cosine >= min_cosine, f"gradient of {name}: cosine similarity {cosine:.5f}"
+
+
 @pytest.fixture(scope="module")
 def transformers_twin(tmp_path_factory):
     """(our float32 model, transformers' online-quantization BitNet loaded from its latent weights)."""
@@ -255,14 +269,7 @@ def test_loss_and_gradients_match_transformers_online_quantization(transformers_
         hf_loss.backward()
     assert abs(loss - float(hf_loss)) <= 5e-2 * abs(float(hf_loss))
     assert abs(loss - float(hf_loss)) <= 1e-3 * abs(float(hf_loss))  # measured: the same float32 loss
-    hf_grads = {hf_to_internal(n): p.grad for n, p in hf.named_parameters()}
-    assert set(hf_grads) == set(grads)
-    for name, grad in grads.items():
-        ref = hf_grads[name]
-        rel = float((grad - ref).abs().max() / ref.abs().max())
-        assert rel <= 5e-2, f"gradient of {name}: max |d| / max|transformers| = {rel:.2e}"
-        cosine = float(F.cosine_similarity(grad.flatten().double(), ref.flatten().double(), dim=0))
-        assert cosine >= 0.999, f"gradient of {name}: cosine similarity {cosine:.5f}"
+    _assert_gradients_match(grads, hf, max_rel=5e-2, min_cosine=0.999)
 
 
 class _Float64Quantizer(torch.autograd.Function):
@@ -328,12 +335,7 @@ def test_loss_and_gradients_match_transformers_in_float64(tmp_path, act, tie):
         hf_loss = F.cross_entropy(logits.reshape(-1, config.vocab_size), tokens[:, 1:].reshape(-1))
         hf_loss.backward()
     assert abs(loss - float(hf_loss)) <= 1e-9 * abs(float(hf_loss))
-    hf_grads = {hf_to_internal(n): p.grad for n, p in hf.named_parameters()}
-    assert set(hf_grads) == set(grads)
-    for name, grad in grads.items():
-        ref = hf_grads[name]
-        rel = float((grad - ref).abs().max() / ref.abs().max())
-        assert rel <= 1e-9, f"gradient of {name}: max |d| / max|transformers| = {rel:.2e}"
+    _assert_gradients_match(grads, hf, max_rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- finite differences

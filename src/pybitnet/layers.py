@@ -338,9 +338,8 @@ class _StackArgs(NamedTuple):
     betas: list  # (β_gate, β_up) per layer
     eps: float
     heads: tuple  # (num_heads, num_kv_heads, head_dim, scale)
-    sources: list  # (dict, key, object) for every module, tensor and scale gathered
-    linears: list  # every projection: their backends are read on each call
-    norms: list  # (norm, eps at gathering)
+    backends: tuple  # the projections' backend preferences, each distinct one once
+    sources: list  # (dict, key, object) for every module, tensor, scale, eps and backend gathered
 
 
 def _take(sources: list, module: nn.Module, name: str):
@@ -358,15 +357,12 @@ class DecodeStack:
     native backend, one eps for all norms, one head shape. The op makes the calls Block.forward makes
     on that path, with the same float32 operations, so it changes no bit; it saves the per-call cost
     of some twenty Python calls per layer. The fixed arguments are gathered once and checked on every
-    call against the modules they came from (a replaced block, projection, tensor or eps, or a changed
-    backend, is seen); Transformer also drops them in set_backend and .to()."""
+    call against the modules they came from: a replaced block, projection, tensor or eps, a changed
+    backend (set_backend) or a move (.to()) is seen, and they are gathered again."""
 
     def __init__(self, blocks: nn.ModuleList):
         self.blocks = blocks
         self._args: _StackArgs | None = None
-
-    def reset(self) -> None:
-        self._args = None
 
     def plan(self, h: torch.Tensor, windows: list[LayerWindow], mask: AttentionMask):
         """(ops, arguments) when this step runs as one decode_stack call, else None."""
@@ -378,9 +374,7 @@ class DecodeStack:
             args = self._args = self._gather(h)
         if args is None or not all(w.keys.is_contiguous() and w.values.is_contiguous() for w in windows):
             return None
-        rows = h.shape[0]
-        if any(kernels.select_backend(linear.backend, rows, h.dtype, h.device, linear.in_features) != "native"
-               for linear in args.linears):
+        if any(kernels.select_backend(b, h.shape[0], h.dtype, h.device, h.shape[-1]) != "native" for b in args.backends):
             return None
         return native.ops(), args
 
@@ -396,11 +390,10 @@ class DecodeStack:
 
     def _current(self, args: _StackArgs) -> bool:
         return args.sources[0][0] is self.blocks._modules and len(self.blocks) * LAYER_TENSORS == len(args.weights) \
-            and all(holder.get(name) is value for holder, name, value in args.sources) \
-            and all(norm.eps == eps for norm, eps in args.norms)
+            and all(holder.get(name) is value for holder, name, value in args.sources)
 
     def _gather(self, h: torch.Tensor) -> _StackArgs | None:
-        weights, betas, sources, linears, norms, heads = [], [], [], [], [], set()
+        weights, betas, sources, backends, eps, heads = [], [], [], set(), set(), set()
         sources.append((self.blocks._modules, "", None))  # marks which ModuleList these came from
 
         def weight(norm):  # an optional norm's weight
@@ -423,9 +416,9 @@ class DecodeStack:
             weights += [weight(in_a), *packed(qkv), weight(sub_a), *packed(o_proj), weight(in_f),
                         *packed(gate_up, with_scale=False), weight(sub_f), *packed(down)]
             betas += _take(sources, gate_up, "betas")
-            linears += layer_linears
-            norms += [(n, n.eps) for n in (in_a, sub_a, in_f, sub_f) if n is not None]
+            backends |= {_take(sources, linear, "backend") for linear in layer_linears}
+            eps |= {_take(sources, n, "eps") for n in (in_a, sub_a, in_f, sub_f) if n is not None}
             heads.add((a.num_heads, a.num_kv_heads, a.head_dim, a.scale))
-        if len({eps for _, eps in norms}) != 1 or len(heads) != 1:
+        if len(eps) != 1 or len(heads) != 1:
             return None  # the op takes one eps and one head shape for the whole stack
-        return _StackArgs(weights, betas, norms[0][1], heads.pop(), sources, linears, norms)
+        return _StackArgs(weights, betas, eps.pop(), heads.pop(), tuple(backends), sources)

@@ -106,11 +106,6 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, BitLinear):
                 module.backend = backend
-        self._decode_stack.reset()
-
-    def _apply(self, fn, *args, **kwargs):
-        self._decode_stack.reset()  # .to() / .float() replace the tensors it holds
-        return super()._apply(fn, *args, **kwargs)
 
     def decode_is_row_independent(self) -> bool:
         """Whether decode_step gives each row the same bits whatever the rest of the batch holds: the
