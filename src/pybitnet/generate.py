@@ -11,6 +11,7 @@ here, through the tokenizer's IncrementalDecoder.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class _Row:
     text: str = ""  # decoded so far (after a stop string: cut before it)
     emitted: int = 0  # characters of `text` already handed out as pieces
     finish: str | None = None
+    stops: "_StopMatcher | None" = None  # the stop strings' match state, made by the first _advance
 
 
 def generate(
@@ -228,32 +230,74 @@ def _advance(row: _Row, token: int, stop_ids: set[int], stop_strings: list[str])
         return
     hold = 0
     if stop_strings:
-        cut = _find_stop(row.text, stop_strings, row.emitted)
+        if row.stops is None:
+            row.stops = _StopMatcher(stop_strings)
+        cut = row.stops.feed(row.text)
         if cut is not None:
             row.text, row.finish = row.text[:cut], STOP_STRING
         elif row.finish is None:
-            hold = _partial_stop_suffix(row.text, stop_strings)  # might be the start of a stop string
+            hold = row.stops.held()  # might be the start of a stop string
     end = len(row.text) - hold
     if end > row.emitted:
         piece, row.emitted = row.text[row.emitted:end], end
         yield piece
 
 
-def _find_stop(text: str, stop_strings: list[str], emitted: int) -> int | None:
-    """Start of the earliest stop string in the part of `text` not yet shown (and what a stop could overlap)."""
-    positions = [p for s in stop_strings if (p := text.find(s, max(0, emitted - len(s) + 1))) >= 0]
-    return min(positions) if positions else None
+class _StopMatcher:
+    """Stop strings matched against a row's growing text in time linear in the text.
+
+    Each stop string has a Knuth-Morris-Pratt state: the length of the longest end of the text so far that
+    is a start of that string. Each call reads only the characters added since the last one, so a token
+    costs O(new characters x stop strings) however long the text or the stop strings are, and the text to
+    hold back (what might still become a stop string) is the largest state.
+    """
+
+    def __init__(self, stop_strings: Sequence[str]):
+        self.strings = list(stop_strings)
+        self.tables = [_kmp_table(s) for s in self.strings]
+        self.states = [0] * len(self.strings)
+        self.scanned = 0  # characters of the text already read
+
+    def feed(self, text: str) -> int | None:
+        """Read text[scanned:]; the start of the earliest stop string that is now complete, if any."""
+        base, new = self.scanned, text[self.scanned:]
+        self.scanned = len(text)
+        earliest = None
+        for k, stop in enumerate(self.strings):
+            q = self.states[k]
+            if q == 0 and stop[0] not in new:  # the usual case, at C speed
+                continue
+            table, n = self.tables[k], len(stop)
+            for i, char in enumerate(new):
+                while q and stop[q] != char:
+                    q = table[q - 1]
+                if stop[q] == char:
+                    q += 1
+                if q == n:  # complete; a later match of this string would start later
+                    start = base + i + 1 - n
+                    earliest = start if earliest is None else min(earliest, start)
+                    q = table[q - 1]
+                    break
+            self.states[k] = q
+        return earliest
+
+    def held(self) -> int:
+        """Characters at the end of the text that are the start of some stop string."""
+        return max(self.states, default=0)
 
 
-def _partial_stop_suffix(text: str, stop_strings: list[str]) -> int:
-    """Length of the longest end of `text` that is a proper prefix of a stop string."""
-    longest = 0
-    for stop in stop_strings:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
+@functools.lru_cache(maxsize=256)
+def _kmp_table(stop: str) -> tuple[int, ...]:
+    """table[i]: the length of the longest proper prefix of stop[:i + 1] that is also its suffix."""
+    table = [0] * len(stop)
+    q = 0
+    for i in range(1, len(stop)):
+        while q and stop[i] != stop[q]:
+            q = table[q - 1]
+        if stop[i] == stop[q]:
+            q += 1
+        table[i] = q
+    return tuple(table)
 
 
 # -- inputs ------------------------------------------------------------------------------------------------------
