@@ -71,9 +71,9 @@ def test_fallback_unpacking_is_pure_torch(monkeypatch):
 
 
 @needs_native
-def test_forced_avx2_runs_the_model_to_the_same_hidden_states(monkeypatch):
-    """BitLinear accumulators are integers, so the hidden states match bit for bit; the logits differ
-    only by the head's fp32 summation order (AVX2 lanes vs AVX-512 lanes)."""
+def test_forced_avx2_runs_the_model_within_the_float32_rule(monkeypatch):
+    """BitLinear accumulators are integers on every instruction set; attention's and the head's float32
+    sums run in AVX2 lanes instead of AVX-512 lanes, so hidden states and logits meet the float32 rule."""
     from rules import assert_float32_rule
 
     model = synthetic.random_model("tiny", seed=2)
@@ -82,7 +82,7 @@ def test_forced_avx2_runs_the_model_to_the_same_hidden_states(monkeypatch):
     logits = model.forward_full(tokens)
     monkeypatch.setenv("PYBITNET_NATIVE_ISA", "avx2")
     assert native.isa() == native.ISA_IDS["avx2"]
-    assert torch.equal(next(model.hidden_states(tokens))[1], hidden)
+    assert_float32_rule(next(model.hidden_states(tokens))[1], hidden)
     assert_float32_rule(model.forward_full(tokens), logits)
 
 

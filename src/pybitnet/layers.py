@@ -220,6 +220,7 @@ class AttentionMask:
     own_block: bool
     allowed: torch.Tensor | None = None  # bool, broadcastable to (B, Hq, T, S); True = may attend
     positions: torch.Tensor | None = None  # (B,) int64 for one query per row: its position (sees [0, position])
+    starts: torch.Tensor | None = None  # (B,) int64: each row's first position in this call (None: all 0)
 
 
 def _sdpa(q, k, v, *, mask=None, causal=False, scale=None):
@@ -262,6 +263,18 @@ class Attention(nn.Module):
             out = ops.attention_decode(qkv.view(bsz, -1), cos.reshape(-1, d), sin.reshape(-1, d), kv.keys, kv.values,
                                        mask.positions, self.num_heads, self.num_kv_heads, self.scale, native.isa())
             return self.o_proj(out.view(bsz, 1, -1), norm=self.sub_norm)[0]  # out (B, Hq*D)
+        ops = self._prefill_ops(qkv, kv)
+        if ops is not None:  # several tokens per row: each query attends as a decode step at its position would
+            d = self.head_dim
+            if kv is None:  # a whole sequence kept nowhere: its K/V in a scratch cache of its own
+                keys = qkv.new_empty(bsz, self.num_kv_heads, seq, d)  # (B, Hkv, T, D)
+                values = torch.empty_like(keys)
+            else:
+                keys, values = kv.keys, kv.values  # (B, Hkv, L, D)
+            starts = mask.starts if mask.starts is not None else torch.zeros(bsz, dtype=torch.long)  # (B,)
+            out = ops.attention_prefill(qkv, cos.reshape(-1, d), sin.reshape(-1, d), keys, values, starts,
+                                        self.num_heads, self.num_kv_heads, self.scale, native.isa())  # (B, T, Hq*D)
+            return self.o_proj(out, norm=self.sub_norm)[0]
         q, k, v = (qkv[..., a:b] for a, b in self.qkv.bounds)
         q = apply_rope(q.view(bsz, seq, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hq, T, D)
         k = apply_rope(k.view(bsz, seq, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)  # (B, Hkv, T, D)
@@ -276,6 +289,14 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)  # (B, T, Hq*D)
         return self.o_proj(out, norm=self.sub_norm)[0]
 
+    @staticmethod
+    def _prefill_ops(qkv: torch.Tensor, kv: LayerWindow | None):
+        """The native ops when this call's queries are float32 rows on CPU (kernels.cpp: attention_prefill),
+        else None: scaled_dot_product_attention then sums in an order that depends on the call's span."""
+        if qkv.dtype != torch.float32 or qkv.device.type != "cpu" \
+                or (kv is not None and not (kv.keys.is_contiguous() and kv.values.is_contiguous())):
+            return None
+        return native.ops()
 
     @staticmethod
     def _decode_ops(qkv: torch.Tensor, kv: LayerWindow | None, mask: AttentionMask):

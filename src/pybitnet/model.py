@@ -254,18 +254,19 @@ class Transformer(nn.Module):
     def _mask(positions: torch.Tensor, length: int) -> AttentionMask:
         """Queries at positions (B, T) over cache keys [0, length): each sees the keys at or before it."""
         bsz, seq = positions.shape
-        if int(positions[:, 0].max()) == 0:  # every row starts a sequence: its own block, causal
-            return AttentionMask(own_block=True)
+        starts = positions[:, 0]  # (B,)
+        if int(starts.max()) == 0:  # every row starts a sequence: its own block, causal
+            return AttentionMask(own_block=True, starts=starts)
         if seq == 1:  # one query per row sees its cache up to its own position
             rows_end_together = bool((positions[:, 0] == length - 1).all())
             allowed = None if rows_end_together else \
                 (torch.arange(length, device=positions.device)[None, None, :] <= positions[:, :, None])[:, None]
-            return AttentionMask(own_block=False, allowed=allowed, positions=positions[:, 0])
-        if bool((positions[:, -1] == length - 1).all()):  # rows end together: a (T, S) causal mask
-            keys = torch.arange(length, device=positions.device)
-            return AttentionMask(own_block=False, allowed=keys[None, :] <= positions[0, :, None])  # (T, S)
+            return AttentionMask(own_block=False, allowed=allowed, positions=starts, starts=starts)
         keys = torch.arange(length, device=positions.device)
-        return AttentionMask(own_block=False, allowed=(keys[None, None, :] <= positions[:, :, None])[:, None])  # (B, 1, T, S)
+        if bool((positions[:, -1] == length - 1).all()):  # rows end together: a (T, S) causal mask
+            return AttentionMask(own_block=False, allowed=keys[None, :] <= positions[0, :, None], starts=starts)  # (T, S)
+        return AttentionMask(own_block=False, allowed=(keys[None, None, :] <= positions[:, :, None])[:, None],
+                             starts=starts)  # (B, 1, T, S)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens[tokens].to(self.dtype)

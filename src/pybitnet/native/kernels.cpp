@@ -983,9 +983,10 @@ inline float softmax_numerators(float* s, int64_t S) {
   return 1.0f / total;
 }
 
-void attend_scalar(const AttnArgs& a, int64_t b, int64_t h, const float* q, int64_t rep, int64_t S, float* scores) {
-  const float* K = a.keys + (b * a.Hkv + h) * a.L * a.D;
-  const float* V = a.values + (b * a.Hkv + h) * a.L * a.D;
+// One kv head's attention: K, V (S, D) its cached keys and values, q (rep, D) the rotated queries of its group,
+// out (rep, D) their outputs; scores is scratch of rep * S floats.
+void attend_scalar(const AttnArgs& a, const float* K, const float* V, float* out, const float* q, int64_t rep,
+                   int64_t S, float* scores) {
   for (int64_t r = 0; r < rep; ++r) {
     float* s = scores + r * S;
     for (int64_t j = 0; j < S; ++j) {
@@ -994,7 +995,7 @@ void attend_scalar(const AttnArgs& a, int64_t b, int64_t h, const float* q, int6
       s[j] = dot * a.scale;
     }
     const float inv = softmax_numerators(s, S);
-    float* o = a.out + b * a.Hq * a.D + (h * rep + r) * a.D;
+    float* o = out + r * a.D;
     for (int64_t d = 0; d < a.D; ++d) o[d] = 0.f;
     for (int64_t j = 0; j < S; ++j)
       for (int64_t d = 0; d < a.D; ++d) o[d] += s[j] * V[j * a.D + d];
@@ -1040,10 +1041,8 @@ __attribute__((target("avx512f"))) inline __m512 sum16_avx512(const __m512* v) {
 }
 
 // D a multiple of 16 (head dims of real models: 64, 128, ...)
-__attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a, int64_t b, int64_t h, const float* q,
-                                                       int64_t rep, int64_t S, float* scores) {
-  const float* K = a.keys + (b * a.Hkv + h) * a.L * a.D;
-  const float* V = a.values + (b * a.Hkv + h) * a.L * a.D;
+__attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a, const float* K, const float* V, float* out,
+                                                       const float* q, int64_t rep, int64_t S, float* scores) {
   const __m512 vscale = _mm512_set1_ps(a.scale);
   int64_t j0 = 0;
   if (rep % 4 == 0)  // tiles of 4 keys x 4 query heads: 16 lane-wise dot products, then one transposing sum
@@ -1117,7 +1116,7 @@ __attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a, int64_t
           acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(r0 + r) * S + j]), v, acc[r]);
       }
       for (int64_t r = 0; r < nr; ++r)
-        _mm512_storeu_ps(a.out + b * a.Hq * a.D + (h * rep + r0 + r) * a.D + d,
+        _mm512_storeu_ps(out + (r0 + r) * a.D + d,
                          _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r0 + r])));
     }
   }
@@ -1126,10 +1125,8 @@ __attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a, int64_t
 
 #ifdef PYBITNET_X86
 // AVX2, D a multiple of 8: eight-lane dot products and P·V, the softmax's exp in scalar code.
-__attribute__((target("avx2,fma"))) void attend_avx2(const AttnArgs& a, int64_t b, int64_t h, const float* q,
-                                                     int64_t rep, int64_t S, float* scores) {
-  const float* K = a.keys + (b * a.Hkv + h) * a.L * a.D;
-  const float* V = a.values + (b * a.Hkv + h) * a.L * a.D;
+__attribute__((target("avx2,fma"))) void attend_avx2(const AttnArgs& a, const float* K, const float* V, float* out,
+                                                     const float* q, int64_t rep, int64_t S, float* scores) {
   for (int64_t j = 0; j < S; ++j)
     for (int64_t r = 0; r < rep; ++r) {
       __m256 acc = _mm256_setzero_ps();
@@ -1150,23 +1147,39 @@ __attribute__((target("avx2,fma"))) void attend_avx2(const AttnArgs& a, int64_t 
           acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scores[(r0 + r) * S + j]), v, acc[r]);
       }
       for (int64_t r = 0; r < nr; ++r)
-        _mm256_storeu_ps(a.out + b * a.Hq * a.D + (h * rep + r0 + r) * a.D + d,
+        _mm256_storeu_ps(out + (r0 + r) * a.D + d,
                          _mm256_mul_ps(acc[r], _mm256_set1_ps(inv[r0 + r])));
     }
   }
 }
 #endif
 
-at::Tensor attention_decode(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor keys,
-                            at::Tensor values, const at::Tensor& positions, int64_t num_heads, int64_t num_kv_heads,
-                            double scale, int64_t isa) {
+// One kv head group's attention over S cached positions, on the widest body the ISA and D allow.
+inline void attend(const AttnArgs& a, int64_t chosen, const float* K, const float* V, float* out, const float* q,
+                   int64_t rep, int64_t S, float* scores) {
+#ifdef PYBITNET_X86
+  if (chosen == kAvx512 && a.D % 16 == 0) return attend_avx512(a, K, V, out, q, rep, S, scores);
+  if (chosen == kAvx2 && a.D % 8 == 0) return attend_avx2(a, K, V, out, q, rep, S, scores);
+#endif
+  attend_scalar(a, K, V, out, q, rep, S, scores);
+}
+
+void check_attention_cache(const at::Tensor& keys, const at::Tensor& values, int64_t num_heads, int64_t num_kv_heads,
+                           const char* op) {
   TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && keys.scalar_type() == at::kFloat &&
                   values.scalar_type() == at::kFloat && keys.is_contiguous() && values.is_contiguous() &&
                   keys.device().is_cpu() && values.device().is_cpu(),
-              "pybitnet.attention_decode: keys and values must be contiguous float32 (B, Hkv, L, D) CPU tensors");
+              "pybitnet.", op, ": keys and values must be contiguous float32 (B, Hkv, L, D) CPU tensors");
+  const int64_t Hkv = keys.size(1), D = keys.size(3);
+  TORCH_CHECK(num_kv_heads == Hkv && num_kv_heads > 0 && num_heads % Hkv == 0 && num_heads / Hkv <= 64 && D % 2 == 0,
+              "pybitnet.", op, ": ", num_heads, " query heads do not group over ", Hkv, " kv heads of dim ", D);
+}
+
+at::Tensor attention_decode(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor keys,
+                            at::Tensor values, const at::Tensor& positions, int64_t num_heads, int64_t num_kv_heads,
+                            double scale, int64_t isa) {
+  check_attention_cache(keys, values, num_heads, num_kv_heads, "attention_decode");
   const int64_t B = keys.size(0), Hkv = keys.size(1), L = keys.size(2), D = keys.size(3);
-  TORCH_CHECK(num_kv_heads == Hkv && num_heads % Hkv == 0 && num_heads / Hkv <= 64 && D % 2 == 0,
-              "pybitnet.attention_decode: ", num_heads, " query heads do not group over ", Hkv, " kv heads of dim ", D);
   TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.size(0) == B &&
                   qkv.size(1) == (num_heads + 2 * Hkv) * D,
               "pybitnet.attention_decode: qkv must be float32 (", B, ", ", (num_heads + 2 * Hkv) * D, "), got ",
@@ -1194,23 +1207,81 @@ at::Tensor attention_decode(const at::Tensor& qkv, const at::Tensor& cos, const 
       const float* row = a.qkv + b * width;
       const float* c = a.cos + b * a.cos_stride;
       const float* s = a.sin + b * a.cos_stride;
-      float* kdst = a.keys + ((b * Hkv + h) * L + pos[b]) * D;
-      float* vdst = a.values + ((b * Hkv + h) * L + pos[b]) * D;
-      rope_row(row + (num_heads + h) * D, c, s, kdst, D);
-      std::memcpy(vdst, row + (num_heads + Hkv + h) * D, D * sizeof(float));
+      float* K = a.keys + (b * Hkv + h) * L * D;
+      float* V = a.values + (b * Hkv + h) * L * D;
+      rope_row(row + (num_heads + h) * D, c, s, K + pos[b] * D, D);
+      std::memcpy(V + pos[b] * D, row + (num_heads + Hkv + h) * D, D * sizeof(float));
       for (int64_t r = 0; r < rep; ++r) rope_row(row + (h * rep + r) * D, c, s, q.data() + r * D, D);
       scores.resize(rep * S);
-#ifdef PYBITNET_X86
-      if (chosen == kAvx512 && D % 16 == 0) {
-        attend_avx512(a, b, h, q.data(), rep, S, scores.data());
-        continue;
+      attend(a, chosen, K, V, a.out + b * num_heads * D + h * rep * D, q.data(), rep, S, scores.data());
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// Causal attention for T new tokens per row, as T decode steps would compute it.
+//   qkv (B, T, (Hq + 2 Hkv) * D) float32;  cos, sin (T or B * T, D): RoPE at each token's position
+//   starts (B,) int64: row b's tokens sit at positions starts[b] .. starts[b] + T - 1
+//   keys, values (B, Hkv, L, D): one layer's cache, written in place at those positions
+// Every token's K/V are written first; then the query at position p attends over [0, p] through the
+// same code, and in the same float order, as attention_decode at position p. So a query's output does
+// not depend on how the sequence was split into calls (one pass, chunks, or one token at a time):
+// prefilling a prompt in pieces, or after a cached prefix, gives the bits of one pass.
+at::Tensor attention_prefill(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor keys,
+                             at::Tensor values, const at::Tensor& starts, int64_t num_heads, int64_t num_kv_heads,
+                             double scale, int64_t isa) {
+  check_attention_cache(keys, values, num_heads, num_kv_heads, "attention_prefill");
+  const int64_t B = keys.size(0), Hkv = keys.size(1), L = keys.size(2), D = keys.size(3);
+  const int64_t width = (num_heads + 2 * Hkv) * D;
+  TORCH_CHECK(qkv.dim() == 3 && qkv.scalar_type() == at::kFloat && qkv.size(0) == B && qkv.size(2) == width,
+              "pybitnet.attention_prefill: qkv must be float32 (", B, ", T, ", width, "), got ", qkv.sizes());
+  const int64_t T = qkv.size(1);
+  TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes() && cos.size(1) == D &&
+                  (cos.size(0) == T || cos.size(0) == B * T) && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat,
+              "pybitnet.attention_prefill: cos/sin must be float32 (T or B * T, ", D, ")");
+  TORCH_CHECK(starts.dim() == 1 && starts.size(0) == B && starts.scalar_type() == at::kLong,
+              "pybitnet.attention_prefill: starts must be int64 (", B, ",)");
+  at::Tensor qc = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous(), pc = starts.contiguous();
+  const int64_t* start = pc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(start[b] >= 0 && start[b] + T <= L, "pybitnet.attention_prefill: positions ", start[b], "..",
+                start[b] + T - 1, " of row ", b, " are outside the cache's ", L, " positions");
+  const int64_t chosen = resolve_isa(isa);
+  at::Tensor out = at::empty({B, T, num_heads * D}, qkv.options());
+  const AttnArgs a{qc.data_ptr<float>(), cc.data_ptr<float>(), sc.data_ptr<float>(), cc.size(0) == T ? 0 : T * D,
+                   keys.data_ptr<float>(), values.data_ptr<float>(), start, out.data_ptr<float>(),
+                   B, num_heads, Hkv, L, D, float(scale)};
+  const int64_t rep = num_heads / Hkv;
+  auto rope_at = [&](int64_t b, int64_t t, const float*& c, const float*& s) {
+    c = a.cos + b * a.cos_stride + t * D;
+    s = a.sin + b * a.cos_stride + t * D;
+  };
+  at::parallel_for(0, B * T, 1, [&](int64_t i0, int64_t i1) {  // keys and values of every new token
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / T, t = i % T, p = start[b] + t;
+      const float* row = a.qkv + i * width;
+      const float *c, *s;
+      rope_at(b, t, c, s);
+      for (int64_t h = 0; h < Hkv; ++h) {
+        rope_row(row + (num_heads + h) * D, c, s, a.keys + ((b * Hkv + h) * L + p) * D, D);
+        std::memcpy(a.values + ((b * Hkv + h) * L + p) * D, row + (num_heads + Hkv + h) * D, D * sizeof(float));
       }
-      if (chosen == kAvx2 && D % 8 == 0) {
-        attend_avx2(a, b, h, q.data(), rep, S, scores.data());
-        continue;
-      }
-#endif
-      attend_scalar(a, b, h, q.data(), rep, S, scores.data());
+    }
+  });
+  // Tasks (b, h, t) with t fastest: each thread's contiguous range mixes short and long key spans.
+  at::parallel_for(0, B * Hkv * T, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(rep * D), scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i % T, h = (i / T) % Hkv, b = i / (T * Hkv), S = start[b] + t + 1;
+      const float* row = a.qkv + (b * T + t) * width;
+      const float *c, *s;
+      rope_at(b, t, c, s);
+      for (int64_t r = 0; r < rep; ++r) rope_row(row + (h * rep + r) * D, c, s, q.data() + r * D, D);
+      scores.resize(rep * S);
+      attend(a, chosen, a.keys + (b * Hkv + h) * L * D, a.values + (b * Hkv + h) * L * D,
+             a.out + (b * T + t) * num_heads * D + h * rep * D, q.data(), rep, S, scores.data());
     }
   });
   return out;
@@ -1289,6 +1360,8 @@ TORCH_LIBRARY(pybitnet, m) {
         "int isa=0) -> (Tensor, Tensor)");
   m.def("attention_decode(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, Tensor positions, "
         "int num_heads, int num_kv_heads, float scale, int isa=0) -> Tensor");
+  m.def("attention_prefill(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, Tensor starts, "
+        "int num_heads, int num_kv_heads, float scale, int isa=0) -> Tensor");
   m.def("int8_head(Tensor h, Tensor weight, Tensor w_scale, Tensor w_sum, int isa=0) -> Tensor");
   m.def("decode_stack(Tensor h, Tensor?[] weights, float[] betas, float eps, Tensor cos, Tensor sin, "
         "Tensor(a!)[] keys, Tensor(b!)[] values, Tensor positions, int num_heads, int num_kv_heads, float scale, "
@@ -1303,6 +1376,7 @@ TORCH_LIBRARY_IMPL(pybitnet, CPU, m) {
   m.impl("quantize_rows", &quantize_rows);
   m.impl("ternary_linear", &ternary_linear);
   m.impl("attention_decode", &attention_decode);
+  m.impl("attention_prefill", &attention_prefill);
   m.impl("int8_head", &int8_head);
   m.impl("decode_stack", &decode_stack);
 }
