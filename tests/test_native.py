@@ -96,8 +96,8 @@ def test_unknown_isa_name_is_a_clear_error(monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16bit_head_matches_float64_and_is_row_independent(monkeypatch, isa, dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_native_head_matches_float64_and_is_row_independent(monkeypatch, isa, dtype):
     if isa not in _isas():
         pytest.skip(f"CPU lacks {isa}")
     monkeypatch.setenv("PYBITNET_NATIVE_ISA", isa)
@@ -110,6 +110,36 @@ def test_16bit_head_matches_float64_and_is_row_independent(monkeypatch, isa, dty
     assert (logits.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
     for rows in (slice(0, 1), slice(3, 4), slice(2, 9), slice(10, 11)):
         assert torch.equal(head(h[rows]), logits[rows])  # the same bits alone or in any batch
+
+
+@needs_native
+def test_decode_with_a_float32_head_gives_a_row_the_same_bits_in_any_batch(one_thread):
+    """An untied float32 lm_head (a float32 checkpoint): a row's decode logits are the same bits alone
+    and with 1..7 neighbours (a BLAS GEMM rounds 1-3 rows differently from 4 or more)."""
+    from pybitnet import preset
+    from pybitnet.model import Transformer
+
+    config = preset("tiny").replace(tie_word_embeddings=False)
+    model = Transformer(config, synthetic.random_weights(config, 3, embed_dtype=torch.float32))
+    assert model.lm_head.weight.dtype == torch.float32 and model.decode_is_row_independent()
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, config.vocab_size, (8, 6), generator=g)
+    lengths = [6, 3, 5, 2, 6, 4, 1, 5]  # ragged: rows end at different positions
+    following = torch.randint(0, config.vocab_size, (8,), generator=g)
+
+    def decode(rows: list[int]) -> torch.Tensor:
+        cache = model.new_cache(batch_size=len(rows), max_len=16)
+        for slot, row in enumerate(rows):  # each prompt prefilled on its own, then one step for all rows
+            alone = model.new_cache(batch_size=1, max_len=16)
+            model.prefill(prompts[row : row + 1, : lengths[row]], alone)
+            cache.copy_rows(alone, [0], [slot])
+        return model.decode_step(following[rows], cache)
+
+    alone = {row: decode([row])[0] for row in range(8)}
+    for size in range(1, 9):
+        batch = decode(list(range(size)))
+        for row in range(size):
+            assert torch.equal(batch[row], alone[row]), (size, row)
 
 
 def test_int8_head_is_close_and_row_independent():

@@ -2,16 +2,19 @@
 
 Two modes, chosen at load (`pybitnet.load(..., lm_head=...)`):
 
-    exact   logits = h @ Wᵀ with W in its checkpoint dtype (bf16 for 2B-4T, fp16 in GGUF files) and
-            fp32 products and sums. On CPU with the native kernels, a 16-bit GEMV (native/kernels.cpp)
-            widens each weight once and runs every row of the batch against it, reading W once per call.
+    exact   logits = h @ Wᵀ with W in its checkpoint dtype (bf16 for 2B-4T, fp16 in GGUF files, fp32 for
+            float32 checkpoints) and fp32 products and sums. On CPU with the native kernels, a GEMV
+            (native/kernels.cpp) widens each weight once and runs every row of the batch against it,
+            reading W once per call.
     int8    opt-in and lossy: a per-row int8 copy of W (scale = absmax/127 per vocabulary row)
             against per-row int8 activations, exact int32 sums, like llama.cpp's quantized output
             tensors; half the bytes of bf16 per token. scripts: benchmarks/head_agreement.py.
 
 Row independence: a row's logits never depend on the other rows of the batch (a server batches
 unrelated requests). The native GEMV computes each (row, vocabulary entry) dot product in one fixed
-order whatever the batch size; the int8 head's sums are exact integers.
+order whatever the batch size, for bf16, fp16 and fp32 heads alike (a BLAS GEMM would not: its
+kernel for 1-3 rows rounds differently from the one for 4 or more); the int8 head's sums are exact
+integers. `LMHead.row_independent` says whether a head runs that way.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from .errors import ConfigError
 from .quant.activations import quantize_activations
 
 HEAD_MODES = ("exact", "int8")
+# weight dtypes the native GEMV takes against fp32 rows
+NATIVE_HEAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # A bf16/f16 head without the native kernels is computed in fp32 this many vocabulary rows at a time.
 LM_HEAD_ROWS = 1024
 
@@ -56,12 +61,20 @@ class LMHead(nn.Module):
         """h (M, H) -> (M, V) in h's dtype."""
         if self.mode == "int8":
             return self._int8_logits(h)
+        ops = native.ops() if h.device.type == "cpu" else None
+        if ops is not None and h.dtype == torch.float32 and self.weight.dtype in NATIVE_HEAD_DTYPES:
+            return ops.half_matmul(h.contiguous(), self.weight, native.isa())
         if self.weight.dtype == h.dtype:
             return h @ self.weight.t()
-        ops = native.ops() if h.device.type == "cpu" else None
-        if ops is not None and h.dtype == torch.float32 and self.weight.dtype in (torch.bfloat16, torch.float16):
-            return ops.half_matmul(h.contiguous(), self.weight, native.isa())
         return self._widened_logits(h)
+
+    def row_independent(self, dtype: torch.dtype) -> bool:
+        """Whether rows of `dtype` get logits that do not depend on the rest of the batch: the int8
+        head (exact integer sums), or the native GEMV (fp32 rows on CPU)."""
+        if self.mode == "int8":
+            return True
+        return (dtype == torch.float32 and self.weight.device.type == "cpu" and self.weight.dtype in NATIVE_HEAD_DTYPES
+                and native.ops() is not None)
 
     def _int8_logits(self, h: torch.Tensor) -> torch.Tensor:
         ops = native.ops() if h.device.type == "cpu" else None

@@ -110,8 +110,10 @@ class Transformer(nn.Module):
     def decode_is_row_independent(self) -> bool:
         """Whether decode_step gives each row the same bits whatever the rest of the batch holds: the
         native float32 CPU path, where every step of a row (quantization, attention over its own
-        positions, the head) runs on that row alone and the projections sum exact integers."""
-        return self.dtype == torch.float32 and self.device.type == "cpu" and kernels.native_available()
+        positions, the head: LMHead.row_independent) runs on that row alone and the projections sum
+        exact integers."""
+        return (self.dtype == torch.float32 and self.device.type == "cpu" and kernels.native_available()
+                and self.lm_head.row_independent(self.dtype))
 
     # ------------------------------------------------------------------ the one forward
     @torch.no_grad()

@@ -603,13 +603,15 @@ at::Tensor unpack_ternary_out(const at::Tensor& packed, at::Tensor out, int64_t 
 }
 
 // ------------------------------------------------------------------------------------------
-// 16-bit (bf16 or fp16) weights x fp32 rows -> fp32 (the lm_head). Each (row, vocab entry) is one dot product in a
+// bf16, fp16 or fp32 weights x fp32 rows -> fp32 (the lm_head). Each (row, vocab entry) is one dot product in a
 // fixed order (lane-wise fp32 FMAs over the hidden dim, then a fixed tree and a scalar tail), the
 // same whatever the other rows of the batch: logits of a row do not depend on its neighbours.
 
+enum HeadWeight : int { kHeadBf16 = 0, kHeadFp16 = 1, kHeadFp32 = 2 };
+
 struct HeadArgs {
   const float* h;            // (M, H)
-  const uint16_t* w;         // (V, H) bf16 or fp16 bits
+  const void* w;             // (V, H): bf16 or fp16 bits, or fp32
   float* out;                // (M, V)
   int64_t M, V, H;
 };
@@ -623,17 +625,20 @@ inline float bf16_to_float(uint16_t bits) {
 
 inline float fp16_to_float(uint16_t bits) { return float(c10::Half(bits, c10::Half::from_bits())); }
 
-template <bool kHalf>
-inline float widen(uint16_t bits) {
-  return kHalf ? fp16_to_float(bits) : bf16_to_float(bits);
+// element i of the head's weights as fp32
+template <int kW>
+inline float head_weight(const void* w, int64_t i) {
+  if (kW == kHeadFp32) return static_cast<const float*>(w)[i];
+  const uint16_t bits = static_cast<const uint16_t*>(w)[i];
+  return kW == kHeadFp16 ? fp16_to_float(bits) : bf16_to_float(bits);
 }
 
-template <bool kHalf>
+template <int kW>
 void head_scalar(const HeadArgs& a, int64_t v0, int64_t v1) {
   for (int64_t v = v0; v < v1; ++v)
     for (int64_t m = 0; m < a.M; ++m) {
       float acc = 0.f;
-      for (int64_t i = 0; i < a.H; ++i) acc += a.h[m * a.H + i] * widen<kHalf>(a.w[v * a.H + i]);
+      for (int64_t i = 0; i < a.H; ++i) acc += a.h[m * a.H + i] * head_weight<kW>(a.w, v * a.H + i);
       a.out[m * a.V + v] = acc;
     }
 }
@@ -643,18 +648,25 @@ void head_scalar(const HeadArgs& a, int64_t v0, int64_t v1) {
 // h chunk loaded once for the VB entries. A bf16 chunk of 32 weights widens with two unpacks (zero
 // words below each bf16), which leave its elements lane-permuted: lo holds elements 0-3, 8-11, 16-19,
 // 24-27 and hi 4-7, 12-15, 20-23, 28-31. h is permuted the same way once per call (head_permuted_h),
-// so lane l of lo always meets the same element of h. Each (row, entry) thus gets the same FMA
-// sequence in every tile shape and batch size: two lane-wise fp32 accumulators over the 32-element
+// so lane l of lo always meets the same element of h (fp16 and fp32 chunks load in order: lo holds
+// elements 0-15, hi 16-31). Each (row, entry) thus gets the same FMA sequence in every tile shape and batch size: two lane-wise fp32 accumulators over the 32-element
 // chunks, a fixed reduction, then the scalar tail. VB and MT change speed only, never bits.
 inline int64_t head_lane_element(int64_t j) {  // position in a 32-chunk of lane j of (lo | hi), bf16
   const int64_t half = j / 16, l = j % 16;
   return (l / 4) * 8 + half * 4 + l % 4;
 }
 
-template <bool kHalf>
-__attribute__((target("avx512f,avx512bw"))) inline void widen32_avx512(const uint16_t* w, __m512& lo, __m512& hi) {
-  const __m512i raw = _mm512_loadu_si512(w);
-  if (kHalf) {
+template <int kW>
+__attribute__((target("avx512f,avx512bw"))) inline void widen32_avx512(const void* weights, int64_t offset, __m512& lo,
+                                                                     __m512& hi) {
+  if (kW == kHeadFp32) {
+    const float* w = static_cast<const float*>(weights) + offset;
+    lo = _mm512_loadu_ps(w);
+    hi = _mm512_loadu_ps(w + 16);
+    return;
+  }
+  const __m512i raw = _mm512_loadu_si512(static_cast<const uint16_t*>(weights) + offset);
+  if (kW == kHeadFp16) {
     lo = _mm512_cvtph_ps(_mm512_castsi512_si256(raw));
     hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(raw, 1));
   } else {
@@ -663,7 +675,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void widen32_avx512(const uin
   }
 }
 
-template <int VB, int MT, bool kHalf>
+template <int VB, int MT, int kW>
 __attribute__((target("avx512f,avx512bw"))) void head_block_avx512(const HeadArgs& a, const float* hp, int64_t v,
                                                                      int64_t m0) {
   __m512 acc0[VB][MT], acc1[VB][MT];
@@ -682,7 +694,7 @@ __attribute__((target("avx512f,avx512bw"))) void head_block_avx512(const HeadArg
     #pragma GCC unroll 8
     for (int r = 0; r < VB; ++r) {
       __m512 lo, hi;
-      widen32_avx512<kHalf>(a.w + (v + r) * a.H + i, lo, hi);
+      widen32_avx512<kW>(a.w, (v + r) * a.H + i, lo, hi);
       #pragma GCC unroll 8
       for (int m = 0; m < MT; ++m) {
         acc0[r][m] = _mm512_fmadd_ps(lo, h0[m], acc0[r][m]);
@@ -695,17 +707,17 @@ __attribute__((target("avx512f,avx512bw"))) void head_block_avx512(const HeadArg
     #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) {
       float acc = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][m], acc1[r][m]));
-      const uint16_t* w = a.w + (v + r) * a.H;
-      for (int64_t t = vector_end; t < a.H; ++t) acc += a.h[(m0 + m) * a.H + t] * widen<kHalf>(w[t]);
+      for (int64_t t = vector_end; t < a.H; ++t)
+        acc += a.h[(m0 + m) * a.H + t] * head_weight<kW>(a.w, (v + r) * a.H + t);
       a.out[(m0 + m) * a.V + v + r] = acc;
     }
 }
 
-template <int VB, bool kHalf>
+template <int VB, int kW>
 void head_rows_avx512(const HeadArgs& a, const float* hp, int64_t v) {
   int64_t m = 0;
-  for (; m + 2 <= a.M; m += 2) head_block_avx512<VB, 2, kHalf>(a, hp, v, m);
-  if (m < a.M) head_block_avx512<VB, 1, kHalf>(a, hp, v, m);
+  for (; m + 2 <= a.M; m += 2) head_block_avx512<VB, 2, kW>(a, hp, v, m);
+  if (m < a.M) head_block_avx512<VB, 1, kW>(a, hp, v, m);
 }
 
 __attribute__((target("avx2,fma"))) inline float hsum_ps_avx2(__m256 v) {
@@ -715,22 +727,36 @@ __attribute__((target("avx2,fma"))) inline float hsum_ps_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <bool kHalf>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 widen16_avx2(__m128i raw) {
-  if (kHalf) return _mm256_cvtph_ps(raw);
+template <int kW>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 widen8_avx2(__m128i raw) {
+  if (kW == kHeadFp16) return _mm256_cvtph_ps(raw);
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-template <int MT, bool kHalf>
+// elements offset .. offset + 15 of the head's weights as fp32: lo 0-7, hi 8-15
+template <int kW>
+__attribute__((target("avx2,fma,f16c"))) inline void widen16_avx2(const void* weights, int64_t offset, __m256& lo,
+                                                                  __m256& hi) {
+  if (kW == kHeadFp32) {
+    const float* w = static_cast<const float*>(weights) + offset;
+    lo = _mm256_loadu_ps(w);
+    hi = _mm256_loadu_ps(w + 8);
+    return;
+  }
+  const uint16_t* w = static_cast<const uint16_t*>(weights) + offset;
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  lo = widen8_avx2<kW>(_mm256_castsi256_si128(raw));
+  hi = widen8_avx2<kW>(_mm256_extracti128_si256(raw, 1));
+}
+
+template <int MT, int kW>
 __attribute__((target("avx2,fma,f16c"))) void head_tile_avx2(const HeadArgs& a, int64_t v, int64_t m0) {
-  const uint16_t* w = a.w + v * a.H;
   __m256 acc0[MT], acc1[MT];
   for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= a.H; i += 16) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
-    const __m256 lo = widen16_avx2<kHalf>(_mm256_castsi256_si128(raw));
-    const __m256 hi = widen16_avx2<kHalf>(_mm256_extracti128_si256(raw, 1));
+    __m256 lo, hi;
+    widen16_avx2<kW>(a.w, v * a.H + i, lo, hi);
     for (int m = 0; m < MT; ++m) {
       const float* h = a.h + (m0 + m) * a.H + i;
       acc0[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(h), acc0[m]);
@@ -739,23 +765,23 @@ __attribute__((target("avx2,fma,f16c"))) void head_tile_avx2(const HeadArgs& a, 
   }
   for (int m = 0; m < MT; ++m) {
     float acc = hsum_ps_avx2(_mm256_add_ps(acc0[m], acc1[m]));
-    for (int64_t t = i; t < a.H; ++t) acc += a.h[(m0 + m) * a.H + t] * widen<kHalf>(w[t]);
+    for (int64_t t = i; t < a.H; ++t) acc += a.h[(m0 + m) * a.H + t] * head_weight<kW>(a.w, v * a.H + t);
     a.out[(m0 + m) * a.V + v] = acc;
   }
 }
 #endif
 
-template <bool kHalf>
+template <int kW>
 void head_range(const HeadArgs& a, const float* hp, int64_t isa, int64_t v0, int64_t v1) {
 #ifdef PYBITNET_X86
   if (isa == kAvx512) {
     if (a.M == 1) {  // one entry at a time: the head streams from memory in one sequential sweep
-      for (int64_t v = v0; v < v1; ++v) head_block_avx512<1, 1, kHalf>(a, hp, v, 0);
+      for (int64_t v = v0; v < v1; ++v) head_block_avx512<1, 1, kW>(a, hp, v, 0);
       return;
     }
     int64_t v = v0;  // several rows: 4 entries x 2 rows per tile, the entries' 20 KB reused from L1
-    for (; v + 4 <= v1; v += 4) head_rows_avx512<4, kHalf>(a, hp, v);
-    for (; v < v1; ++v) head_rows_avx512<1, kHalf>(a, hp, v);
+    for (; v + 4 <= v1; v += 4) head_rows_avx512<4, kW>(a, hp, v);
+    for (; v < v1; ++v) head_rows_avx512<1, kW>(a, hp, v);
     return;
   }
   if (isa != kScalar) {
@@ -764,22 +790,22 @@ void head_range(const HeadArgs& a, const float* hp, int64_t isa, int64_t v0, int
       for (int64_t v = v0; v < v1; ++v)
         for (int64_t m = mc; m < mend; m += 4) {  // 16 ymm registers: tiles of 4 rows at most
           switch (std::min<int64_t>(4, mend - m)) {
-            case 1: head_tile_avx2<1, kHalf>(a, v, m); break;
-            case 2: head_tile_avx2<2, kHalf>(a, v, m); break;
-            case 3: head_tile_avx2<3, kHalf>(a, v, m); break;
-            default: head_tile_avx2<4, kHalf>(a, v, m); break;
+            case 1: head_tile_avx2<1, kW>(a, v, m); break;
+            case 2: head_tile_avx2<2, kW>(a, v, m); break;
+            case 3: head_tile_avx2<3, kW>(a, v, m); break;
+            default: head_tile_avx2<4, kW>(a, v, m); break;
           }
         }
     }
     return;
   }
 #endif
-  head_scalar<kHalf>(a, v0, v1);
+  head_scalar<kW>(a, v0, v1);
 }
 
 // h (M, H) -> the AVX-512 bf16 body's lane order within each 32-element chunk (tails stay in place)
-at::Tensor head_permuted_h(const at::Tensor& h, bool half, int64_t isa) {
-  if (isa != kAvx512 || half) return h;
+at::Tensor head_permuted_h(const at::Tensor& h, int kind, int64_t isa) {
+  if (isa != kAvx512 || kind != kHeadBf16) return h;
   at::Tensor out = h.clone();
   const int64_t M = h.size(0), H = h.size(1), vector_end = H / 32 * 32;
   const float* src = h.data_ptr<float>();
@@ -792,9 +818,10 @@ at::Tensor head_permuted_h(const at::Tensor& h, bool half, int64_t isa) {
 
 at::Tensor half_matmul(const at::Tensor& h, const at::Tensor& weight, int64_t isa) {
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat, "pybitnet.half_matmul: h must be 2-D float32");
-  const bool half = weight.scalar_type() == at::kHalf;
-  TORCH_CHECK(weight.dim() == 2 && (half || weight.scalar_type() == at::kBFloat16),
-              "pybitnet.half_matmul: weight must be 2-D bf16 or fp16");
+  const at::ScalarType wtype = weight.scalar_type();
+  TORCH_CHECK(weight.dim() == 2 && (wtype == at::kBFloat16 || wtype == at::kHalf || wtype == at::kFloat),
+              "pybitnet.half_matmul: weight must be 2-D bf16, fp16 or fp32");
+  const int kind = wtype == at::kFloat ? kHeadFp32 : wtype == at::kHalf ? kHeadFp16 : kHeadBf16;
   TORCH_CHECK(h.size(1) == weight.size(1), "pybitnet.half_matmul: h has ", h.size(1), " columns, weight ",
               weight.size(1));
   const int64_t chosen = resolve_isa(isa);
@@ -802,12 +829,13 @@ at::Tensor half_matmul(const at::Tensor& h, const at::Tensor& weight, int64_t is
   const int64_t M = hc.size(0), V = wc.size(0), H = hc.size(1);
   at::Tensor out = at::empty({M, V}, h.options());
   if (M == 0 || V == 0) return out;
-  const HeadArgs a{hc.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wc.data_ptr()), out.data_ptr<float>(), M,
-                   V, H};
-  const at::Tensor hp = head_permuted_h(hc, half, chosen);
+  const HeadArgs a{hc.data_ptr<float>(), wc.data_ptr(), out.data_ptr<float>(), M, V, H};
+  const at::Tensor hp = head_permuted_h(hc, kind, chosen);
   const float* hpd = hp.data_ptr<float>();
   at::parallel_for(0, V, 256, [&](int64_t v0, int64_t v1) {
-    half ? head_range<true>(a, hpd, chosen, v0, v1) : head_range<false>(a, hpd, chosen, v0, v1);
+    if (kind == kHeadFp32) head_range<kHeadFp32>(a, hpd, chosen, v0, v1);
+    else if (kind == kHeadFp16) head_range<kHeadFp16>(a, hpd, chosen, v0, v1);
+    else head_range<kHeadBf16>(a, hpd, chosen, v0, v1);
   });
   return out;
 }
