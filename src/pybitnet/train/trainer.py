@@ -12,6 +12,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..config import ModelConfig, preset
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..loaders.hf import save_hf
 from . import data
 from .qat import LatentLinear, TrainableBitNet
@@ -78,6 +79,26 @@ def _check(options: TrainOptions) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(options, name)}")
     if not options.lr > 0:
         raise InputError(f"--lr must be positive, got {options.lr}")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded weights-only: tensors and plain containers, nothing that runs code."""
+    try:
+        with warnings.catch_warnings():  # the refusal below says what is wrong, in one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # a truncated or empty file (EOFError), a zip that is not one, a pickle with code
+        first = " ".join(str(err).split("\n")[0].split())[:160] or type(err).__name__
+        raise CheckpointError(f"{path}: not a training checkpoint that loads as plain tensors and data; refusing it "
+                              f"({type(err).__name__}: {first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training checkpoint (it holds a {type(state).__name__}, not a dict)")
+    missing = [key for key in ("recipe", "model", "optimizer", "step", "history", "wall_seconds") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint of this pybitnet (no {', '.join(missing)})")
+    return state
 
 
 def _optimizer(model: TrainableBitNet, options: TrainOptions) -> torch.optim.AdamW:
@@ -149,7 +170,7 @@ class Run:
         path = self.out / CHECKPOINT
         if not path.is_file():
             raise InputError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path)
         if state["recipe"] != self.options.recipe():
             changed = sorted(k for k in state["recipe"] if state["recipe"][k] != self.options.recipe().get(k))
             raise InputError(f"--resume: {path} was written by a run with different options ({', '.join(changed)})")
