@@ -23,7 +23,8 @@ def train(
     warmup: float = typer.Option(0.05, "--warmup", help="warmup as a fraction of the steps"),
     weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay of the projections"),
     seed: int = typer.Option(0, "--seed", help="seeds the init and the batches: same seed, same model"),
-    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt (same options, tokenizer, corpus)"),
+    force: bool = typer.Option(False, "--force", help="start a new run in an OUT that holds files (a run's files there are replaced)"),
     float_weights: bool = typer.Option(False, "--float", help="full-precision baseline: no ternarization, no int8"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="directory with tokenizer.json (default: train one)"),
     eval_every: int = typer.Option(100, "--eval-every", help="steps between validation losses"),
@@ -46,7 +47,7 @@ def train(
                            checkpoint_every=checkpoint_every, checkpoint_layers=checkpoint_layers,
                            compile=compile_loss, bf16_backward=bf16_backward,
                            stop_after=stop_after)
-    run = Run(options, resume=resume)
+    run = Run(options, resume=resume, force=force)
     typer.echo(f"{run.config.num_layers} layers, {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M "
                f"parameters, {run.train_ids.numel()} training tokens in the corpus, {options.steps()} steps")
     run.train()

@@ -8,6 +8,7 @@ straight one, with no sampler state to save.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -106,18 +107,59 @@ def validation_windows(ids: torch.Tensor, ctx: int, max_windows: int) -> torch.T
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: write_bytes(tmp, text.encode("utf-8")))
+
+
+def write_bytes(tmp: str, payload: bytes) -> None:
+    with open(tmp, "wb") as f:  # through Python's own file: a full disk is an OSError that says so
+        f.write(payload)
 
 
 def atomic_write(path: str | Path, write) -> None:
-    """Call write(temporary path) in path's directory, then move the result over `path` in one step."""
+    """Call write(temporary path) in path's directory, then move the result over `path` in one step.
+
+    Either `path` holds the whole new file or it is left as it was; the temporary file never stays
+    behind. A failed write (a full disk, a closed share) is an OSError naming `path` and the cause.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _naming(err, path) from None
     os.close(fd)
     try:
         write(tmp)
+        _sync(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; model files are for everyone to read
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _naming(err, path) from None
+        if isinstance(err, Exception) and disk_full(path.parent):  # writers that wrap the OSError in their own type
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
         raise
+
+
+def _sync(path: str) -> None:
+    """The file's data on disk before it is moved over the old one (a crash then leaves one or the other)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """`err` as an OSError that names `path` (the file meant, not its temporary name)."""
+    if err.errno is None:
+        return OSError(f"{err}: {path}")
+    return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
+
+
+def disk_full(directory: str | Path) -> bool:
+    """Whether the filesystem holding `directory` has no space left for this process."""
+    try:
+        return os.statvfs(directory).f_bavail == 0
+    except (OSError, AttributeError):  # AttributeError: no statvfs on this platform
+        return False
