@@ -124,6 +124,38 @@ def test_float_master_weights_are_ternarized_with_absmean(tmp_path, names_1bitll
         assert "layers.0.attn_sub_norm" in loaded and "layers.0.ffn_sub_norm" in loaded
 
 
+def _threads(n: int, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_absmean_beta_is_the_same_bits_with_any_thread_count():
+    """β of bf16 masters with 1, 2 and 3 torch threads: the same bits, equal to the exact mean of |W|
+    rounded to float32 (math.fsum, independent of the package). A float32 reduction split between
+    threads gave betas one ulp apart for some of these weights."""
+    import math
+
+    import numpy as np
+
+    from pybitnet.train.qat import ternarize
+
+    for seed in range(8):
+        w = (torch.randn(256, 768, generator=torch.Generator().manual_seed(seed)) * 0.02).bfloat16()  # (N, K)
+        exact = float(np.float32(math.fsum(w.double().abs().flatten().tolist()) / w.numel()))
+        for threads in (1, 2, 3):
+            values, beta = _threads(threads, lambda: absmean_ternarize(w))
+            assert beta == exact, (seed, threads, beta, exact)
+            assert torch.equal(values, (w.float() / beta).round().clamp(-1, 1).to(torch.int8))
+            # training ternarizes (and exports) its float32 latent weights with the same β
+            trained_values, trained_beta = _threads(threads, lambda: ternarize(w.float()))
+            assert trained_beta.dtype == torch.float32 and float(trained_beta) == exact, (seed, threads)
+            assert torch.equal(trained_values.to(torch.int8), values)
+
+
 # ------------------------------------------------------------------------------------ bad input
 def test_missing_tensor_is_named(tmp_path):
     _write(tmp_path)

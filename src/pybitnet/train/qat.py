@@ -32,7 +32,7 @@ from ..config import ModelConfig
 from ..errors import InputError
 from ..layers import RMSNorm, RotaryTables, _sdpa, apply_rope
 from ..quant.activations import quantize_activations, quantize_normed
-from ..quant.ternary import ABSMEAN_FLOOR
+from ..quant.ternary import absmean
 from ..weights import TernaryWeight, Weights, check_weights
 from .loss import chunked_cross_entropy
 
@@ -40,8 +40,9 @@ INIT_STD = 0.02
 
 
 def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latent W (N, K) -> (T (N, K) in W's dtype, values in {-1, 0, 1}; β 0-dim tensor), absmean in W's dtype."""
-    beta = weight.detach().abs().mean().clamp(min=ABSMEAN_FLOOR)
+    """Latent W (N, K) -> (T (N, K) in W's dtype, values in {-1, 0, 1}; β 0-dim tensor in W's dtype): the
+    loader's absmean (quant.ternary.absmean, summed in float64 whatever the thread count)."""
+    beta = absmean(weight).to(weight.dtype)
     values = (weight.detach() * (1.0 / beta)).round_().clamp_(-1, 1)
     return values, beta
 
