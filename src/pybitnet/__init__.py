@@ -6,11 +6,13 @@ from .config import PRESETS, ModelConfig, preset
 from .errors import CacheError, CheckpointError, ConfigError, GGUFError, InputError, PyBitNetError
 from .loaders import load
 from .model import Transformer
+from .session import Conversation, Session, Snapshot
 from .weights import TernaryWeight
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "synthetic", "Transformer", "ModelConfig", "PRESETS", "preset", "KVCache", "TernaryWeight",
+    "load", "synthetic", "Transformer", "Session", "Conversation", "Snapshot", "ModelConfig", "PRESETS", "preset",
+    "KVCache", "TernaryWeight",
     "PyBitNetError", "ConfigError", "CheckpointError", "GGUFError", "CacheError", "InputError",
 ]

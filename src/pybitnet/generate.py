@@ -75,8 +75,12 @@ def generate(
     truncate: bool = False,
     on_text: Callable[[int, str], None] | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    session=None,
 ) -> GenerationResult:
     """Generate for every prompt (text, or token ids when `tokenizer` is None or ids are given).
+
+    session: a pybitnet.Session (one prompt): the prompt continues from the K/V the session already holds
+    for its leading tokens, and afterwards the session holds the prompt and the output.
 
     stop_token_ids defaults to the tokenizer's EOS/EOT (none without a tokenizer). A prompt longer than the
     model's context (max_position_embeddings) is an InputError unless truncate=True, which keeps its last tokens
@@ -85,7 +89,8 @@ def generate(
     """
     steps = _generation_steps(model, tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                               seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings,
-                              add_special_tokens=add_special_tokens, truncate=truncate, on_token=on_token)
+                              add_special_tokens=add_special_tokens, truncate=truncate, on_token=on_token,
+                              session=session)
     while True:
         try:
             row, piece = next(steps)
@@ -128,7 +133,7 @@ def stream(model, tokenizer: Tokenizer, prompt: str | Sequence[int], **options) 
 
 def _generation_steps(model, tokenizer, prompts, *, max_new_tokens=128, sampling=None, seed=None,
                       stop_token_ids=None, stop_strings=(), add_special_tokens=True,
-                      truncate=False, on_token=None) -> Generator[tuple[int, str], None, GenerationResult]:
+                      truncate=False, on_token=None, session=None) -> Generator[tuple[int, str], None, GenerationResult]:
     start_time = time.perf_counter()
     params = sampling if sampling is not None else SamplingParams()
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -141,6 +146,10 @@ def _generation_steps(model, tokenizer, prompts, *, max_new_tokens=128, sampling
 
     prompt_ids = _tokenize(tokenizer, prompts, add_special_tokens)
     context = int(model.config.max_position_embeddings)
+    if session is not None:
+        if len(prompt_ids) != 1:
+            raise InputError(f"a session continues one prompt, got {len(prompt_ids)}")
+        context = min(context, session.max_len)
     bos = tokenizer.bos_token_id if tokenizer is not None else model.config.bos_token_id
     truncated = []
     for i, ids in enumerate(prompt_ids):
@@ -160,14 +169,18 @@ def _generation_steps(model, tokenizer, prompts, *, max_new_tokens=128, sampling
     for b, row in enumerate(rows):
         tokens[b, : len(row.prompt)] = torch.tensor(row.prompt)
         mask[b, : len(row.prompt)] = 1
-    cache = model.new_cache(batch, longest + max(r.budget for r in rows))
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=model.device)  # (B, V)
         for b, row in enumerate(rows):
             mark_seen(seen[b : b + 1], torch.tensor([row.prompt], device=model.device))
-    with torch.inference_mode():
-        logits = model.prefill(tokens.to(model.device), cache, mask.to(model.device))  # (B, V)
+    if session is not None:  # only what the session does not already hold is prefilled
+        cache = session.cache
+        logits = session.prefill(rows[0].prompt)  # (1, V)
+    else:
+        cache = model.new_cache(batch, longest + max(r.budget for r in rows))
+        with torch.inference_mode():
+            logits = model.prefill(tokens.to(model.device), cache, mask.to(model.device))  # (B, V)
 
     active = list(range(batch))  # original row index of each cache row
     first_token_time = None
@@ -200,6 +213,8 @@ def _generation_steps(model, tokenizer, prompts, *, max_new_tokens=128, sampling
         with torch.inference_mode():
             logits = model.decode_step(next_tokens.to(model.device), cache)  # (B_active, V)
     end_time = time.perf_counter()
+    if session is not None:  # every sampled token but the last was fed back: the cache holds them
+        session.tokens = (rows[0].prompt + rows[0].tokens)[: int(cache.lengths[0])]
 
     return GenerationResult(
         prompt_ids=[r.prompt for r in rows],

@@ -9,10 +9,13 @@ No I/O and no sampling here: loaders build the weights, generate/evaluate consum
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 from torch import nn
 
-from . import kernels, runtime
+from . import kernels, native, runtime
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import ConfigError, InputError
@@ -226,6 +229,27 @@ class Transformer(nn.Module):
             for name, (linear, part) in zip(PROJECTIONS, fused):
                 w[p + name] = linear.part(part)
         return w
+
+    def fingerprint(self) -> str:
+        """A digest of what decides the bits of K/V and logits: the config, the dtype, the kernel path, and
+        samples of every weight (each tensor's shape, its first and last 64 KiB, the ternary scales). Another
+        checkpoint of the same shape differs in these with overwhelming probability; reading them takes
+        milliseconds where hashing every weight would take seconds."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.config.__dict__, sort_keys=True, default=str).encode())
+        ops = native.ops()
+        path = f"native:{native.isa()}:{int(ops.cpu_features())}" if ops is not None else "torch"
+        digest.update(f"{self.dtype}|{self.device}|{path}|{kernels.NATIVE_MAX_ROWS}".encode())
+        for name, tensor in list(self.named_parameters()) + list(self.named_buffers()):
+            flat = tensor.detach().reshape(-1).contiguous().cpu()
+            raw = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(raw[:65536].numpy().tobytes())
+            digest.update(raw[-65536:].numpy().tobytes())
+        for module in self.modules():
+            if isinstance(module, BitLinear):
+                digest.update(repr(module.betas).encode())
+        return digest.hexdigest()
 
     # ------------------------------------------------------------------ internals
     def _chunks(self, tokens: torch.Tensor, chunk_size: int | None, cache: KVCache | None = None):

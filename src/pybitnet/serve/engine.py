@@ -9,6 +9,11 @@ Each iteration of the scheduler
      and its first tokens are sampled,
   4. runs one decode step over the busy rows and samples each one's next token.
 A long prompt is thus prefilled in chunks between decode steps, and running requests keep getting tokens.
+With a prefix cache (serve/prefix_cache.py), admission first copies the K/V of the longest cached prefix of
+the prompt into its small cache and prefills only the rest; every chunk's full blocks, and each finished
+choice's prompt + output, are handed to the cache for later requests. Prefill runs one request at a time,
+so a request that shares a prefix with the one being prefilled waits and then finds its blocks cached:
+no prefix is computed twice.
 Busy rows stay packed at the front of the cache (a finished row's place is taken by the last busy row), so
 a decode step runs over a view of the busy rows only and idle capacity costs nothing.
 
@@ -109,6 +114,7 @@ class PromptLogprobsEvent:
 class DoneEvent:
     prompt_tokens: int
     completion_tokens: list[int]  # per choice
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 @dataclass
@@ -129,7 +135,8 @@ class GenerationRequest:
         self.first_token_time: float | None = None
         self.choices: list[_Choice] = []
         self.small_cache = None  # the batch-1 cache the prompt is prefilled into
-        self.prefilled = 0  # prompt tokens prefilled so far
+        self.prefilled = 0  # prompt tokens prefilled so far (cached ones included)
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache
         self.reserved = 0  # rows this request will take when its prefill ends
         self.prompt_lp: list[float | None] = []  # prompt_logprobs: one per prompt token so far
         self.prompt_top: list[list[tuple[int, float]] | None] = []
@@ -148,6 +155,7 @@ class _Choice:
     counts: torch.Tensor | None  # (1, V) float: output token counts, for presence/frequency penalties
     place: int = -1  # its row in the shared cache
     next_token: int = 0
+    fed: list[int] = field(default_factory=list)  # sampled tokens fed back, whose K/V follow the prompt's
     last_token_time: float = 0.0
 
 
@@ -157,7 +165,7 @@ _FINISH = {LENGTH: "length", CONTEXT: "length"}  # stop_token / stop_string -> "
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer | None, *, max_batch: int = 16, max_queue: int = 64,
                  context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 batch_invariant: bool = True, metrics: ServerMetrics | None = None):
+                 batch_invariant: bool = True, metrics: ServerMetrics | None = None, prefix_cache=None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise InputError(f"max_batch and prefill_chunk must be >= 1 and max_queue >= 0, "
                              f"got {max_batch}, {prefill_chunk}, {max_queue}")
@@ -169,6 +177,7 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.batch_invariant = batch_invariant
         self.metrics = metrics or ServerMetrics()
+        self.prefix_cache = prefix_cache  # a PrefixCache, or None: every prompt prefilled in full
         # pinned: the torch path's invariance (a sentinel row pins the key range, steps padded to
         # MIN_DECODE_ROWS rows); the native decode path needs neither.
         self.pinned = batch_invariant and not model.decode_is_row_independent()
@@ -233,6 +242,10 @@ class Engine:
             self._wake.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def running(self) -> bool:
+        """Whether the scheduler thread is alive (after stop() returns it may still be, if the join timed out)."""
+        return self._thread.is_alive()
 
     @property
     def busy_rows(self) -> int:
@@ -306,6 +319,11 @@ class Engine:
             self.metrics.waiting.set(len(self._waiting))
         request.reserved = request.spec.n
         request.small_cache = self.model.new_cache(1, len(request.spec.prompt))
+        # Reuse cached K/V, but leave at least the last prompt token to run: its logits give the first token.
+        # Prompt logprobs need the logits of every prompt position, so such a request computes them all.
+        if self.prefix_cache is not None and not request.spec.prompt_logprobs:
+            chain = self.prefix_cache.match(request.spec.prompt, limit=len(request.spec.prompt) - 1)
+            request.cached_tokens = request.prefilled = self.prefix_cache.load(chain, request.small_cache, 0)
         self._prefilling = request
 
     def _prefill_chunk(self, request: GenerationRequest) -> None:
@@ -319,11 +337,23 @@ class Engine:
         else:
             last = self.model.prefill(tokens, request.small_cache)  # (1, V)
         request.prefilled = end
+        self._keep_prefix(spec.prompt, request.small_cache, 0, end)
         if end < len(spec.prompt):
             return
         self._prefilling = None
         self.metrics.prompt_tokens.inc(len(spec.prompt))
+        self.metrics.prompt_tokens_cached.inc(request.cached_tokens)
+        self.metrics.prompt_tokens_computed.inc(len(spec.prompt) - request.cached_tokens)
         self._join(request, last)
+
+    def _keep_prefix(self, tokens: list[int], cache, row: int, upto: int) -> None:
+        """Hand the full blocks of tokens[:upto], held at positions [0, upto) of a cache row, to the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        evictions = self.prefix_cache.evictions
+        self.prefix_cache.store(tokens, cache, row, upto)
+        self.metrics.prefix_cache_evictions.inc(self.prefix_cache.evictions - evictions)
+        self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes_used)
 
     def _prompt_logprobs(self, request: GenerationRequest, start: int, logits: torch.Tensor) -> None:
         spec = request.spec
@@ -377,6 +407,7 @@ class Engine:
         tokens = torch.zeros(rows, dtype=torch.long)  # (rows,): the sentinel and padding decode token 0
         for request, choice in self._active:
             tokens[choice.place] = choice.next_token
+            choice.fed.append(choice.next_token)
         # Padding rows write at position 0; the sentinel sits at the last position, so that every step's
         # key range is the whole cache.
         view.lengths[busy:] = 0
@@ -430,10 +461,13 @@ class Engine:
         if finish is None:
             choice.next_token = token
             return
+        # The row holds the prompt's and every fed token's K/V: a later turn that repeats them reuses them.
+        self._keep_prefix(spec.prompt + choice.fed, self.cache, choice.place, len(spec.prompt) + len(choice.fed))
         self._free_row(choice)
         if request.finished:
             self.metrics.finished.labels("done").inc()
-            request.on_event(DoneEvent(len(spec.prompt), [len(c.row.tokens) for c in request.choices]))
+            request.on_event(DoneEvent(len(spec.prompt), [len(c.row.tokens) for c in request.choices],
+                                       request.cached_tokens))
 
     def _fail_all(self, message: str) -> None:
         """Answer every accepted request with an error and start from empty rows."""

@@ -28,3 +28,11 @@ class ServerMetrics:
                                      "1 when outputs are checked to be independent of the batch", registry=r)
         self.batch_size = Histogram("pybitnet_batch_size", "busy rows per decode step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.prompt_tokens_cached = Counter("pybitnet_prompt_tokens_cached",
+                                            "prompt tokens whose K/V came from the prefix cache", registry=r)
+        self.prompt_tokens_computed = Counter("pybitnet_prompt_tokens_computed",
+                                              "prompt tokens run through the model", registry=r)
+        self.prefix_cache_bytes = Gauge("pybitnet_prefix_cache_bytes", "K/V bytes held by the prefix cache",
+                                        registry=r)
+        self.prefix_cache_evictions = Counter("pybitnet_prefix_cache_evictions",
+                                              "prefix-cache blocks dropped to make room", registry=r)

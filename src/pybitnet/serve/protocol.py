@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_SEED = 2**63 - 1
 # Most alternatives per token that logprobs / top_logprobs may ask for (the OpenAI API's own limit).
 MAX_TOP_LOGPROBS = 20
+# Stop strings one request may give, and their length (OpenAI's API takes 4; each costs work per token).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 TokenIds = list[int]
 PromptInput = Union[str, list[str], TokenIds, list[TokenIds]]
@@ -40,7 +43,8 @@ class SamplingFields(_Request):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="1 = off")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} strings of up to "
+                                                               f"{MAX_STOP_CHARS} characters")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     n: int = Field(1, ge=1, description="choices per prompt")
     stream: bool = False
