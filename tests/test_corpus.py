@@ -209,6 +209,61 @@ def test_cli_fails_only_when_no_document_scores(tmp_path, cli):
     assert run.code == 1 and "must end in .json" in run.err
 
 
+def test_cli_reports_lone_surrogates_and_huge_token_ids_per_document(tmp_path, cli, model):
+    """JSON that decodes but names no valid text (a lone surrogate escaped as \\ud800) or no token id
+    torch can hold (2**70, negatives): each such line is one failed document; the others are scored and
+    the --json file is written."""
+    good = [_ids(9, 11), _ids(14, 12)]
+    lines = [json.dumps({"id": "g0", "tokens": good[0]}).encode(),
+             b'{"id": "text-surrogate", "text": "caf\\ud800 au lait"}',
+             b'{"id": "big", "tokens": [1, 1180591620717411303424, 2]}',  # 2**70
+             b'{"id": "negative", "tokens": [1, -3, 2]}',
+             b'{"id": "id-\\udfff", "tokens": [1, 2, 3]}',  # the id itself cannot be written out
+             json.dumps({"id": "g1", "tokens": good[1]}).encode()]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "scores.json"
+    run = cli("perplexity", "synthetic:tiny", str(path), "--dtype", "float64", "--threads", "1", "--json", str(out))
+    assert run.code == 0, run.err
+    payload = json.loads(out.read_text())
+    rows = {row["id"]: row for row in payload["documents"]}
+    assert list(rows) == ["g0", "text-surrogate", "big", "negative", f"{path}:5", "g1"]
+    assert "'text' is not valid Unicode (a lone surrogate" in rows["text-surrogate"]["error"]
+    assert "token id out of range: 1180591620717411303424" in rows["big"]["error"]
+    assert "token id out of range: -3" in rows["negative"]["error"]
+    assert "\"id\" is not valid Unicode" in rows[f"{path}:5"]["error"]
+    assert payload["corpus"]["failed"] == 4 and payload["corpus"]["documents"] == 6
+    for name, ids in zip(("g0", "g1"), good):  # the good documents score as they do alone
+        assert rows[name]["error"] is None
+        assert rows[name]["logprob_sum"] == pytest.approx(float(_direct_logprobs(model, ids).sum()), rel=1e-9)
+
+
+def test_cli_checks_the_output_files_before_any_work(tmp_path, cli, monkeypatch):
+    """An output file that cannot be written is a one-line error before the model is even loaded."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output file was checked")
+
+    monkeypatch.setattr(corpus, "open_model", no_model)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("some text")
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "taken.json").mkdir()
+    for flag, target, message in [
+        ("--json", tmp_path / "no" / "such" / "dir" / "s.json", "does not exist"),
+        ("--json", tmp_path / "a-file" / "s.json", "does not exist"),
+        ("--json", tmp_path / "taken.json", "is a directory"),
+        ("--parquet", tmp_path / "missing" / "s.parquet", "does not exist"),
+    ]:
+        run = cli("perplexity", "synthetic:tiny", str(doc), flag, str(target))
+        assert run.code == 1 and message in run.err and len(run.err.strip().splitlines()) == 1, run.err
+        assert "Traceback" not in run.err and str(target) in run.err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        run = cli("perplexity", "synthetic:tiny", str(doc), "--json", str(locked / "s.json"))
+        assert run.code == 1 and "cannot write in" in run.err, run.err
+
+
 def test_distributed_scoring_says_how_to_install_ray_when_it_is_missing(monkeypatch):
     from pybitnet.distributed import RayUnavailableError, require_ray
 

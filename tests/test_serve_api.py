@@ -4,9 +4,13 @@ errors, cancellation, back-pressure and health."""
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import json
+import logging
+import socket
 import threading
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -16,7 +20,7 @@ import torch
 
 import pybitnet
 from pybitnet.tokenizer import load_tokenizer
-from test_serve_support import LiveServer, metric
+from test_serve_support import GatedTokenizer, LiveServer, SlowModel, metric
 from test_tokenizer_helpers import write_tiny_checkpoint
 
 PROMPT = "The quick brown fox"
@@ -166,9 +170,22 @@ def test_models_tokenize_detokenize_health(server, tokenizer):
     ("/v1/chat/completions", {"messages": MESSAGES, "stream_options": {"include_usage": "yes"}},
      "stream_options.include_usage"),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": ["@"] * 17}, "stop"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": "@" * 257}, "stop"),
+    ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),  # a lone surrogate: valid JSON, not Unicode text
+    ("/v1/completions", {"prompt": [PROMPT, "\udfff"]}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]},
+     "messages"),
+    ("/tokenize", {"content": "\ud800"}, "content"),
+    ("/v1/completions", {"prompt": "ab " * 3000}, "prompt"),  # more characters than 256 tokens can hold
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ab " * 3000}]}, "messages"),
+    ("/tokenize", {"content": "ab " * 3000}, "content"),
 ])
 def test_bad_bodies_are_400_naming_the_field(server, path, body, param):
-    response = httpx.post(f"{server.url}{path}", json=body)
+    # json.dumps escapes a lone surrogate as \\ud800, as a client's JSON encoder would
+    response = httpx.post(f"{server.url}{path}", content=json.dumps(body),
+                          headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
@@ -300,3 +317,104 @@ def test_a_tokenizer_without_a_template_chats_in_chatml(model):
         usage = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=30).json()["usage"]
         assert live.state.chat_stops == ([tokenizer.token_to_id("<|im_end|>")], [])
     assert usage["prompt_tokens"] == len(tokenizer.encode(expected, add_special_tokens=False))
+
+
+def test_a_body_over_the_size_limit_is_413_before_it_is_read(model, tokenizer):
+    body = json.dumps({"prompt": "ab " * 30_000, "max_tokens": 2}).encode()  # 90 kB
+    with LiveServer(model, tokenizer, max_batch=1, context=256, max_request_bytes=64_000) as live:
+        declared = httpx.post(f"{live.url}/v1/completions", content=body,
+                              headers={"content-type": "application/json"}, timeout=30)
+
+        def chunks():  # no Content-Length: the server counts what arrives
+            for start in range(0, len(body), 8192):
+                yield body[start:start + 8192]
+
+        chunked = httpx.post(f"{live.url}/v1/completions", content=chunks(),
+                             headers={"content-type": "application/json"}, timeout=30)
+        small = httpx.post(f"{live.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=30)
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "body"
+        assert "64000" in error["message"]
+    assert small.status_code == 200, small.text
+
+
+def test_health_answers_while_a_prompt_is_tokenized(model, tokenizer):
+    gated = GatedTokenizer(tokenizer)
+    with LiveServer(model, gated, max_batch=1, context=256) as live:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{live.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2},
+                                  timeout=30)
+            try:
+                assert gated.entered.wait(10), "the prompt was never tokenized"
+                assert httpx.get(f"{live.url}/health", timeout=2).json() == {"status": "ok"}
+            finally:
+                gated.gate.set()
+            assert pending.result(timeout=30).status_code == 200
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_its_rows_at_once(model, tokenizer):
+    # Events arrive every decode step, so the server must not wait for a quiet moment to notice the client left.
+    with LiveServer(SlowModel(model, 0.01), tokenizer, max_batch=4, context=256) as live:
+        request = json.dumps({"prompt": PROMPT, "max_tokens": 240, "n": 4, "ignore_eos": True}).encode()
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(request), request))
+            deadline = time.monotonic() + 20
+            while metric(live.url, "pybitnet_requests_running") != 4.0:
+                assert time.monotonic() < deadline, "the request never started"
+                time.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while metric(live.url, "pybitnet_requests_running") != 0.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert metric(live.url, "pybitnet_requests_running") == 0.0
+        assert metric(live.url, "pybitnet_requests_finished_total", 'outcome="cancelled"') == 1.0
+        assert metric(live.url, "pybitnet_generation_tokens_total") < 4 * 240 / 2
+
+
+def test_docs_pages_are_off_unless_asked_for(server, model, tokenizer):
+    assert httpx.get(f"{server.url}/docs").status_code == 404
+    assert httpx.get(f"{server.url}/redoc").status_code == 404
+    assert httpx.get(f"{server.url}/openapi.json").status_code == 200
+    with LiveServer(model, tokenizer, max_batch=1, context=64, docs=True) as live:
+        assert httpx.get(f"{live.url}/docs").status_code == 200
+
+
+def test_a_broken_chat_template_is_a_500_that_names_no_local_path(model, tokenizer, checkpoint):
+    broken = copy.copy(tokenizer)
+    broken.chat_template = "{% for message in messages %}{{ message['content'] | nosuchfilter }}{% endfor %}"
+    refusing = copy.copy(tokenizer)
+    refusing.chat_template = "{{ raise_exception('roles must alternate') }}"
+    for chat_tokenizer, status in ((broken, 500), (refusing, 400)):
+        with LiveServer(model, chat_tokenizer, max_batch=1, context=256) as live:
+            response = httpx.post(f"{live.url}/v1/chat/completions", json={"messages": MESSAGES}, timeout=30)
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert "chat template" in error["message"] and str(checkpoint) not in response.text
+        assert error["type"] == ("server_error" if status == 500 else "invalid_request_error")
+
+
+def test_the_default_context_is_capped_at_what_fits_in_memory(model, tokenizer, monkeypatch, caplog):
+    import pybitnet.serve.app as serve_app
+
+    c = model.config
+    per_position = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * (1 + 2)  # max_batch 1, float32
+    available = per_position * 200  # half of it holds 100 positions: less than the model's 256
+    monkeypatch.setattr(serve_app.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=available))
+    with caplog.at_level(logging.WARNING, logger="pybitnet.serve"):
+        with LiveServer(model, tokenizer, max_batch=1) as live:
+            card = httpx.get(f"{live.url}/v1/models").json()["data"][0]
+    assert card["max_model_len"] == 100
+    assert any("context capped at 100" in r.getMessage() for r in caplog.records)
+
+
+def test_text_too_long_for_the_context_is_refused_before_it_is_tokenized(model, tokenizer):
+    gated = GatedTokenizer(tokenizer)
+    gated.gate.set()
+    with LiveServer(model, gated, max_batch=1, context=256) as live:
+        for path, body in (("/v1/completions", {"prompt": "ab " * 3000}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ab " * 3000}]})):
+            response = httpx.post(f"{live.url}{path}", json=body, timeout=30)
+            assert response.status_code == 400 and "characters" in response.json()["error"]["message"]
+    assert not gated.entered.is_set()

@@ -67,6 +67,44 @@ def metric(url: str, name: str, labels: str = "") -> float:
     raise KeyError(wanted)
 
 
+class Delegate:
+    """Wraps a model or tokenizer: every attribute is the wrapped object's unless the subclass overrides it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        if name == "inner":  # not set yet (copy.copy makes the object before its attributes)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+class SlowModel(Delegate):
+    """A model whose decode steps take at least `seconds` each, so a test can act in the middle of a request."""
+
+    def __init__(self, inner, seconds: float):
+        super().__init__(inner)
+        self.seconds = seconds
+
+    def decode_step(self, *args, **kwargs):
+        time.sleep(self.seconds)
+        return self.inner.decode_step(*args, **kwargs)
+
+
+class GatedTokenizer(Delegate):
+    """A tokenizer whose encode waits for `gate` (and sets `entered` first): tokenizing that takes as long as
+    the test wants."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def encode(self, *args, **kwargs):
+        self.entered.set()
+        self.gate.wait(30)
+        return self.inner.encode(*args, **kwargs)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

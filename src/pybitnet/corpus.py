@@ -7,8 +7,8 @@ A document is a text (tokenized with the model's tokenizer) or a list of token i
 
 Each document is scored independently, with the windows of `evaluate.perplexity`: its first token is
 context only, every other token is scored exactly once, in windows of at most `ctx` tokens. The corpus figure is
-total NLL over total scored tokens. A bad document (invalid UTF-8, empty, unreadable line, ids out of
-range) gets an `error` and no figures; it never stops the job.
+total NLL over total scored tokens. A bad document (invalid UTF-8 or Unicode, empty, unreadable line, ids
+out of range, text the tokenizer rejects) gets an `error` and no figures; it never stops the job.
 
 Sums use `math.fsum` (correctly rounded, so independent of summation order): the same documents give
 bit-identical sums whether scored here or spread over many workers in any order.
@@ -70,10 +70,29 @@ class CorpusScore:
 
 # ---------------------------------------------------------------------------------------------- reading
 
+# token ids beyond this cannot be held as torch.long; ids below it are checked against the vocabulary
+TOKEN_ID_LIMIT = 2**63
+
+
 def _parse_tokens(value, where: str) -> list[int]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise InputError(f"{where}: \"tokens\" must be a list of integer token ids")
+    for position, t in enumerate(value):
+        if not 0 <= t < TOKEN_ID_LIMIT:
+            raise InputError(f"{where}: token id out of range: {t} at position {position} (ids are >= 0 and "
+                             "below the vocabulary size)")
     return [int(t) for t in value]
+
+
+def _check_unicode(text: str, where: str, what: str) -> str:
+    """`text` itself, or InputError when it holds a lone surrogate (JSON's "\\ud800" decodes to one): such a
+    string has no UTF-8 form, so no tokenizer or output file can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"{where}: {what} is not valid Unicode (a lone surrogate, "
+                         f"{text[err.start]!a}, at character {err.start})") from None
+    return text
 
 
 def record_document(record, where: str, index: tuple[int, int], text_field: str) -> Document:
@@ -82,13 +101,17 @@ def record_document(record, where: str, index: tuple[int, int], text_field: str)
         return Document(where, index, error=f"{where}: expected a JSON object, got {type(record).__name__}")
     doc_id = str(record["id"]) if record.get("id") is not None else where
     try:
+        _check_unicode(doc_id, where, "\"id\"")
+    except InputError as err:  # an id that cannot be printed or written out: the row is named by its place
+        return Document(where, index, error=str(err))
+    try:
         if record.get(text_field) is not None:
             text = record[text_field]
             if isinstance(text, bytes):
                 text = text.decode("utf-8")
             if not isinstance(text, str):
                 raise InputError(f"{where}: {text_field!r} must be a string, got {type(text).__name__}")
-            return Document(doc_id, index, text=text)
+            return Document(doc_id, index, text=_check_unicode(text, where, repr(text_field)))
         if record.get("tokens") is not None:
             tokens = record["tokens"]
             tokens = tokens.tolist() if hasattr(tokens, "tolist") else tokens
@@ -124,6 +147,11 @@ def _pyarrow():
     except ImportError:
         raise InputError("parquet files need pyarrow: pip install pyarrow (or pybitnet[ray])") from None
     return pyarrow
+
+
+def require_pyarrow() -> None:
+    """InputError saying how to install pyarrow when it is missing (parquet input or output)."""
+    _pyarrow()
 
 
 def _parquet_documents(data: bytes, source: str, file_number: int, text_field: str) -> Iterator[Document]:
@@ -254,10 +282,14 @@ def tokenize(document: Document, tokenizer) -> list[int]:
         raise InputError(f"{document.id}: empty document")
     if tokenizer is None:
         tokenizer = MissingTokenizer("no tokenizer given")
+    _check_unicode(document.text, document.id, "the text")
     try:
         return tokenizer.encode(document.text)
     except InputError as err:
         raise InputError(f"{document.id}: {err}") from None
+    except Exception as err:  # the tokenizer library's own failure on this text concerns this document only
+        raise InputError(f"{document.id}: the tokenizer cannot encode this text "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def score_document(model, tokenizer, document: Document, *, ctx: int, stride: int,
@@ -397,6 +429,23 @@ OUTPUT_SUFFIXES = (".json", ".parquet")
 def check_output(path: str | Path) -> None:
     if Path(path).suffix.lower() not in OUTPUT_SUFFIXES:
         raise InputError(f"output file must end in .json or .parquet, got {path}")
+
+
+def check_writable(path: str | Path) -> None:
+    """InputError unless an output file can be written at `path`: checked before any scoring, by creating
+    (and removing) a temporary file where `_atomic_write` will create its own."""
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not an output file")
+    if not parent.is_dir():
+        raise InputError(f"{path}: the directory {parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as err:
+        raise InputError(f"{path}: cannot write in {parent} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def write_scores(result: CorpusScore, path: str | Path, *, per_token: bool = False) -> None:

@@ -39,3 +39,30 @@ def tune_allocator() -> bool:
             ok = False
     _state["tuned"] = ok
     return ok
+
+
+def release_memory() -> bool:
+    """Hand the C heap's free memory back to the system (glibc's malloc_trim); True if some was released.
+
+    With the thresholds above, memory freed after a burst of large transient buffers (a server's request
+    bodies, their JSON, their tokens) stays with the process; a long-running server calls this after such a
+    request so that its size returns to where it was."""
+    libc = _libc()
+    if libc is None:
+        return False
+    try:
+        return bool(libc.malloc_trim(0))
+    except AttributeError:  # not glibc
+        return False
+
+
+def _libc():
+    if "libc" not in _handles:
+        try:
+            _handles["libc"] = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _handles["libc"] = None
+    return _handles["libc"]
+
+
+_handles: dict[str, object] = {}

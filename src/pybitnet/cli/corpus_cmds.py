@@ -108,6 +108,11 @@ def perplexity(arguments: Optional[List[str]] = typer.Argument(
     for out, suffix in ((json_out, ".json"), (parquet_out, ".parquet")):
         if out is not None and out.suffix.lower() != suffix:
             raise InputError(f"{out}: the output file must end in {suffix}")
+    for out in (json_out, parquet_out):  # before any work, not after all of it
+        if out is not None:
+            corpus.check_writable(out)
+    if parquet_out is not None:
+        corpus.require_pyarrow()
     start = time.perf_counter()  # on Ray this includes starting the actors: the job's real throughput
     if use_ray:
         result = _score_on_ray(model, paths, tokens_file, address=address, actors=actors,

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
+import functools
 import json
+import logging
 import threading
 import time
 import uuid
@@ -18,6 +21,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+import psutil
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -26,7 +31,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import InputError, PyBitNetError
+from .. import runtime
+from ..errors import CheckpointError, InputError, PyBitNetError
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .engine import (DoneEvent, Draining, Engine, ErrorEvent, GenerationRequest, GenerationSpec, PromptLogprobsEvent,
@@ -34,7 +40,9 @@ from .engine import (DoneEvent, Draining, Engine, ErrorEvent, GenerationRequest,
 from .metrics import ServerMetrics
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        DetokenizeRequest, DetokenizeResponse, ErrorResponse, HealthResponse, ModelCard, ModelList,
-                       TokenizeRequest, TokenizeResponse)
+                       MAX_STOP_CHARS, MAX_STOP_STRINGS, TokenizeRequest, TokenizeResponse)
+
+log = logging.getLogger("pybitnet.serve")
 
 # The chat format for a model whose tokenizer brings no template and is not a LLaMA-3 vocabulary (those get
 # the 2B-4T format, which Tokenizer.apply_chat_template already applies). Same shape as llama-server's default.
@@ -45,8 +53,18 @@ CHATML_TEMPLATE = (
 CHATML_END = "<|im_end|>"
 # Seconds a client is told to wait when the queue is full.
 RETRY_AFTER_S = 1
-# How often a non-streaming request checks that its client is still connected.
-DISCONNECT_POLL_S = 0.1
+# Request bodies above this are refused (413) before they are read: a body becomes Python objects several
+# times its size, and a burst of them grows the process for good.
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+# Prompt text of more than context x this many characters cannot fit the context (a token is a few
+# characters), so it is refused before it is tokenized.
+PROMPT_CHARS_PER_TOKEN = 32
+# Threads that tokenize prompts and render chat templates, so the event loop never waits on them.
+PREPARE_THREADS = 2
+# After a request body of at least this size, freed heap memory is handed back to the system.
+TRIM_AFTER_BYTES = 1 << 20
+# Share of the available memory that the KV cache of the default context (the model's own) may take.
+CACHE_MEMORY_SHARE = 0.5
 
 
 class ApiError(Exception):
@@ -60,6 +78,8 @@ class ApiError(Exception):
 class ServerSettings:
     model_name: str = "pybitnet"
     max_batch: int = 16
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies are a 413, unread
+    docs: bool = False  # serve /docs and /redoc (their pages load scripts from a CDN)
     max_queue: int = 64
     max_tokens_default: int = 256
     api_key: str | None = None
@@ -81,6 +101,8 @@ class ServerState:
     chat_stops: tuple[list[int], list[str]] = ([], [])  # extra stop ids / strings of the chat format
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     in_flight: int = 0  # HTTP requests being answered (a draining server waits for 0)
+    prepare_limiter: anyio.CapacityLimiter | None = None  # threads that tokenize (made on the event loop)
+    trimming: bool = False  # a malloc_trim is under way
     created: int = field(default_factory=lambda: int(time.time()))
 
     def ready(self) -> Engine:
@@ -104,6 +126,7 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
     """An app serving the model that `load()` returns (model, tokenizer or None); it loads in a thread, so
     /health answers 503 until the model is ready."""
     state = ServerState(settings or ServerSettings())
+    load = _fitting_context(load, state)
 
     def load_in_background() -> None:
         try:
@@ -129,11 +152,14 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
         if state.engine is not None:
             state.engine.stop(timeout=5)
 
+    docs = state.settings.docs
     app = FastAPI(title="pybitnet", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible server for BitNet b1.58 models")
+                  description="OpenAI-compatible server for BitNet b1.58 models",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.state.server = state
     _install_error_handlers(app)
     app.add_middleware(_InFlight, state=state)
+    app.add_middleware(_BodyLimit, state=state)  # outermost: a request is in flight once its body is whole
     bearer = HTTPBearer(auto_error=False)
 
     def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -144,7 +170,7 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
 
     # The schema declares bearer auth only when a key is required, so it describes the running server.
     guarded = [Depends(authorized)] if state.settings.api_key is not None else []
-    errors = {status: {"model": ErrorResponse} for status in (400, 401, 500, 503)}
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 413, 500, 503)}
     streamed = {200: {"content": {"text/event-stream": {}}}}
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
@@ -165,9 +191,15 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=errors, dependencies=guarded)
     async def tokenize(body: TokenizeRequest):
-        state.ready()
+        engine = state.ready()
         tokenizer = _need_tokenizer(state, "content")
-        return TokenizeResponse(tokens=tokenizer.encode(body.content, add_special_tokens=body.add_special))
+        _check_text(body.content, "content", engine)
+
+        def encode() -> list[int]:
+            _check_unicode(body.content, "content")
+            return tokenizer.encode(body.content, add_special_tokens=body.add_special)
+
+        return TokenizeResponse(tokens=await _off_loop(state, encode))
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=errors, dependencies=guarded)
     async def detokenize(body: DetokenizeRequest):
@@ -180,7 +212,8 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
               dependencies=guarded)
     async def completions(body: CompletionRequest, raw: Request):
         engine = state.ready()
-        prompts = _completion_prompts(body.prompt, state.tokenizer, engine.vocab_size)
+        _check_rows(_prompt_count(body.prompt), body.n, engine)
+        prompts = await _off_loop(state, _completion_prompts, body.prompt, state.tokenizer, engine)
         stops = list(state.tokenizer.stop_token_ids) if state.tokenizer is not None else []
         specs = [_spec(body, ids, body.max_tokens, body.logprobs, body.echo and body.logprobs is not None,
                        stops, [], state) for ids, _ in prompts]
@@ -201,7 +234,8 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
                                 "token ids", param="messages")
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                      else "".join(part.text for part in m.content)} for m in body.messages]
-        ids = tokenizer.encode_chat(messages)
+        _check_text("".join(m["content"] for m in messages), "messages", engine)
+        ids = await _off_loop(state, _encode_chat, tokenizer, messages)
         if not ids:
             raise ApiError(400, "the conversation renders to an empty prompt", param="messages")
         _check_prompt_length(ids, engine, "messages")
@@ -235,6 +269,89 @@ def _chat_format(tokenizer: Tokenizer | None) -> tuple[Tokenizer | None, tuple[l
     return chatml, ([end], []) if end is not None else ([], [CHATML_END])
 
 
+def _fitting_context(load: Callable[[], tuple[Any, Tokenizer | None]], state: ServerState):
+    """`load`, followed by a cap on the default context (the model's own) at what fits in memory: a model may
+    declare a million positions, and the cache holds every position of every row."""
+
+    def load_and_fit():
+        model, tokenizer = load()
+        settings = state.settings
+        if settings.context is None:
+            c = model.config
+            element = _element_bytes(model)
+            per_position = 2 * c.num_layers * c.num_kv_heads * c.head_dim * element * (settings.max_batch + 2)
+            available = psutil.virtual_memory().available
+            fits = int(available * CACHE_MEMORY_SHARE // per_position)
+            limit = int(c.max_position_embeddings)
+            if fits < limit:
+                if fits < 2:
+                    raise InputError(f"the KV cache does not fit in memory ({available >> 20} MiB available); "
+                                     f"lower --max-batch or set --ctx")
+                log.warning("context capped at %d positions: the model's %d would need a %.1f GiB KV cache for %d "
+                            "rows, and %.1f GiB of memory is available (--ctx sets it)", fits, limit,
+                            per_position * limit / 2**30, settings.max_batch, available / 2**30)
+                state.settings = dataclasses.replace(settings, context=fits)
+        return model, tokenizer
+
+    return load_and_fit
+
+
+def _element_bytes(model) -> int:
+    dtype = getattr(model, "dtype", None)
+    return int(getattr(dtype, "itemsize", 4) or 4)
+
+
+async def _off_loop(state: ServerState, fn: Callable, *args):
+    """fn(*args) in one of the PREPARE_THREADS worker threads: the event loop keeps answering meanwhile."""
+    if state.prepare_limiter is None:
+        state.prepare_limiter = anyio.CapacityLimiter(PREPARE_THREADS)
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=state.prepare_limiter)
+
+
+def _check_text(text: str, param: str, engine: Engine) -> None:
+    """Refuse text that cannot fit the context, by its length alone (before any work on it)."""
+    limit = engine.context * PROMPT_CHARS_PER_TOKEN
+    if len(text) > limit:
+        raise ApiError(400, f"{param} is {len(text)} characters, more than a context of {engine.context} tokens can "
+                            f"hold (at most {limit} characters are accepted)", param=param)
+
+
+def _check_unicode(text: str, param: str) -> None:
+    """Refuse text that is not Unicode a tokenizer can take: a lone surrogate such as \\ud800 (valid JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ApiError(400, f"{param} holds a lone surrogate ({text[err.start]!r} at character {err.start}), "
+                            f"which is not valid Unicode text", param=param) from None
+
+
+def _check_rows(prompts: int, n: int, engine: Engine) -> None:
+    if prompts * n > engine.max_batch:
+        raise ApiError(400, f"{prompts} prompts x n={n} choices need more rows than the server has "
+                            f"(max batch {engine.max_batch})", param="n")
+
+
+def _prompt_count(prompt) -> int:
+    if isinstance(prompt, str) or not prompt or all(isinstance(p, int) for p in prompt):
+        return 1
+    return len(prompt)
+
+
+def _encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Render and tokenize a conversation (in a worker thread). A template that refuses the conversation is
+    the client's error (400); one that fails is the server's (500), told without the model's file path."""
+    for message in messages:
+        _check_unicode(message["content"], "messages")
+    try:
+        return tokenizer.encode_chat(messages)
+    except InputError as err:
+        raise ApiError(400, str(err), param="messages") from None
+    except CheckpointError as err:
+        message = str(err).replace(f"chat template of {tokenizer.source}", "the model's chat template")
+        message = message.replace(str(tokenizer.source), "the model")
+        raise ApiError(500, message, kind="server_error") from None
+
+
 def _need_tokenizer(state: ServerState, param: str) -> Tokenizer:
     if state.tokenizer is None:
         raise ApiError(400, "this model has no tokenizer; send token ids instead of text", param=param)
@@ -253,18 +370,19 @@ def _check_prompt_length(ids: list[int], engine: Engine, param: str) -> None:
                             f"leaving no room to generate", param=param)
 
 
-def _completion_prompts(prompt, tokenizer: Tokenizer | None, vocab: int) -> list[tuple[list[int], str]]:
-    """(token ids, text to echo) per prompt."""
+def _completion_prompts(prompt, tokenizer: Tokenizer | None, engine: Engine) -> list[tuple[list[int], str]]:
+    """(token ids, text to echo) per prompt (in a worker thread: tokenizing may take a while)."""
+    vocab = engine.vocab_size
     if isinstance(prompt, str) or (prompt and all(isinstance(p, str) for p in prompt)):
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
         if tokenizer is None:
             raise ApiError(400, "this model has no tokenizer; send the prompt as token ids", param="prompt")
-        out = []
         for text in texts:
             if not text:
                 raise ApiError(400, "the prompt is empty", param="prompt")
-            out.append((tokenizer.encode(text), text))
-        return out
+            _check_text(text, "prompt", engine)
+            _check_unicode(text, "prompt")
+        return [(tokenizer.encode(text), text) for text in texts]
     lists = [prompt] if prompt and all(isinstance(p, int) for p in prompt) else list(prompt)
     if not lists or any(not ids for ids in lists):
         raise ApiError(400, "the prompt is empty", param="prompt")
@@ -282,6 +400,10 @@ def _spec(body, ids: list[int], max_tokens: int | None, top_logprobs: int | None
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if any(not s for s in stops):
         raise ApiError(400, "stop strings must be non-empty", param="stop")
+    if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters each "
+                            f"are accepted; got {len(stops)}, the longest {max(map(len, stops))} characters",
+                       param="stop")
     if stops and state.tokenizer is None:
         raise ApiError(400, "stop strings need a tokenizer; this model has none", param="stop")
     try:
@@ -310,11 +432,10 @@ class _Call:
         self.events: asyncio.Queue = asyncio.Queue()
         self.requests: list[GenerationRequest] = []
         self.open = len(specs)  # engine requests not yet done
+        self.watcher: asyncio.Task | None = None  # waits for the client of a non-streaming call to hang up
 
     async def submit(self) -> None:
-        if len(self.specs) * self.n > self.engine.max_batch:
-            raise ApiError(400, f"{len(self.specs)} prompts x n={self.n} choices need more rows than the "
-                                f"server has (max batch {self.engine.max_batch})", param="n")
+        _check_rows(len(self.specs), self.n, self.engine)
         loop = asyncio.get_running_loop()
         try:
             for i, spec in enumerate(self.specs):
@@ -337,17 +458,31 @@ class _Call:
             self.engine.cancel(request)
 
     async def next(self, raw: Request | None = None):
-        """The next (prompt index, event); with `raw`, raises _Disconnected when the client is gone."""
-        while True:
-            try:
-                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S if raw is not None else None)
-            except asyncio.TimeoutError:
-                if await raw.is_disconnected():
-                    raise _Disconnected() from None
+        """The next (prompt index, event); with `raw`, raises _Disconnected once the client is gone (its engine
+        requests are cancelled the moment it hangs up, however many events are coming)."""
+        if raw is not None and self.watcher is None:
+            self.watcher = asyncio.ensure_future(self._watch(raw))
+        i, event = await self.events.get()
+        if event is _GONE:
+            raise _Disconnected()
+        return i, event
+
+    async def _watch(self, raw: Request) -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+        self.cancel()
+        self.events.put_nowait((-1, _GONE))
+
+    def stop_watching(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class _Disconnected(Exception):
     pass
+
+
+_GONE = object()  # the event a watcher queues when the client hung up
 
 
 @dataclass
@@ -396,6 +531,8 @@ async def _collect(call: _Call, raw: Request):
     except BaseException:
         call.cancel()  # disconnected, failed or cancelled: free the rows now
         raise
+    finally:
+        call.stop_watching()
     return outs, prompt_lp, done
 
 
@@ -605,6 +742,79 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, err: StarletteHTTPException):
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return _error_response(err.status_code, str(err.detail), kind=kind, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception):  # a bug of ours (uvicorn logs it): still JSON
+        return _error_response(500, f"internal error ({type(err).__name__})", kind="server_error")
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body larger than settings.max_request_bytes is a 413 before the app sees any
+    of it. A Content-Length over the limit is refused without reading the body; a body sent without one
+    (chunked) is read here, counting, and refused as soon as it passes the limit. The app then gets the body
+    in one piece. After a large body, the memory it took is handed back to the system."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.state.settings.max_request_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            return await _too_large(limit, declared)(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before its body was whole
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                chunks.clear()
+                return await _too_large(limit, None)(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        whole = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        chunks.clear()
+
+        async def replay():
+            return whole.pop() if whole else await receive()
+
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if size >= TRIM_AFTER_BYTES:
+                await _release_memory(self.state)
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(limit: int, declared: int | None) -> JSONResponse:
+    size = f"{declared} bytes" if declared is not None else "more than that"
+    return _error_response(413, f"the request body is {size}; this server takes at most {limit} bytes "
+                                f"(--max-request-bytes)", param="body")
+
+
+async def _release_memory(state: ServerState) -> None:
+    """Hand freed heap memory back to the system (malloc_trim) in a worker thread, one trim at a time."""
+    if state.trimming:
+        return
+    state.trimming = True
+    try:
+        await anyio.to_thread.run_sync(runtime.release_memory)
+    finally:
+        state.trimming = False
 
 
 class _InFlight:
