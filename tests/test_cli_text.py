@@ -144,6 +144,9 @@ def test_chat_keeps_history_resets_and_exits_on_eof(checkpoint, run_cli):
     assert prompt_sizes[1] > prompt_sizes[0] + 5 and prompt_sizes[2] == prompt_sizes[0]
     replies = re.findall(r"bitnet> (.*)", out)
     assert replies[0] == replies[2]  # greedy: same history, same reply
+    # Turn 2 prefills only what follows turn 1's K/V; a cleared conversation starts from nothing.
+    reused = [int(n) for n in re.findall(r"(\d+) prompt tokens reused", err)]
+    assert reused[0] == 0 and reused[1] > prompt_sizes[0] and reused[2] == 0
 
 
 def test_chat_ctrl_c_stops_a_reply_then_exits_cleanly(checkpoint, run_cli, monkeypatch):
@@ -156,30 +159,25 @@ def test_chat_ctrl_c_stops_a_reply_then_exits_cleanly(checkpoint, run_cli, monke
         except StopIteration:
             raise KeyboardInterrupt from None  # Ctrl-C at the prompt
 
-    class InterruptedStream:
-        result = None
+    real_generate = text_cmds.Conversation.generate
+    prompts = []
 
-        def __iter__(self):
-            yield "partial"
+    def first_reply_interrupted(self, **options):
+        if not prompts:
+            prompts.append(None)
+            options["on_text"](0, "partial")
             raise KeyboardInterrupt  # Ctrl-C while the reply streams
-
-        def close(self):
-            pass
-
-    real_stream = text_cmds.stream
-    calls = []
-
-    def first_reply_interrupted(*args, **kwargs):
-        calls.append(args[2])
-        return InterruptedStream() if len(calls) == 1 else real_stream(*args, **kwargs)
+        result = real_generate(self, **options)
+        prompts.append(result.prompt_ids[0])
+        return result
 
     monkeypatch.setattr(builtins, "input", fake_input)
-    monkeypatch.setattr(text_cmds, "stream", first_reply_interrupted)
+    monkeypatch.setattr(text_cmds.Conversation, "generate", first_reply_interrupted)
     code, out, err = run_cli("chat", str(checkpoint), "-n", "3", "--threads", "1")
     assert code == 0 and "bitnet> partial [interrupted]" in out and err.rstrip().endswith("bye")
     tokenizer = load_tokenizer(checkpoint)
     # The interrupted reply stays in the history as far as it was shown.
-    assert tokenizer.decode(calls[1], skip_special_tokens=False).startswith(
+    assert tokenizer.decode(prompts[1], skip_special_tokens=False).startswith(
         tokenizer.apply_chat_template([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "partial"}],
                                       add_generation_prompt=False))
 

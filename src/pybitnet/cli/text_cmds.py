@@ -14,9 +14,9 @@ from typing import Optional
 import typer
 
 from ..errors import CheckpointError, InputError
-from ..generate import GenerationResult, generate, stream
+from ..generate import GenerationResult, generate
 from ..sampling import SamplingParams
-from ..tokenizer import Tokenizer
+from ..session import Conversation
 from .app import INTERRUPTED_EXIT_CODE, app, one_line
 from .model_spec import open_model, open_tokenizer, split_model
 from .options import MODEL_HELP, DtypeOpt, ModelArg, ThreadsOpt, check_text, parse_token_ids, sampling_options, set_threads
@@ -135,8 +135,8 @@ def chat_cmd(
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
     except ImportError:
         pass
-    opening = [{"role": "system", "content": system}] if system else []
-    history = list(opening)
+    # The conversation keeps its K/V between turns: each turn prefills the new message and the template's framing.
+    chat = Conversation(m, tokenizer, system=system)
     print(f"pybitnet chat · {model} · /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
     turn = 0
     while True:
@@ -158,47 +158,36 @@ def chat_cmd(
         if text in ("/exit", "/quit"):
             break
         if text == "/reset":
-            history = list(opening)
+            chat = Conversation(m, tokenizer, system=system)
             print("[conversation cleared]", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
-        context = m.config.max_position_embeddings
-        turns_before = len(history)
-        # Keep room for a reply, but never more than half the context: old turns matter more than a huge budget.
-        prompt_ids = _fit_history(tokenizer, history, len(opening), context, min(new_tokens, context // 2))
-        if prompt_ids is not None and len(history) < turns_before:
-            print(f"[{turns_before - len(history)} oldest messages dropped to fit the context of {context} tokens]",
-                  file=sys.stderr)
-        if prompt_ids is None:
-            history.pop()
-            print(f"[that message is too long for the model's context of {context} tokens]", file=sys.stderr)
-            continue
-        print("bitnet> ", end="", flush=True)
-        text_stream = stream(m, tokenizer, prompt_ids, max_new_tokens=new_tokens, sampling=sampling,
-                             seed=None if seed is None else seed + turn)
-        pieces: list[str] = []
+        chat.append("user", text)
+        dropped = chat.dropped
         try:
-            for piece in text_stream:
-                print(_for_terminal(piece, True), end="", flush=True)
-                pieces.append(piece)
+            chat.prompt_ids(min(new_tokens, chat.session.max_len // 2))
+        except InputError:
+            chat.messages.pop()
+            print(f"[that message is too long for the model's context of {chat.session.max_len} tokens]",
+                  file=sys.stderr)
+            continue
+        if chat.dropped > dropped:
+            print(f"[{chat.dropped - dropped} oldest messages dropped to fit the context of {chat.session.max_len} "
+                  "tokens]", file=sys.stderr)
+        print("bitnet> ", end="", flush=True)
+        pieces: list[str] = []
+
+        def show(_row: int, piece: str) -> None:
+            print(_for_terminal(piece, True), end="", flush=True)
+            pieces.append(piece)
+
+        try:
+            result = chat.generate(max_new_tokens=new_tokens, sampling=sampling, on_text=show,
+                                   seed=None if seed is None else seed + turn)
             print()
+            if show_stats:
+                print(f"{_status(result)} · {chat.session.reused} prompt tokens reused", file=sys.stderr)
         except KeyboardInterrupt:  # stop this reply, keep the conversation
-            text_stream.close()
             print(" [interrupted]")
-        history.append({"role": "assistant", "content": "".join(pieces)})
-        if show_stats and text_stream.result is not None:
-            print(_status(text_stream.result), file=sys.stderr)
+            chat.append("assistant", "".join(pieces))
         turn += 1
     print("bye", file=sys.stderr)
-
-
-def _fit_history(tokenizer: Tokenizer, history: list[dict], keep: int, context: int, room: int) -> list[int] | None:
-    """The prompt ids for `history`, dropping the oldest exchanges (after the first `keep` messages) until the
-    prompt leaves `room` tokens (or at least one) of the context; None if the last message alone is too long."""
-    while True:
-        ids = tokenizer.encode_chat(history)
-        if len(ids) + room <= context or (len(ids) < context and len(history) <= keep + 1):
-            return ids
-        if len(history) <= keep + 1:
-            return None
-        del history[keep]  # the oldest message after the system prompt
