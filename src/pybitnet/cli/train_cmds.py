@@ -30,6 +30,9 @@ def train(
     eval_every: int = typer.Option(100, "--eval-every", help="steps between validation losses"),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="steps between checkpoints"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop after this many steps (resume later)"),
+    chat_every: int = typer.Option(0, "--chat-every",
+                                   help="every Nth pair of training lines as a chat exchange (user line, reply line, "
+                                        "<|eot_id|>), so the model learns to end its turns; 0: none"),
     checkpoint_layers: bool = typer.Option(False, "--activation-checkpointing", help="recompute layers in backward"),
     compile_loss: bool = typer.Option(False, "--compile", help="torch.compile the training step's graphs (C++ compiler; ~10 s once)"),
     bf16_backward: bool = typer.Option(False, "--bf16-backward",
@@ -46,7 +49,7 @@ def train(
                            tokenizer=str(tokenizer) if tokenizer else None, eval_every=eval_every,
                            checkpoint_every=checkpoint_every, checkpoint_layers=checkpoint_layers,
                            compile=compile_loss, bf16_backward=bf16_backward,
-                           stop_after=stop_after)
+                           stop_after=stop_after, chat_every=chat_every)
     run = Run(options, resume=resume, force=force)
     typer.echo(f"{run.config.num_layers} layers, {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M "
                f"parameters, {run.train_ids.numel()} training tokens in the corpus, {options.steps()} steps")

@@ -88,6 +88,32 @@ def encode(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def encode_with_chat(tokenizer: Tokenizer, text: str, every: int) -> torch.Tensor:
+    """`text` as one id stream like encode(), except that every `every`-th pair of consecutive lines (a, b)
+    is a chat exchange: the ids the chat template gives a conversation of user message a, ready for the
+    reply (what `pybitnet chat` feeds the model), then b's ids and <|eot_id|>. A model trained on it
+    sees replies end with <|eot_id|>, and so learns to end its turns."""
+    if every <= 0:
+        return encode(tokenizer, text)
+    lines = text.splitlines(keepends=True)
+    pieces: list[tuple[str, bool]] = []  # (text, is a chat reply)
+    for start in range(0, len(lines), 2):
+        pair = lines[start : start + 2]
+        if len(pair) == 2 and (start // 2) % every == every - 1:
+            user, reply = (line.strip() for line in pair)
+            # CHAT_TEMPLATE for [{"role": "user", "content": user}] with the generation prompt
+            pieces += [(f"{BOS}User: {user}{EOT}Assistant: ", False), (reply, True)]
+        else:
+            pieces += [(line, False) for line in pair]
+    eot = tokenizer.token_to_id(EOT)
+    ids: list[int] = []
+    for (_, is_reply), encoding in zip(pieces, tokenizer.encode_batch([t for t, _ in pieces], add_special_tokens=False)):
+        ids.extend(encoding.ids)
+        if is_reply:
+            ids.append(eot)
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def batch_at(ids: torch.Tensor, step: int, batch: int, ctx: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B, T), targets (B, T)) of `batch` windows drawn for `step`: the same for the same (seed, step)."""
     if ids.numel() < ctx + 2:

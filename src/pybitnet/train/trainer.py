@@ -65,6 +65,7 @@ class TrainOptions:
     compile: bool = False  # torch.compile the loss (TrainableBitNet(compile=True))
     bf16_backward: bool = False  # the projections' backward GEMMs in bf16 (TrainableBitNet(backward_dtype=...))
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps: for tests and time limits
+    chat_every: int = 0  # every Nth pair of training lines as a chat exchange ending in <|eot_id|> (0: none)
 
     def steps(self) -> int:
         return max(1, self.tokens // (self.batch * self.ctx))
@@ -73,7 +74,7 @@ class TrainOptions:
         """The options that must match for a resume to continue the same run."""
         fields = dataclasses.asdict(self)
         return {k: fields[k] for k in ("preset", "tokens", "batch", "ctx", "lr", "min_lr_ratio", "warmup",
-                                       "weight_decay", "grad_clip", "seed", "float_weights")}
+                                       "weight_decay", "grad_clip", "seed", "float_weights", "chat_every")}
 
 
 def lr_at(step: int, total: int, peak: float, min_ratio: float, warmup_fraction: float) -> float:
@@ -90,6 +91,8 @@ def _check(options: TrainOptions) -> None:
     for name in ("tokens", "batch", "ctx", "eval_every", "eval_windows", "checkpoint_every"):
         if getattr(options, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(options, name)}")
+    if options.chat_every < 0:
+        raise InputError(f"--chat-every must be 0 (no chat exchanges) or positive, got {options.chat_every}")
     if options.stop_after is not None and options.stop_after <= 0:
         raise InputError(f"--stop-after must be positive, got {options.stop_after}")
     # NaN fails every comparison, so each condition is written as what must hold
@@ -207,7 +210,9 @@ class Run:
             max_position_embeddings=max(base.max_position_embeddings, options.ctx))
         if state is not None:
             self._check_resume(state)
-        self.train_ids = data.encode(self.tokenizer, train_text)
+        if options.chat_every and self.tokenizer.token_to_id(data.EOT) is None:
+            raise InputError(f"--chat-every needs a tokenizer with {data.EOT}; {self.tokenizer_source} has none")
+        self.train_ids = data.encode_with_chat(self.tokenizer, train_text, options.chat_every)
         if self.train_ids.numel() < options.ctx + 2:
             raise InputError(f"corpus {options.corpus}: the training split holds {self.train_ids.numel()} tokens, "
                              f"fewer than one window of --ctx {options.ctx} + 1")
