@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from pybitnet.cli import app
+from pybitnet.errors import InputError
 from pybitnet.loaders.gguf import load_gguf_weights, read_gguf_metadata
 from pybitnet.loaders.gguf_file import GGUFReader, ValueType
 from pybitnet.loaders.hf import load_hf_weights
@@ -100,6 +101,39 @@ def test_convert_never_writes_over_its_source(hf_dir: Path, tmp_path: Path, conv
     assert done.code == 1 and "would write over the source" in done.err
     assert gguf.read_bytes() == written
     assert {p.name: p.read_bytes() for p in hf_dir.iterdir()} == before
+
+
+def test_convert_writes_a_new_file_next_to_its_source(hf_dir: Path, tmp_path: Path, convert):
+    """DIR -> DIR/model.gguf (or an HF directory inside DIR) is allowed: the loader never reads them, and
+    the source reads the same afterwards. Names it would read stay refused."""
+    import shutil
+
+    from pybitnet.loaders import convert as convert_model
+    from pybitnet.loaders import load_weights
+
+    source = tmp_path / "model"
+    shutil.copytree(hf_dir, source)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    config, weights, _ = load_weights(source)
+    done = convert(str(source), str(source / "model.gguf"))
+    assert done.code == 0 and "tokenizer included" in done.out, done.err
+    done = convert(str(source), str(source / "packed"))  # an HF directory inside the source
+    assert done.code == 0, done.err
+    for written in (source / "model.gguf", source / "packed"):
+        got_config, got, _ = load_weights(written)
+        assert got_config == config
+        assert all(torch.equal(got[n].values, weights[n].values) for n in weights if isinstance(weights[n], TernaryWeight))
+    assert {p.name: p.read_bytes() for p in source.iterdir() if p.is_file() and p.name != "model.gguf"} == before
+    again_config, again, _ = load_weights(source)  # the source still loads as it did
+    assert again_config == config and again.keys() == weights.keys()
+    done = convert(str(source), str(source / "model.gguf"))  # what the user made is kept without --force
+    assert done.code == 1 and "exists" in done.err and "--force" in done.err
+    for name in ("more.safetensors", "tokenizer.json", "generation_config.json"):  # read, or would be
+        done = convert(str(source), str(source / name), "--force")
+        assert done.code == 1 and "would write over the source" in done.err, (name, done.err)
+    with pytest.raises(InputError, match="would write over the source"):  # a directory holding the source
+        convert_model(str(source), tmp_path, overwrite=True)
+    assert (source / "config.json").is_file() and not (source / "more.safetensors").exists()
 
 
 def test_convert_replaces_an_existing_file_only_with_force(hf_dir: Path, tmp_path: Path, convert):

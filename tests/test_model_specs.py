@@ -107,8 +107,8 @@ def test_convert_never_writes_over_its_source_or_an_existing_destination(convert
     before = gguf.read_bytes()
     with pytest.raises(InputError, match="over the source"):
         convert(gguf, gguf, overwrite=True)
-    with pytest.raises(InputError, match="over the source"):
-        convert(hf, hf / "inside.gguf")
+    with pytest.raises(InputError, match="over the source"):  # a file the source's loader reads
+        convert(hf, hf / "config.json", overwrite=True)
     with pytest.raises(InputError, match="exists.*overwrite"):
         convert("synthetic:tiny:1", gguf)
     assert gguf.read_bytes() == before

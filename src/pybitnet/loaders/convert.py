@@ -1,8 +1,11 @@
 """`convert`: any MODEL spec written as a GGUF file or a Hugging Face directory, with its tokenizer.
 
-Never writes over what it reads: the destination may not be the source, lie inside it, or hold it.
-An existing destination is replaced only with `overwrite=True`, and only once the new one is complete
-(a temporary name, then os.replace), so a failed conversion leaves the old destination as it was.
+Never writes over what it reads: the destination may not be the source, a file the source's loader
+reads (config.json, the safetensors shards, the tokenizer files), a name the loader would pick up
+(another `*.safetensors` in the directory), or a directory holding any of them. Anything else goes,
+next to the model included (`convert DIR DIR/model.gguf`). An existing destination is replaced only
+with `overwrite=True`, and only once the new one is complete (a temporary name, then os.replace), so a
+failed conversion leaves the old destination as it was.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from .load import load_weights
 from .spec import resolve_model_spec
 
@@ -37,7 +40,7 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, qtype:
     if to_gguf and embed_type not in EMBED_TYPES:
         raise InputError(f"unknown embedding type {embed_type!r}; choose one of: {', '.join(EMBED_TYPES)}")
     model = resolve_model_spec(source)
-    _check_destination(destination, model.path, overwrite, to_gguf)
+    _check_destination(destination, model.path, overwrite, to_gguf, model.kind)
     config, weights, _ = load_weights(source)
     gguf_fields = {}
     if model.kind == "gguf":
@@ -69,14 +72,49 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, qtype:
     return destination
 
 
-def _check_destination(destination: Path, source: Path | None, overwrite: bool, to_gguf: bool) -> None:
+# files of a Hugging Face directory that loading it reads besides the shards (loaders/hf.py, tokenizer.py)
+HF_READ_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json")
+
+
+def source_files(source: Path, kind: str) -> list[Path]:
+    """The files loading `source` reads: a .gguf file itself; for a directory its config, shard index,
+    shards and tokenizer files (those that exist, and the fixed names whether or not they do)."""
+    if kind != "hf":
+        return [source]
+    from .hf import _shard_files
+
+    try:
+        shards = _shard_files(source)
+    except CheckpointError:  # the load reports it; here only what exists matters
+        shards = []
+    return [source / name for name in HF_READ_FILES] + shards
+
+
+def _overwrites_source(destination: Path, source: Path, kind: str) -> bool:
+    """Whether writing `destination` (a file, or a directory replaced whole) would change what `source` is."""
+    def forms(path: Path) -> set[Path]:  # as named and with links resolved (the hub cache links to blobs)
+        return {Path(os.path.abspath(path)), path.resolve()}
+
+    dst = forms(destination)
+    read = [source, *source_files(source, kind)]
+    for path in read:
+        for form in forms(path):
+            if form in dst or any(d in form.parents for d in dst):  # the file itself, or a directory holding it
+                return True
+    # a new *.safetensors beside the shards would be read as one more shard
+    in_source = any(d.parent in forms(source) for d in dst) if kind == "hf" else False
+    return in_source and destination.name.lower().endswith(".safetensors")
+
+
+def _check_destination(destination: Path, source: Path | None, overwrite: bool, to_gguf: bool,
+                       kind: str = "hf") -> None:
     parent = destination.parent
     if not parent.is_dir():
         raise InputError(f"{destination}: the directory {parent} does not exist")
-    if source is not None:
-        src, dst = source.resolve(), destination.resolve()
-        if dst == src or src in dst.parents or dst in src.parents:
-            raise InputError(f"{destination}: would write over the source {source}; choose a destination outside it")
+    if source is not None and _overwrites_source(destination, source, kind):
+        raise InputError(f"{destination}: would write over the source {source} (a file it reads, or a directory "
+                         "holding it); choose another name")
     if destination.exists():
         if to_gguf and destination.is_dir():
             raise InputError(f"{destination}: is a directory, not a .gguf file name")
