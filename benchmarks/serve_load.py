@@ -86,8 +86,10 @@ def synthetic_bpe(vocab_size: int):
     return backend
 
 
-def build_gguf(directory: Path, preset_name: str, layers: int, seed: int) -> tuple[Path, object]:
-    """The TQ2_0 .gguf both servers load, and its tokenizer."""
+def build_gguf(directory: Path, preset_name: str, layers: int, seed: int,
+               chat_template: str | None = None) -> tuple[Path, object]:
+    """The TQ2_0 .gguf both servers load, and its tokenizer (with `chat_template`, written to the file's metadata
+    for both servers to render chats with)."""
     from pybitnet.config import preset
     from pybitnet.loaders.hf import save_hf
     from pybitnet.synthetic import random_weights
@@ -98,8 +100,10 @@ def build_gguf(directory: Path, preset_name: str, layers: int, seed: int) -> tup
     checkpoint = directory / "hf"
     save_hf(checkpoint, config, random_weights(config, seed))
     tokenizer.save(str(checkpoint / "tokenizer.json"))
-    (checkpoint / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    tokenizer_config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+    if chat_template is not None:
+        tokenizer_config["chat_template"] = chat_template
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     gguf = directory / "model-tq2_0.gguf"
     subprocess.run([sys.executable, "-m", "pybitnet", "convert", str(checkpoint), str(gguf), "--type", "tq2_0"],
                    check=True)
@@ -130,11 +134,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(engine: str, gguf: Path, threads: int, ctx: int, max_batch: int, log: Path):
+def start_server(engine: str, gguf: Path, threads: int, ctx: int, max_batch: int, log: Path, extra: tuple = ()):
+    """A server on a free loopback port, once it answers: (process, url). `extra`: more pybitnet serve options."""
     port = free_port()
     if engine == "pybitnet":
         command = [sys.executable, "-m", "pybitnet", "serve", str(gguf), "--port", str(port), "--threads", str(threads),
-                   "--ctx", str(ctx), "--max-batch", str(max_batch), "--max-queue", "1024", "--name", "model"]
+                   "--ctx", str(ctx), "--max-batch", str(max_batch), "--max-queue", "1024", "--name", "model", *extra]
     else:
         command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                    "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
