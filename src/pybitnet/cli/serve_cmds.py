@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 import sys
 from typing import Optional
@@ -22,6 +24,11 @@ def serve_cmd(
     max_batch: int = typer.Option(16, "--max-batch", help="requests decoded together (KV cache rows)"),
     max_queue: int = typer.Option(64, "--max-queue", help="requests that may wait for a row; more get 503"),
     max_tokens_default: int = typer.Option(256, "--max-tokens-default", help="max_tokens when a request omits it"),
+    max_request_bytes: int = typer.Option(4 << 20, "--max-request-bytes",
+                                          help="larger request bodies are refused (413) unread"),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout",
+                                        help="seconds a SIGTERM/Ctrl-C waits for accepted requests before stopping"),
+    docs: bool = typer.Option(False, "--docs", help="serve /docs and /redoc (their pages load scripts from a CDN)"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PYBITNET_API_KEY",
                                           help="require 'Authorization: Bearer KEY' (or env PYBITNET_API_KEY)"),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="positions per row [default: the model's context]"),
@@ -46,6 +53,7 @@ def serve_cmd(
         # so the command starts again in a process that has it from the beginning.
         os.execve(sys.executable, [sys.executable, "-m", "pybitnet", *sys.argv[1:]], {**os.environ, "MKL_CBWR": "AUTO"})
     from ..serve import ServerSettings, create_app, serve
+    _check_exposure(host, api_key, max_request_bytes, drain_timeout)
     for option, value in (("--max-batch", max_batch), ("--prefill-chunk", prefill_chunk),
                           ("--max-tokens-default", max_tokens_default)):
         if value < 1:
@@ -68,11 +76,35 @@ def serve_cmd(
     settings = ServerSettings(model_name=name or os.path.basename(model.rstrip("/")) or model, max_batch=max_batch,
                               max_queue=max_queue, max_tokens_default=max_tokens_default, api_key=api_key or None,
                               context=ctx, prefill_chunk=prefill_chunk, batch_invariant=batch_invariant)
+    settings.max_request_bytes, settings.docs = max_request_bytes, docs
     if use_ray:
         _serve_on_ray(model, settings, host=host, port=port, replicas=replicas, max_replicas=max_replicas,
                       address=address, threads=threads or 1, dtype=parse_dtype(dtype))
         return
-    serve(create_app(load, settings), host=host, port=port, log_level=log_level)
+    serve(create_app(load, settings), host=host, port=port, log_level=log_level, drain_timeout=drain_timeout)
+
+
+def _check_exposure(host: str, api_key: Optional[str], max_request_bytes: int, drain_timeout: float) -> None:
+    """Refuse an empty API key (it would serve without one); warn when a reachable host has none."""
+    if api_key == "" or (api_key is None and os.environ.get("PYBITNET_API_KEY") == ""):
+        raise InputError("the API key is empty (--api-key \"\" or PYBITNET_API_KEY=); give a key, or leave both out "
+                         "to serve without authentication")
+    if max_request_bytes < 1 or not drain_timeout >= 0:
+        raise InputError(f"need --max-request-bytes >= 1 and --drain-timeout >= 0; got {max_request_bytes}, "
+                         f"{drain_timeout}")
+    if api_key is None and not _is_loopback(host):
+        logging.getLogger("pybitnet.serve").warning(
+            "warning: listening on %s without an API key: anyone who can reach this port can use the model "
+            "(set --api-key or PYBITNET_API_KEY)", host)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _serve_on_ray(model: str, settings, *, host: str, port: int, replicas: int, max_replicas: Optional[int],
