@@ -43,6 +43,25 @@ def test_bench_prints_tables_and_writes_json_and_markdown(cli, tmp_path, monkeyp
     assert "Full-sequence vs step-by-step" in md.read_text()
 
 
+def test_progress_goes_to_stderr_with_the_model_build_inside_its_step(cli, monkeypatch, tiny_shape):
+    """The bar (here plain lines: stderr is no terminal) is on stderr and moves while the model is built;
+    stdout holds only the results."""
+    from pybitnet.cli import progress
+
+    monkeypatch.setattr(progress, "FIRST_LINE_AFTER", 0.0)
+    monkeypatch.setattr(progress, "LINE_INTERVAL", 0.0)
+    done = cli(*TINY_RUN)
+    assert done.code == 0, done.err
+    lines = done.err.splitlines()
+    building = [line for line in lines if line.startswith("building the model")]
+    assert "building the model: layer 1/1" in done.err and len(building) > 2
+    percents = [int(line.split("%")[0].split()[-1]) for line in lines if "%" in line]
+    assert percents == sorted(percents) and "left" in done.err
+    assert "decode at context" in done.err
+    assert "building the model" not in done.out and "left" not in done.out
+    assert "decode (decode_step, batch 1)" in done.out
+
+
 def test_estimates_cover_every_step_the_suite_reports(tiny_shape):
     reported = []
     suite.run_suite(layers=1, threads=1, sections=("decode",), decode_contexts=(8,),
@@ -81,7 +100,10 @@ def test_a_failing_plot_keeps_the_printed_table_and_the_saved_json(cli, tmp_path
     monkeypatch.setenv("COLUMNS", "120")
     monkeypatch.setattr(suite, "plot", lambda results, path: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     done = cli(*TINY_RUN, "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
-    assert done.code == 1 and done.err.startswith("error: No space left on device") and len(done.err.splitlines()) == 1
+    # the error is one line, after any progress lines (stderr is no terminal here: the bar prints plain lines)
+    errors = [line for line in done.err.splitlines() if line.startswith("error")]
+    assert done.code == 1 and errors == [done.err.splitlines()[-1]] and errors[0].startswith("error: No space left on device")
+    assert "Traceback" not in done.err
     assert "decode (decode_step, batch 1)" in done.out
     assert json.loads((tmp_path / "r.json").read_text())["layers"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

@@ -40,10 +40,15 @@ QUICK = {"sections": ("full_vs_step", "scaling", "decode", "gemm_peak"), "full_v
 Progress = Callable[[str, float], None]  # (what starts now, its estimated cost in seconds)
 
 # Rough seconds on an idle 2-core AVX-512 machine, only to show progress and an ETA (not results).
-_BUILD_S_PER_LAYER = 0.6
+_BUILD_S_PER_LAYER = 1.0  # drawing a layer's random weights (synthetic.random_weights)
+_BUILD_S_EMBEDDING = 2.5  # drawing the 128k x 2560 embedding
 _FULL_S_PER_TOKEN_LAYER = 0.25e-3  # forward_full
 _STEP_S_PER_TOKEN_LAYER = 5e-3  # one decode step
 _LOGITS_S_PER_TOKEN = 4e-3  # a position's logits over the 128k vocabulary
+
+
+def _build_cost(layers: int) -> float:
+    return _BUILD_S_EMBEDDING + layers * _BUILD_S_PER_LAYER
 
 
 def _full_cost(seq: int, layers: int, all_logits: bool = False) -> float:
@@ -63,7 +68,7 @@ def estimated_seconds(layers: int = 30, sections=SECTIONS, full_vs_step_t=FULL_V
     """What run_suite's steps should take on an idle 2-core machine, roughly: the total for a progress bar."""
     total = 2.0  # the idle check before starting
     if any(s in sections for s in ("full_vs_step", "scaling", "decode")):
-        total += layers * _BUILD_S_PER_LAYER
+        total += _build_cost(layers)
     if "gemm_peak" in sections:
         total += 0.5
     if "full_vs_step" in sections:
@@ -74,7 +79,7 @@ def estimated_seconds(layers: int = 30, sections=SECTIONS, full_vs_step_t=FULL_V
     if "decode" in sections:
         total += sum(_full_cost(c, layers) + _step_cost(3 * 8 + 1, layers) for c in decode_contexts)  # decode()'s rounds x steps + warm-up
     if "memory" in sections:
-        total += 2 * layers * _BUILD_S_PER_LAYER + _full_cost(MEMORY_T, layers)
+        total += 2 * _build_cost(layers) + _full_cost(MEMORY_T, layers)
     return total
 
 
@@ -189,9 +194,9 @@ def peak_rss(layers: int, seq: int, threads: int) -> int:
 
 
 def memory(layers: int, threads: int, progress: Progress | None = None) -> dict:
-    _report(progress, "memory: model only", layers * _BUILD_S_PER_LAYER)
+    _report(progress, "memory: model only", _build_cost(layers))
     model_only = peak_rss(layers, 0, threads)
-    _report(progress, f"memory: forward_full T={MEMORY_T}", layers * _BUILD_S_PER_LAYER + _full_cost(MEMORY_T, layers))
+    _report(progress, f"memory: forward_full T={MEMORY_T}", _build_cost(layers) + _full_cost(MEMORY_T, layers))
     with_forward = peak_rss(layers, MEMORY_T, threads)
     return {"model_only_peak_rss": model_only, f"forward_full_T{MEMORY_T}_peak_rss": with_forward,
             "forward_overhead": with_forward - model_only, "logits": "last"}
@@ -262,7 +267,7 @@ def run_suite(layers: int = 30, threads: int | None = None, sections=SECTIONS, b
                 f"(load average {info['load_average_before'][0]}): the machine is not idle", 0.0)
     model = None
     if any(s in sections for s in ("full_vs_step", "scaling", "decode")):
-        _report(progress, "building the model", layers * _BUILD_S_PER_LAYER)
+        _report(progress, "building the model", _build_cost(layers))  # `pybitnet bench` shows it layer by layer
         model = random_model(PRESET, seed=0, num_layers=layers, backend=backend)
     if "gemm_peak" in sections:
         _report(progress, "int8 GEMM peak", 0.5)

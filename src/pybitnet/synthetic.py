@@ -4,6 +4,10 @@ and first tries need no download.
 Ternary values follow what absmean-ternarizing a normal init gives: |W| < β/2 with β = σ·√(2/π)
 means P(0) = 2Φ(0.399) − 1 ≈ 0.31, the rest split evenly between ±1. Norm weights are ≈ 1.
 
+Building a model of a real shape takes seconds to minutes (the 2B-4T shape draws 2.4 billion random
+values): `random_weights` reports its progress to a callback, given directly or set for a block of code
+with `reporting_progress` (which is how `pybitnet.load("synthetic:...")` under the command line shows it).
+
 The synthetic tokenizer is byte-level: one token per UTF-8 byte, the preset's BOS/EOS ids as special
 tokens, every other id an unused placeholder. It is built the way a GGUF file's byte-level BPE vocabulary
 is (tokenizer.py), so it survives conversion to GGUF and to a Hugging Face directory unchanged.
@@ -11,7 +15,10 @@ is (tokenizer.py), so it survives conversion to GGUF and to a Hugging Face direc
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -32,51 +39,95 @@ _NEG_BELOW, _ZERO_BELOW = 88, 168
 _ROWS = 256
 
 
-def _ternary(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+# progress(done, total, part): `done` of `total` weight values drawn, `part` the tensor under way
+# ("embed_tokens", "layer 3/30", ...). Called after every block of rows, so at least every few seconds.
+BuildProgress = Callable[[int, int, str], None]
+
+_PROGRESS: contextvars.ContextVar[BuildProgress | None] = contextvars.ContextVar("pybitnet_build_progress",
+                                                                                 default=None)
+
+
+@contextlib.contextmanager
+def reporting_progress(progress: BuildProgress | None) -> Iterator[None]:
+    """Within the block, `random_weights` called without a callback of its own reports to `progress`."""
+    token = _PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _ternary(shape: tuple[int, int], gen: torch.Generator, advance: Callable[[int], None]) -> torch.Tensor:
     out = torch.empty(shape, dtype=torch.int8)
     for start in range(0, shape[0], _ROWS):
         u = torch.randint(0, 256, (min(_ROWS, shape[0] - start), shape[1]), generator=gen, dtype=torch.uint8)
         out[start : start + u.shape[0]] = (u >= _NEG_BELOW).to(torch.int8) + (u >= _ZERO_BELOW).to(torch.int8) - 1
+        advance(u.numel())
     return out
 
 
-def _normal(shape: tuple[int, int], std: float, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+def _normal(shape: tuple[int, int], std: float, dtype: torch.dtype, gen: torch.Generator,
+            advance: Callable[[int], None]) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype)
     for start in range(0, shape[0], _ROWS * 16):
         rows = min(_ROWS * 16, shape[0] - start)
         out[start : start + rows] = torch.randn(rows, shape[1], generator=gen).mul_(std)
+        advance(rows * shape[1])
     return out
 
 
-def random_weights(config: ModelConfig, seed: int = 0, embed_dtype: torch.dtype = torch.bfloat16) -> Weights:
-    """A deterministic weight set for `config` (same seed -> same weights)."""
+def _part(name: str, config: ModelConfig) -> str:
+    """What a progress report calls the tensor `name`: its layer, or its own name outside the layers."""
+    if name.startswith("layers."):
+        return f"layer {int(name.split('.')[1]) + 1}/{config.num_layers}"
+    return name
+
+
+def random_weights(config: ModelConfig, seed: int = 0, embed_dtype: torch.dtype = torch.bfloat16,
+                   progress: BuildProgress | None = None) -> Weights:
+    """A deterministic weight set for `config` (same seed -> same weights). `progress` (default: the one
+    set by `reporting_progress`, if any) hears how many values are drawn as the work goes."""
+    progress = progress if progress is not None else _PROGRESS.get()
+    shapes = expected_shapes(config)
+    total = sum(math.prod(shape) for shape in shapes.values())
+    done, part = 0, ""
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done, total, part)
+
     gen = torch.Generator().manual_seed(seed)
     beta = INIT_STD * math.sqrt(2 / math.pi)
     weights: Weights = {}
-    for name, shape in expected_shapes(config).items():
+    for name, shape in shapes.items():
+        part = _part(name, config)
         if is_projection(name):
             # spread the per-tensor scales a little, as trained checkpoints have them
             scale = beta * (0.75 + 0.5 * torch.rand((), generator=gen).item())
             # packed as it is made, like a loaded checkpoint: no int8 copy of the whole model exists
-            weights[name] = TernaryWeight(_ternary(shape, gen), scale).packed_form()
+            weights[name] = TernaryWeight(_ternary(shape, gen, advance), scale).packed_form()
         elif name in ("embed_tokens", "lm_head"):
-            weights[name] = _normal(shape, EMBED_STD, embed_dtype, gen)
+            weights[name] = _normal(shape, EMBED_STD, embed_dtype, gen, advance)
         else:  # norms ≈ 1
             weights[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            advance(math.prod(shape))
     return weights
 
 
 def random_model(preset_or_config: str | ModelConfig = "tiny", seed: int = 0, num_layers: int | None = None, *,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 backend: str = kernels.AUTO):
-    """A Transformer with random ternary weights for a preset name or a ModelConfig."""
+                 backend: str = kernels.AUTO, progress: BuildProgress | None = None):
+    """A Transformer with random ternary weights for a preset name or a ModelConfig (`progress`: see
+    `random_weights`; drawing the weights is nearly all of the time)."""
     from .model import Transformer
 
     config = preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     if num_layers is not None:
         config = config.replace(num_layers=num_layers)
-    return Transformer(config, random_weights(config, seed), dtype=dtype, device=device, backend=backend,
-                       release_weights=True)
+    return Transformer(config, random_weights(config, seed, progress=progress), dtype=dtype, device=device,
+                       backend=backend, release_weights=True)
 
 
 # names of the special tokens, LLaMA-3's, by their place in (bos, first eos, second eos)

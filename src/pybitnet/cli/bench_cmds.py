@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .app import app
 from .options import BackendOpt, ThreadsOpt, set_threads
+from .progress import StderrProgress
 
 console = Console()
 
@@ -72,9 +73,8 @@ def bench(layers: int = typer.Option(30, "--layers", min=1, help="layers of the 
     """Time the built-in 2B-4T-shaped model (no download): prefill and decode speed, full sequence vs step by step.
 
     The default run takes about a minute or two on 2 cores; --full runs the whole suite."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from .. import bench as suite
+    from .. import synthetic
     from ..errors import InputError
     from ..kernels import check_backend
 
@@ -89,20 +89,24 @@ def bench(layers: int = typer.Option(30, "--layers", min=1, help="layers of the 
     outputs = [str(p) if p else None for p in (json_path, markdown_path, plot_path)]
     suite.check_outputs(*outputs)  # before the work, not after it
     n = set_threads(threads)
-    with Progress(TextColumn("{task.description:<32}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console,
-                  transient=True) as bar:
-        task = bar.add_task("starting", total=suite.estimated_seconds(layers, **workload))
-        started = [0.0]  # the estimated cost of the step under way, credited when the next one starts
+    # on stderr (stdout holds the tables): the estimated seconds of the steps done, and within the model's
+    # build the share of its weights drawn so far, so the bar and the time left move while it builds
+    with StderrProgress(suite.estimated_seconds(layers, **workload), eta=True) as bar:
+        done = [0.0, 0.0]  # the estimated seconds of the finished steps, and of the step under way
 
         def progress(message: str, seconds: float) -> None:
             if message.startswith("WARNING"):
                 console.print(f"[yellow]{message}[/yellow]")
                 return
-            bar.update(task, advance=started[0], description=message)
-            started[0] = seconds
+            done[0] += done[1]
+            done[1] = seconds
+            bar.update(message, done[0])
 
-        results = suite.run_suite(layers=layers, threads=n, backend=backend, progress=progress, **workload)
+        def drawn(count: int, total: int, part: str) -> None:  # the synthetic model's weights, as they are drawn
+            bar.update(f"building the model: {part}", done[0] + done[1] * count / total)
+
+        with synthetic.reporting_progress(drawn):
+            results = suite.run_suite(layers=layers, threads=n, backend=backend, progress=progress, **workload)
     print_results(results)  # shown first: nothing that goes wrong while saving loses the numbers
     if not full:
         console.print("the whole suite (all T, memory): pybitnet bench --full")

@@ -11,17 +11,35 @@ from rich.table import Table
 
 from ..errors import InputError
 from .app import app
-from .model_spec import open_model, open_tokenizer
+from .model_spec import SYNTHETIC_PREFIX, open_model, open_tokenizer
+from .progress import StderrProgress
 from .options import (BackendOpt, DtypeOpt, ModelArg, ThreadsOpt, check_text, parse_dtype, parse_token_ids,  # noqa: F401
                       set_threads)  # (BackendOpt, parse_dtype: other command modules import them from here too)
 
 console = Console()
 
 
+def open_model_showing_progress(spec: str, dtype: str):
+    """open_model, with its progress on stderr: a synthetic model's weights as they are drawn (layer by
+    layer: the 2B-4T shape takes minutes on a busy machine), any other model as `loading MODEL` with the
+    time it has taken."""
+    from .. import synthetic
+
+    with StderrProgress() as shown:
+        if not spec.startswith(SYNTHETIC_PREFIX):
+            shown.update(f"loading {spec}")
+
+        def drawn(done: int, total: int, part: str) -> None:
+            shown.update(f"building {spec}: {part}", done, total)
+
+        with synthetic.reporting_progress(drawn):
+            return open_model(spec, dtype)
+
+
 @app.command()
 def info(model: str = ModelArg, dtype: str = DtypeOpt):
     """Architecture, sizes, dtypes and memory of a model."""
-    m = open_model(model, dtype)
+    m = open_model_showing_progress(model, dtype)
     c = m.config
     ternary_bytes = sum(b.nbytes for name, b in m.named_buffers() if name.endswith("ternary_weights"))
     float_bytes = sum(p.nbytes for p in m.parameters())
@@ -60,7 +78,7 @@ def score(model: str = ModelArg,
         raise InputError("--text is empty")
     ids = parse_token_ids(tokens) if tokens is not None else None
     set_threads(threads)
-    m = open_model(model, dtype)
+    m = open_model_showing_progress(model, dtype)
     if ids is None:
         ids = open_tokenizer(model).encode(text)  # BOS added, as the model saw text in training
     context = m.config.max_position_embeddings
