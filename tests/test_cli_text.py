@@ -196,6 +196,16 @@ def test_chat_drops_old_turns_to_fit_the_context(short_context_checkpoint, run_c
     assert all(n + 4 <= 24 or (n < 24 and reason == "context") for n, reason in zip(sizes, reasons))
 
 
+def test_chat_reply_budget_defaults_to_a_quarter_of_the_context(short_context_checkpoint, run_cli):
+    code, out, err = run_cli("chat", str(short_context_checkpoint), "--temperature", "0", "--stats", "--threads", "1",
+                             stdin="hi\n")
+    assert code == 0 and "Traceback" not in err
+    generated = int(re.search(r"· (\d+) tokens · ", err).group(1))
+    reason = re.search(r"stop: (\w+)", err).group(1)
+    # the model's context is 24 tokens: at most 6 per reply, all 6 unless the reply ended first
+    assert generated <= 6 and (reason != "length" or generated == 6), err
+
+
 def test_terminal_output_drops_control_characters_but_pipes_stay_exact():
     raw = "a\x1b[2Jb\rc\n\td\x7f\x00"
     assert text_cmds._for_terminal(raw, True) == "a[2Jbc\n\td"

@@ -117,7 +117,9 @@ def generate_cmd(
 def chat_cmd(
     model: str = ModelArg,
     system: Optional[str] = typer.Option(None, "--system", help="a system message that opens the conversation"),
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="most tokens per reply"),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", "-n", min=1, show_default="min(512, model context / 4)",
+        help="most tokens per reply (a reply also ends at the model's end-of-turn token)"),
     show_stats: bool = typer.Option(False, "--stats", help="print tokens/s after each reply"),
     threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
@@ -125,7 +127,6 @@ def chat_cmd(
     seed: Optional[int] = None,
 ):
     """Chat with a model: streaming replies, multi-turn history. /reset clears it; /exit, Ctrl-D or Ctrl-C quits."""
-    new_tokens = max_tokens
     if system is not None:
         check_text(system, "--system")
     set_threads(threads)
@@ -137,6 +138,8 @@ def chat_cmd(
         pass
     # The conversation keeps its K/V between turns: each turn prefills the new message and the template's framing.
     chat = Conversation(m, tokenizer, system=system)
+    # A model that ends its turns stops well before this; the budget keeps room for the history in its context.
+    new_tokens = max_tokens if max_tokens is not None else min(512, chat.session.max_len // 4)
     print(f"pybitnet chat · {model} · /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
     turn = 0
     while True:
