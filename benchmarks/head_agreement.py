@@ -30,7 +30,7 @@ def _token_batches(model, source: str, prompts_file: str | None, max_tokens: int
     if source.startswith("synthetic:"):
         g = torch.Generator().manual_seed(seed)
         return [torch.randint(0, model.config.vocab_size, (1, max_tokens), generator=g) for _ in range(4)]
-    from pybitnet.tokenizer import load_tokenizer
+    from pybitnet import load_tokenizer
 
     tokenizer = load_tokenizer(source)
     lines = PROMPTS if prompts_file is None else [l for l in open(prompts_file, encoding="utf-8").read().splitlines() if l.strip()]

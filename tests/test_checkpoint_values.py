@@ -273,7 +273,7 @@ def test_gguf_errors_are_pybitnet_errors(gguf_files, tmp_path):
 ])
 def test_unreadable_tokenizer_files_are_named(tmp_path, name, content, match):
     from pybitnet.loaders import convert
-    from pybitnet.tokenizer import load_tokenizer
+    from pybitnet import load_tokenizer
 
     model_dir = convert("synthetic:tiny", tmp_path / "model")
     (model_dir / name).write_bytes(content)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 import pybitnet
+from pybitnet import load_tokenizer
 from pybitnet.cli.model_spec import names_a_model, split_model
 from pybitnet.generate import generate
-from pybitnet.tokenizer import load_tokenizer
 
 
 def test_generate_without_model_runs_the_builtin_model_greedily(cli):

@@ -60,7 +60,7 @@ def test_errors_are_messages_not_tracebacks(tmp_path, cli):
 
 def test_score_text_goes_through_the_models_tokenizer(tmp_path, cli, write_text_checkpoint):
     import pybitnet
-    from pybitnet.tokenizer import load_tokenizer
+    from pybitnet import load_tokenizer
 
     path = write_text_checkpoint(tmp_path / "m")
     text = "the quick brown fox jumps over the lazy dog"

@@ -9,10 +9,10 @@ import pytest
 
 import pybitnet
 from pybitnet import generate as generate_module
+from pybitnet import load_tokenizer
 from pybitnet.cli import text_cmds
 from pybitnet.generate import generate
 from pybitnet.sampling import SamplingParams
-from pybitnet.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,7 @@ def test_bad_documents_are_reported_and_left_out_of_the_corpus_figure(tmp_path, 
 
 
 def test_text_documents_go_through_the_model_tokenizer(tmp_path, write_text_checkpoint):
-    from pybitnet.tokenizer import load_tokenizer
+    from pybitnet import load_tokenizer
 
     path = write_text_checkpoint(tmp_path / "m")
     text = "The quick brown fox jumps over the lazy dog."

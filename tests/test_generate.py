@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import pybitnet
+from pybitnet import load_tokenizer
 from pybitnet.errors import InputError
 from pybitnet.generate import CONTEXT, LENGTH, STOP_STRING, STOP_TOKEN, generate, stream
 from pybitnet.sampling import SamplingParams
-from pybitnet.tokenizer import load_tokenizer
 
 PROMPTS = [
     "Hello world",

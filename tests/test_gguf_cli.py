@@ -8,12 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pybitnet import load_tokenizer
 from pybitnet.cli import app
 from pybitnet.errors import InputError
 from pybitnet.loaders.gguf import load_gguf_weights, read_gguf_metadata
 from pybitnet.loaders.gguf_file import GGUFReader, ValueType
 from pybitnet.loaders.hf import load_hf_weights
-from pybitnet.tokenizer import load_tokenizer
 from pybitnet.weights import TernaryWeight
 
 runner = CliRunner()

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import pybitnet
-from pybitnet import CheckpointError, ConfigError, InputError, synthetic
+from pybitnet import CheckpointError, ConfigError, InputError, load_tokenizer, synthetic
 from pybitnet.loaders import convert, load_weights
-from pybitnet.tokenizer import load_tokenizer
 from pybitnet.weights import TernaryWeight
 
 TEXTS = ["hello world", "héllo wörld — ünïcode ✓ 漢字", "  spaces\tand\nnewlines  ", "1234567 + 89 = ?!"]
@@ -142,7 +141,7 @@ def test_hub_repo_id_loads_from_the_local_cache_when_offline(converted, tmp_path
     assert (cache / "models--someone--tiny-bitnet" / "refs" / "main").is_file()
     probe = (
         "import torch, pybitnet\n"
-        "from pybitnet.tokenizer import load_tokenizer\n"
+        "from pybitnet import load_tokenizer\n"
         "tokens = torch.tensor([load_tokenizer('someone/tiny-bitnet').encode('hello world')])\n"
         "model = pybitnet.load('someone/tiny-bitnet', dtype=torch.float64)\n"
         "torch.save((tokens, model.forward_full(tokens), model.source), 'out.pt')\n"

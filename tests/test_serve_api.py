@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import pybitnet
-from pybitnet.tokenizer import load_tokenizer
+from pybitnet import load_tokenizer
 from test_serve_support import GatedTokenizer, LiveServer, SlowModel, metric
 from test_tokenizer_helpers import write_tiny_checkpoint
 

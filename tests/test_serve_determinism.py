@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import pybitnet
+from pybitnet import load_tokenizer
 from pybitnet.generate import generate
-from pybitnet.tokenizer import load_tokenizer
 from test_serve_support import LiveServer, ServerProcess, metric
 from test_tokenizer_helpers import write_tiny_checkpoint
 

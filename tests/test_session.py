@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import pybitnet
-from pybitnet import Conversation, Session, native
+from pybitnet import Conversation, Session, load_tokenizer, native
 from pybitnet.errors import InputError
 from pybitnet.generate import generate
 from pybitnet.sampling import SamplingParams
-from pybitnet.tokenizer import load_tokenizer
 from test_tokenizer_helpers import write_tiny_checkpoint
 
 needs_native = pytest.mark.skipif(native.ops() is None, reason="bits are promised on the native float32 path")

@@ -9,6 +9,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from pybitnet import load_tokenizer
 from pybitnet.errors import CheckpointError, InputError
 from pybitnet.tokenizer import (
     SPM_SPACE,
@@ -19,7 +20,6 @@ from pybitnet.tokenizer import (
     IncrementalDecoder,
     Tokenizer,
     format_bitnet_chat,
-    load_tokenizer,
 )
 from test_tokenizer_helpers import (
     BOS,

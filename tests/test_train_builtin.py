@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import pybitnet
+from pybitnet import load_tokenizer
 from pybitnet.builtin import BUILTIN_MODEL, builtin_model_path
 from pybitnet.evaluate import token_logprobs
 from pybitnet.generate import generate
 from pybitnet.loaders import load_weights
 from pybitnet.loaders.gguf import write_gguf
-from pybitnet.tokenizer import gguf_tokenizer_metadata, load_tokenizer
+from pybitnet.tokenizer import gguf_tokenizer_metadata
 
 import reference_numpy
 from rules import assert_float64_rule

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import pybitnet
+from pybitnet import load_tokenizer
 from pybitnet.errors import InputError
-from pybitnet.tokenizer import load_tokenizer
 from pybitnet.train import data
 from pybitnet.train.trainer import Run, TrainOptions
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import pybitnet
+from pybitnet import load_tokenizer
 from pybitnet.cli.train_cmds import write_gguf_beside
 from pybitnet.errors import InputError
-from pybitnet.tokenizer import load_tokenizer
 from pybitnet.train.trainer import Run, TrainOptions, lr_at
 
 import reference_numpy

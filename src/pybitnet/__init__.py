@@ -4,7 +4,7 @@ from . import synthetic
 from .cache import KVCache
 from .config import PRESETS, ModelConfig, preset
 from .errors import CacheError, CheckpointError, ConfigError, GGUFError, InputError, PyBitNetError
-from .loaders import load
+from .loaders import load, load_tokenizer
 from .model import Transformer
 from .session import Conversation, Session, Snapshot
 from .weights import TernaryWeight
@@ -12,7 +12,7 @@ from .weights import TernaryWeight
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "synthetic", "Transformer", "Session", "Conversation", "Snapshot", "ModelConfig", "PRESETS", "preset",
-    "KVCache", "TernaryWeight",
+    "load", "load_tokenizer", "synthetic", "Transformer", "Session", "Conversation", "Snapshot", "ModelConfig",
+    "PRESETS", "preset", "KVCache", "TernaryWeight",
     "PyBitNetError", "ConfigError", "CheckpointError", "GGUFError", "CacheError", "InputError",
 ]

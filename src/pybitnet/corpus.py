@@ -28,6 +28,7 @@ import torch
 
 from .errors import InputError, PyBitNetError
 from .evaluate import perplexity_windows, token_logprobs
+from .loaders import load_tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -244,8 +245,6 @@ class MissingTokenizer:
 
 def open_tokenizer(spec: str):
     """The model's tokenizer, or a MissingTokenizer saying why there is none (raised only by text documents)."""
-    from .tokenizer import load_tokenizer
-
     try:
         return load_tokenizer(spec)
     except PyBitNetError as err:

@@ -1,5 +1,7 @@
 """Text <-> token ids: a thin wrapper over HF `tokenizers`.
 
+This module turns text into ids and back over what it is handed; it knows nothing of MODEL specs, loaders
+or GGUF files (`pybitnet.load_tokenizer` finds a spec's tokenizer and builds it with the constructors here).
 Two sources give the same `Tokenizer`:
 - an HF directory (`tokenizer.json` + `tokenizer_config.json`, optional `generation_config.json`);
 - GGUF metadata (`tokenizer.ggml.*`, docs/formats.md): `gpt2` byte-level BPE (LLaMA-3 vocab, tokens + merges,
@@ -198,28 +200,6 @@ class Tokenizer:
         if arch in _BITNET_GGUF_ARCHS:
             template = None
         return cls(backend, bos_token=bos, eos_token=eos, stop_token_ids=stops, chat_template=template, source=source)
-
-
-def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """The tokenizer of a MODEL spec: an HF directory (or a file inside one), a .gguf file,
-    `synthetic:PRESET[:LAYERS]` (the synthetic byte-level tokenizer) or a Hugging Face repo id.
-
-    Raises CheckpointError naming the path when the model carries no tokenizer.
-    """
-    from .loaders.spec import resolve_model_spec
-
-    if Path(spec).is_file() and Path(spec).suffix.lower() != ".gguf":
-        return Tokenizer.from_hf_dir(Path(spec).parent)  # tokenizer.json or another file of the directory
-    model = resolve_model_spec(spec)
-    if model.kind == "synthetic":
-        from .synthetic import synthetic_tokenizer
-
-        return synthetic_tokenizer(model.config)
-    if model.kind == "gguf":
-        from .loaders.gguf_file import read_gguf_metadata
-
-        return Tokenizer.from_gguf_metadata(read_gguf_metadata(model.path), source=str(model.path))
-    return Tokenizer.from_hf_dir(model.path)
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:

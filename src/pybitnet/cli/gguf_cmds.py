@@ -24,8 +24,8 @@ def convert(
 
     Never writes over the source; the output appears whole or not at all."""
     from ..loaders import convert as convert_model
+    from ..loaders import load_tokenizer
     from ..loaders.gguf import EMBED_TYPES, QTYPES
-    from ..tokenizer import load_tokenizer
 
     if qtype not in QTYPES:
         raise InputError(f"--type must be one of {', '.join(QTYPES)}, got {qtype!r}")

@@ -44,6 +44,6 @@ def open_model(spec: str, dtype: str | torch.dtype = "float32", backend: str = k
 
 def open_tokenizer(spec: str):
     """The tokenizer of the model a MODEL argument names; CheckpointError naming the path when it has none."""
-    from ..tokenizer import load_tokenizer
+    from ..loaders import load_tokenizer
 
     return load_tokenizer(spec)

@@ -66,10 +66,10 @@ def train(
 
 def write_gguf_beside(directory: Path, qtype: str = "i2_s") -> Path:
     """DIR/model-QTYPE.gguf from the HF files in DIR, with the tokenizer, written atomically."""
-    from ..loaders import load_weights
+    from ..loaders import load_tokenizer, load_weights
     from ..loaders.gguf import write_gguf
     from ..train.data import atomic_write
-    from ..tokenizer import gguf_tokenizer_metadata, load_tokenizer
+    from ..tokenizer import gguf_tokenizer_metadata
 
     config, weights, _ = load_weights(directory)
     metadata = gguf_tokenizer_metadata(load_tokenizer(directory), config.vocab_size)

@@ -21,7 +21,7 @@ def _load(model_spec: str, dtype, threads: int):
 
     from .. import corpus
     from ..errors import PyBitNetError
-    from ..tokenizer import load_tokenizer
+    from ..loaders import load_tokenizer
 
     torch.set_num_threads(threads)
     model = corpus.open_model(model_spec, dtype)

@@ -1,11 +1,12 @@
-"""Checkpoint loaders: a MODEL spec in, (ModelConfig, Weights) out; `load` builds the model.
+"""Checkpoint loaders: the one way in from a MODEL spec. `load` builds its model, `load_tokenizer` its
+tokenizer, `load_weights` gives (ModelConfig, Weights).
 
-spec.py resolves specs, load.py loads them, hf.py and gguf.py read and write the two file formats,
-names.py maps their tensor names, convert.py writes any model as either format.
+spec.py resolves specs, load.py loads them (model, weights, tokenizer), hf.py and gguf.py read and write
+the two file formats, names.py maps their tensor names, convert.py writes any model as either format.
 """
 
 from .convert import convert
-from .load import load, load_weights
+from .load import load, load_tokenizer, load_weights
 from .spec import ModelSpec, resolve_model_spec
 
-__all__ = ["load", "load_weights", "convert", "resolve_model_spec", "ModelSpec"]
+__all__ = ["load", "load_tokenizer", "load_weights", "convert", "resolve_model_spec", "ModelSpec"]

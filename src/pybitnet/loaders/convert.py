@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, InputError
-from .load import load_weights
+from .load import load_tokenizer, load_weights
 from .spec import resolve_model_spec
 
 
@@ -28,7 +28,7 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, qtype:
     repo id) to `destination`: a `.gguf` file with projections as `qtype` (i2_s, tq2_0, tq1_0, f16) and the
     embedding as `embed_type` (f16, bf16, f32), or for any other name a Hugging Face directory in the packed
     layout transformers loads. The tokenizer goes along when the source has one. Returns `destination`."""
-    from ..tokenizer import gguf_tokenizer_metadata, load_tokenizer, save_tokenizer
+    from ..tokenizer import gguf_tokenizer_metadata, save_tokenizer
     from .gguf import EMBED_TYPES, QTYPES, write_gguf
     from .gguf_file import GGUFReader
     from .hf import save_hf

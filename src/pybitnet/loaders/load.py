@@ -1,13 +1,17 @@
-"""`load` and `load_weights`: any MODEL spec (loaders/spec.py) in, a model or its weights out."""
+"""`load`, `load_weights` and `load_tokenizer`: any MODEL spec (loaders/spec.py) in, a model, its weights or
+its tokenizer out. The one way from a spec to what it names: the command line, corpus scoring and the Ray
+workers all come through here."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 from .. import kernels
 from ..config import ModelConfig
+from ..tokenizer import Tokenizer
 from ..weights import Weights
 from .spec import BUILTIN, resolve_model_spec
 
@@ -47,3 +51,24 @@ def load(spec: str | os.PathLike = BUILTIN, device: str | torch.device = "cpu", 
                         lm_head=lm_head)
     model.source = {"path": os.fspath(spec), **info}
     return model
+
+
+def load_tokenizer(spec: str | os.PathLike = BUILTIN) -> Tokenizer:
+    """The tokenizer of a MODEL spec: an HF directory (or a file inside one), a .gguf file,
+    `synthetic:PRESET[:LAYERS]` (the synthetic byte-level tokenizer), a Hub repo id, or `builtin`.
+
+    Raises CheckpointError naming the path when the model carries no tokenizer.
+    """
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        return Tokenizer.from_hf_dir(path.parent)  # tokenizer.json or another file of the directory
+    model = resolve_model_spec(spec)
+    if model.kind == "synthetic":
+        from ..synthetic import synthetic_tokenizer
+
+        return synthetic_tokenizer(model.config)
+    if model.kind == "gguf":
+        from .gguf_file import read_gguf_metadata
+
+        return Tokenizer.from_gguf_metadata(read_gguf_metadata(model.path), source=str(model.path))
+    return Tokenizer.from_hf_dir(model.path)
