@@ -34,11 +34,12 @@ def corpus_rows(documents: int, tokens: int, vocab: int, seed: int) -> list[dict
 
 
 def run_local(spec: str, rows: list[dict], threads: int, ctx: int) -> tuple[float, object]:
+    import pybitnet
     from pybitnet import corpus
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = corpus.open_model(spec)
+    model = pybitnet.load(spec)
     docs = [corpus.Document(r["id"], (0, i), tokens=r["tokens"]) for i, r in enumerate(rows)]
     result = corpus.score_documents(model, None, docs, ctx=ctx)
     return time.perf_counter() - start, result

@@ -11,7 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import pybitnet
 from pybitnet import corpus, evaluate, synthetic
+from pybitnet.cli import corpus_cmds
 from pybitnet.errors import InputError
 
 
@@ -127,7 +129,7 @@ def test_text_documents_go_through_the_model_tokenizer(tmp_path, write_text_chec
 
     path = write_text_checkpoint(tmp_path / "m")
     text = "The quick brown fox jumps over the lazy dog."
-    model = corpus.open_model(str(path), torch.float64)
+    model = pybitnet.load(str(path), dtype=torch.float64)
     result = corpus.score_documents(model, corpus.open_tokenizer(str(path)), [corpus.Document("t", (0, 0), text=text)],
                                     ctx=64)
     ids = load_tokenizer(path).encode(text)
@@ -243,7 +245,7 @@ def test_cli_checks_the_output_files_before_any_work(tmp_path, cli, monkeypatch)
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the output file was checked")
 
-    monkeypatch.setattr(corpus, "open_model", no_model)
+    monkeypatch.setattr(corpus_cmds, "open_model", no_model)
     doc = tmp_path / "doc.txt"
     doc.write_text("some text")
     (tmp_path / "a-file").write_text("")

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import pybitnet
 from pybitnet import corpus
 from pybitnet.errors import InputError
 
@@ -54,7 +55,7 @@ def local_float64():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = corpus.open_model("synthetic:tiny", torch.float64)
+        model = pybitnet.load("synthetic:tiny", dtype=torch.float64)
         docs = [corpus.Document(r["id"], (0, 0), tokens=r["tokens"]) for r in _documents()]
         return corpus.score_documents(model, None, docs, ctx=CTX, stride=STRIDE, per_token=True)
     finally:
@@ -104,7 +105,7 @@ def test_files_with_text_and_bad_documents_match_a_local_run(tmp_path, write_tex
     pq.write_table(pa.table({"id": ["pq-0", "pq-1"], "text": SENTENCES[12:14]}), tmp_path / "docs.parquet")
     paths = [str(tmp_path / n) for n in ("one.txt", "bad.txt", "docs.jsonl", "docs.parquet")]
 
-    model = corpus.open_model(model_dir, torch.float32)
+    model = pybitnet.load(model_dir)
     expected = corpus.score_documents(model, corpus.open_tokenizer(model_dir), corpus.read_documents(paths),
                                       ctx=24, stride=10)
     out = tmp_path / "scores.parquet"
@@ -148,7 +149,7 @@ def test_an_actor_that_dies_mid_job_is_restarted_and_its_batch_retried(how, loca
     marker = str(tmp_path / "died")
 
     def dies_once():
-        return _DiesOnce(corpus.open_model("synthetic:tiny", torch.float64), marker, after=40, how=how)
+        return _DiesOnce(pybitnet.load("synthetic:tiny", dtype=torch.float64), marker, after=40, how=how)
 
     dataset = ray.data.from_items(_documents(), override_num_blocks=7)
     result = score_corpus(dies_once, dataset, actors=2, cpus_per_actor=0.5, ctx=CTX, stride=STRIDE,

@@ -219,19 +219,7 @@ def read_token_file(path: str | Path) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- model
 
-def open_model(spec: str, dtype: torch.dtype = torch.float32, backend: str = "auto"):
-    """A checkpoint path (HF directory or .gguf), or `synthetic:PRESET[:LAYERS]` for a random model of that shape."""
-    from . import load, synthetic
-
-    if spec.startswith("synthetic:"):
-        _, name, *rest = spec.split(":")
-        try:
-            layers = int(rest[0]) if rest else None
-        except ValueError:
-            raise InputError(f"{spec}: the layer count must be an integer (synthetic:PRESET[:LAYERS])") from None
-        return synthetic.random_model(name, seed=0, num_layers=layers, dtype=dtype, backend=backend)
-    return load(spec, dtype=dtype, backend=backend)
-
+# A MODEL spec becomes a model through `pybitnet.load` and a tokenizer through `open_tokenizer` below.
 
 class MissingTokenizer:
     """Stands in for a model without a tokenizer: token-id documents still score, text ones get this error."""

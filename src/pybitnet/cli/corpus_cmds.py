@@ -17,7 +17,7 @@ from rich.table import Table
 from .. import corpus
 from ..errors import InputError
 from .app import app
-from .model_spec import split_model
+from .model_spec import open_model, split_model
 from .options import MODEL_HELP, DtypeOpt, ThreadsOpt, parse_dtype, set_threads
 
 console = Console()
@@ -39,7 +39,7 @@ def _score_locally(model_spec: str, documents, *, ctx, stride, dtype, threads, p
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     set_threads(threads)
-    model = corpus.open_model(model_spec, parse_dtype(dtype))
+    model = open_model(model_spec, dtype)
     needs_tokenizer = any(d.text is not None for d in documents)
     tokenizer = corpus.open_tokenizer(model_spec) if needs_tokenizer else None
     warning = corpus.context_warning(model, ctx) if ctx is not None else None

@@ -25,6 +25,7 @@ import torch
 
 from .. import corpus
 from ..errors import InputError, PyBitNetError
+from ..loaders import load
 
 # Documents per actor call: small enough to spread a few hundred documents over a handful of actors.
 BATCH_DOCUMENTS = 16
@@ -75,7 +76,7 @@ class DocumentScorer:
         import warnings
 
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS from num_cpus; torch's own pool is set here
-        self.model = corpus.open_model(model_spec, dtype) if isinstance(model_spec, str) else model_spec()
+        self.model = load(model_spec, dtype=dtype) if isinstance(model_spec, str) else model_spec()
         self.tokenizer = corpus.open_tokenizer(tokenizer_spec) if tokenizer_spec else None
         self.ctx, self.stride = corpus.resolve_window(self.model, ctx, stride)
         self.per_token, self.text_field = per_token, text_field
@@ -134,7 +135,7 @@ def score_corpus(model_spec: str | Callable[[], object], dataset, *, actors: int
                  batch_documents: int = BATCH_DOCUMENTS) -> corpus.CorpusScore:
     """Score every document of `dataset` on a pool of `actors` Ray actors; the result equals `corpus.score_documents`.
 
-    model_spec: a checkpoint path or `synthetic:PRESET[:LAYERS]`, loaded once in each actor, or a zero-argument
+    model_spec: a MODEL spec (what `pybitnet.load` takes), loaded once in each actor, or a zero-argument
         callable returning a model (pickled to the actors). tokenizer: where the tokenizer comes from
         (default: model_spec when it is a path); token-id documents need none.
     dataset: a `ray.data.Dataset` with "id" and "text"/"tokens" columns, or file paths (text, JSONL, parquet),

@@ -19,12 +19,11 @@ def _load(model_spec: str, dtype, threads: int):
     """What create_app's background loader calls on a replica: (model, tokenizer or None)."""
     import torch
 
-    from .. import corpus
     from ..errors import PyBitNetError
-    from ..loaders import load_tokenizer
+    from ..loaders import load, load_tokenizer
 
     torch.set_num_threads(threads)
-    model = corpus.open_model(model_spec, dtype)
+    model = load(model_spec, dtype=dtype)
     try:
         tokenizer = load_tokenizer(model_spec)
     except PyBitNetError:  # a model without a tokenizer serves token-id prompts

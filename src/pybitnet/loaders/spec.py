@@ -67,6 +67,18 @@ def resolve_model_spec(spec: str | os.PathLike) -> ModelSpec:
                           "repo id OWNER/NAME)")
 
 
+def names_a_model(text: str) -> bool:
+    """Whether `text` reads as a MODEL spec, without resolving it (nothing is downloaded or loaded): `builtin`,
+    a synthetic spec, a directory, a .gguf file, or a repo id that is no file here. The command line asks
+    this of a positional argument that may be a MODEL or a prompt or document."""
+    if text == BUILTIN or text.startswith(SYNTHETIC_PREFIX):
+        return True
+    path = Path(text)
+    if path.is_dir() or path.suffix.lower() == ".gguf":
+        return True
+    return not path.exists() and REPO_ID.match(text) is not None
+
+
 def _local(text: str, path: Path) -> ModelSpec:
     if path.is_dir():
         return ModelSpec(text, "hf", path)
