@@ -70,7 +70,8 @@ def bench(layers: int = typer.Option(30, "--layers", min=1, help="layers of the 
           plot_path: Optional[Path] = typer.Option(None, "--plot", help="write a PNG plot of ms/token vs T here (matplotlib)"),
           sections: Optional[str] = typer.Option(None, "--sections", help="comma-separated subset of: "
                                                  "full_vs_step, scaling, memory, decode, gemm_peak")):
-    """Time the built-in 2B-4T-shaped model (no download): prefill and decode speed, full sequence vs step by step.
+    """Time a random model of the exact shape of microsoft/bitnet-b1.58-2B-4T, built on the spot (no download;
+    not the small built-in model): prefill and decode speed, full sequence vs step by step.
 
     The default run takes about a minute or two on 2 cores; --full runs the whole suite."""
     from .. import bench as suite
