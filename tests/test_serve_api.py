@@ -400,13 +400,15 @@ def test_the_default_context_is_capped_at_what_fits_in_memory(model, tokenizer, 
 
     c = model.config
     per_position = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * (1 + 2)  # max_batch 1, float32
-    available = per_position * 200  # half of it holds 100 positions: less than the model's 256
+    available = per_position * 120  # its share holds fewer positions than the model's 256
+    fits = int(available * serve_app.CACHE_MEMORY_SHARE // per_position)
+    assert 2 < fits < 256
     monkeypatch.setattr(serve_app.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=available))
     with caplog.at_level(logging.WARNING, logger="pybitnet.serve"):
         with LiveServer(model, tokenizer, max_batch=1) as live:
             card = httpx.get(f"{live.url}/v1/models").json()["data"][0]
-    assert card["max_model_len"] == 100
-    assert any("context capped at 100" in r.getMessage() for r in caplog.records)
+    assert card["max_model_len"] == fits
+    assert any(f"context capped at {fits}" in r.getMessage() for r in caplog.records)
 
 
 def test_text_too_long_for_the_context_is_refused_before_it_is_tokenized(model, tokenizer):

@@ -63,7 +63,8 @@ PROMPT_CHARS_PER_TOKEN = 32
 PREPARE_THREADS = 2
 # After a request body of at least this size, freed heap memory is handed back to the system.
 TRIM_AFTER_BYTES = 1 << 20
-# Share of the available memory that the KV cache of the default context (the model's own) may take.
+# Share of the memory available once the model is loaded that the KV cache of the default context (the
+# model's own) may take; the rest is left for prefill activations and the prefix cache.
 CACHE_MEMORY_SHARE = 0.5
 
 
