@@ -36,6 +36,11 @@ def serve_cmd(
     batch_invariant: bool = typer.Option(True, "--batch-invariant/--no-batch-invariant",
                                          help="a request's logits never depend on the rest of the batch"),
     name: Optional[str] = typer.Option(None, "--name", help="model id reported by /v1/models [default: MODEL]"),
+    prefix_cache_mb: int = typer.Option(1024, "--prefix-cache-mb",
+                                        help="memory for K/V of earlier prompts, reused by requests that repeat them"),
+    no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="prefill every prompt in full"),
+    prefix_cache_dir: Optional[str] = typer.Option(None, "--prefix-cache-dir",
+                                                   help="load the prefix cache from here at start, save it at shutdown"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug"),
     use_ray: bool = typer.Option(False, "--ray", help="serve from replicas on Ray Serve (pip install \"pybitnet[ray]\")"),
     replicas: int = typer.Option(2, "--replicas", min=1, help="with --ray: replicas, each with its own model"),
@@ -60,6 +65,12 @@ def serve_cmd(
             raise InputError(f"{option} must be >= 1, got {value}")
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise InputError(f"--log-level must be one of critical, error, warning, info, debug; got {log_level!r}")
+    if prefix_cache_mb < 0:
+        raise InputError(f"--prefix-cache-mb must be >= 0, got {prefix_cache_mb}")
+    if prefix_cache_dir is not None and (no_prefix_cache or prefix_cache_mb == 0):
+        raise InputError("--prefix-cache-dir needs the prefix cache (drop --no-prefix-cache, or give --prefix-cache-mb > 0)")
+    if prefix_cache_dir is not None and os.path.exists(prefix_cache_dir) and not os.path.isdir(prefix_cache_dir):
+        raise InputError(f"--prefix-cache-dir {prefix_cache_dir} exists and is not a directory")
     if max_queue < 0 or not 0 < port < 65536 or (ctx is not None and ctx < 2):
         raise InputError(f"need --max-queue >= 0, --port in 1..65535 and --ctx >= 2; got {max_queue}, {port}, {ctx}")
     set_threads(threads)
@@ -75,7 +86,9 @@ def serve_cmd(
 
     settings = ServerSettings(model_name=name or os.path.basename(model.rstrip("/")) or model, max_batch=max_batch,
                               max_queue=max_queue, max_tokens_default=max_tokens_default, api_key=api_key or None,
-                              context=ctx, prefill_chunk=prefill_chunk, batch_invariant=batch_invariant)
+                              context=ctx, prefill_chunk=prefill_chunk, batch_invariant=batch_invariant,
+                              prefix_cache_mb=0 if no_prefix_cache else prefix_cache_mb,
+                              prefix_cache_dir=prefix_cache_dir)
     settings.max_request_bytes, settings.docs = max_request_bytes, docs
     if use_ray:
         _serve_on_ray(model, settings, host=host, port=port, replicas=replicas, max_replicas=max_replicas,

@@ -38,6 +38,7 @@ from ..tokenizer import Tokenizer
 from .engine import (DoneEvent, Draining, Engine, ErrorEvent, GenerationRequest, GenerationSpec, PromptLogprobsEvent,
                      QueueFull, TokenEvent)
 from .metrics import ServerMetrics
+from .prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        DetokenizeRequest, DetokenizeResponse, ErrorResponse, HealthResponse, ModelCard, ModelList,
                        MAX_STOP_CHARS, MAX_STOP_STRINGS, TokenizeRequest, TokenizeResponse)
@@ -87,6 +88,8 @@ class ServerSettings:
     context: int | None = None  # cache positions per row; default the model's max_position_embeddings
     prefill_chunk: int = 512
     batch_invariant: bool = True
+    prefix_cache_mb: int = DEFAULT_BUDGET_MB  # K/V of earlier prompts kept for reuse; 0 turns reuse off
+    prefix_cache_dir: str | None = None  # where the prefix cache is loaded from at start and saved at shutdown
 
 
 @dataclass
@@ -133,9 +136,16 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
         try:
             model, tokenizer = load()
             s = state.settings
+            prefix_cache = None
+            if s.prefix_cache_mb > 0:
+                prefix_cache = PrefixCache.for_model(model, s.prefix_cache_mb << 20)
+                if s.prefix_cache_dir is not None:
+                    loaded = prefix_cache.load_file(s.prefix_cache_dir)
+                    state.metrics.prefix_cache_bytes.set(prefix_cache.bytes_used)
+                    log.info("prefix cache: %d blocks loaded from %s", loaded, s.prefix_cache_dir)
             engine = Engine(model, tokenizer, max_batch=s.max_batch, max_queue=s.max_queue, context=s.context,
                             prefill_chunk=s.prefill_chunk, batch_invariant=s.batch_invariant,
-                            metrics=state.metrics)
+                            metrics=state.metrics, prefix_cache=prefix_cache)
             state.tokenizer = tokenizer
             state.chat_tokenizer, state.chat_stops = _chat_format(tokenizer)
             engine.start()
@@ -152,6 +162,7 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
         yield
         if state.engine is not None:
             state.engine.stop(timeout=5)
+            _save_prefix_cache(state)
 
     docs = state.settings.docs
     app = FastAPI(title="pybitnet", version="0.1.0", lifespan=lifespan,
@@ -499,10 +510,24 @@ def _token_text(tokenizer: Tokenizer | None, token: int) -> str:
     return tokenizer.decode([token], skip_special_tokens=False) if tokenizer is not None else f"token_id:{token}"
 
 
-def _usage(done: dict[int, DoneEvent]) -> dict[str, int]:
+def _usage(done: dict[int, DoneEvent]) -> dict:
     prompt = sum(d.prompt_tokens for d in done.values())  # a prompt counts once, however many choices
     completion = sum(sum(d.completion_tokens) for d in done.values())
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(d.cached_tokens for d in done.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _save_prefix_cache(state: ServerState) -> None:
+    """Write the prefix cache to --prefix-cache-dir once the scheduler has stopped; a failure is logged, not raised."""
+    engine, directory = state.engine, state.settings.prefix_cache_dir
+    if directory is None or engine.prefix_cache is None or engine.running():
+        return
+    try:
+        path = engine.prefix_cache.save(directory)
+        log.info("prefix cache: %d blocks saved to %s", engine.prefix_cache.blocks, path)
+    except OSError as err:
+        log.warning("prefix cache not saved to %s: %s", directory, err)
 
 
 async def _collect(call: _Call, raw: Request):
