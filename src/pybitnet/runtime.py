@@ -10,6 +10,11 @@ T=4096 2.1 vs 2.3 ms/token. Peak RSS is unchanged (memory is reused, not added).
 
 `tune_allocator()` runs when the first model is built; PYBITNET_TUNE_MALLOC=0 opts out. It only
 changes glibc's two thresholds (nothing on other C libraries), once per process.
+
+The price is that large transient buffers freed elsewhere in the process (a server's request bodies,
+their JSON and tokens) stay mapped too, and a burst of them grows the process for good. A long-running
+server therefore calls `release_memory()` (glibc's malloc_trim) after a large request, which hands the
+free heap back without changing the thresholds the forward pass benefits from.
 """
 
 from __future__ import annotations
