@@ -7,3 +7,4 @@ from . import model_cmds, bench_cmds, gguf_cmds, text_cmds  # noqa: E402,F401  (
 from . import train_cmds  # noqa: E402,F401
 from . import serve_cmds  # noqa: E402,F401
 from . import corpus_cmds  # noqa: E402,F401
+from . import eval_cmds  # noqa: E402,F401
