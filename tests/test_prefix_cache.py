@@ -190,3 +190,15 @@ def test_chat_usage_reports_cached_tokens_streaming_too(checkpoint, model):
         usage = json.loads(lines[-1][6:])["usage"]
         assert usage["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] // BLOCK * BLOCK - BLOCK
         assert usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+
+
+def test_serve_refuses_prefix_cache_options_that_cannot_work(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("MKL_CBWR", "AUTO")  # as `pybitnet serve` sets for itself, so it does not restart
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for args, message in ((["--prefix-cache-mb", "-1"], "--prefix-cache-mb must be >= 0"),
+                          (["--no-prefix-cache", "--prefix-cache-dir", str(tmp_path)], "--prefix-cache-dir needs"),
+                          (["--prefix-cache-dir", str(a_file)], "is not a directory")):
+        result = cli("serve", "synthetic:tiny", "--port", "1", *args)
+        assert result.code != 0 and message in result.err, (args, result.err)
+        assert len(result.err.strip().splitlines()) == 1
