@@ -6,6 +6,7 @@ the cache survives a restart through --prefix-cache-dir and refuses files of ano
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from pathlib import Path
 
 import httpx
@@ -202,3 +203,30 @@ def test_serve_refuses_prefix_cache_options_that_cannot_work(cli, tmp_path, monk
         result = cli("serve", "synthetic:tiny", "--port", "1", *args)
         assert result.code != 0 and message in result.err, (args, result.err)
         assert len(result.err.strip().splitlines()) == 1
+
+
+def test_a_served_process_saves_its_cache_on_sigterm_even_when_forced(checkpoint, tmp_path):
+    """`pybitnet serve --prefix-cache-dir`: the file is written at a graceful stop and at a forced one (the drain
+    times out while a request still runs), and the next process starts with it."""
+    import signal
+
+    from test_serve_support import ServerProcess
+
+    prompt = _ids(80, 400, 11)
+    for forced in (False, True):
+        directory = tmp_path / f"kv-{forced}"
+        args = ("--prefix-cache-dir", str(directory), "--threads", "1", "--drain-timeout", "0.2")
+        with ServerProcess(str(checkpoint), *args) as server:
+            assert _complete(server.url, prompt)["cached"] == 0
+            if forced:  # sixteen long choices keep the drain waiting past its timeout
+                concurrent.futures.ThreadPoolExecutor(1).submit(
+                    httpx.post, f"{server.url}/v1/completions",
+                    json={"prompt": prompt, "max_tokens": 400, "n": 16, "ignore_eos": True}, timeout=60)
+                time.sleep(0.3)
+            server.process.send_signal(signal.SIGTERM)
+            server.process.wait(timeout=60)
+            log = server.stop()
+        assert ("drain timeout" in log) == forced, log[-2000:]
+        assert (directory / FILE_NAME).is_file(), (forced, log[-2000:])
+        with ServerProcess(str(checkpoint), *args) as server:
+            assert _complete(server.url, prompt)["cached"] == 79 // BLOCK * BLOCK

@@ -105,6 +105,7 @@ class ServerState:
     chat_stops: tuple[list[int], list[str]] = ([], [])  # extra stop ids / strings of the chat format
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     in_flight: int = 0  # HTTP requests being answered (a draining server waits for 0)
+    prefix_cache_saved: bool = False  # written to --prefix-cache-dir at shutdown
     prepare_limiter: anyio.CapacityLimiter | None = None  # threads that tokenize (made on the event loop)
     trimming: bool = False  # a malloc_trim is under way
     created: int = field(default_factory=lambda: int(time.time()))
@@ -162,7 +163,7 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
         yield
         if state.engine is not None:
             state.engine.stop(timeout=5)
-            _save_prefix_cache(state)
+            save_prefix_cache(state)
 
     docs = state.settings.docs
     app = FastAPI(title="pybitnet", version="0.1.0", lifespan=lifespan,
@@ -518,11 +519,14 @@ def _usage(done: dict[int, DoneEvent]) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def _save_prefix_cache(state: ServerState) -> None:
-    """Write the prefix cache to --prefix-cache-dir once the scheduler has stopped; a failure is logged, not raised."""
+def save_prefix_cache(state: ServerState) -> None:
+    """Write the prefix cache to --prefix-cache-dir once the scheduler has stopped (once per server: the app's
+    shutdown and a forced exit both ask); a failure is logged, not raised."""
     engine, directory = state.engine, state.settings.prefix_cache_dir
-    if directory is None or engine.prefix_cache is None or engine.running():
+    if directory is None or engine is None or engine.prefix_cache is None or engine.running() \
+            or state.prefix_cache_saved:
         return
+    state.prefix_cache_saved = True
     try:
         path = engine.prefix_cache.save(directory)
         log.info("prefix cache: %d blocks saved to %s", engine.prefix_cache.blocks, path)

@@ -20,7 +20,7 @@ import time
 import uvicorn
 
 from ..errors import InputError
-from .app import ServerState
+from .app import ServerState, save_prefix_cache
 
 log = logging.getLogger("pybitnet.serve")
 
@@ -42,6 +42,7 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         if self._draining:  # a second signal: stop now, whatever is still open
             log.warning("second signal: stopping now")
+            self._stop_engine()
             self.force_exit = True
             return super().handle_exit(sig, frame)
         self._draining = True
@@ -58,10 +59,19 @@ class DrainingServer(uvicorn.Server):
             if time.monotonic() >= deadline:
                 log.warning("drain timeout: %d request(s) still open after %g s; stopping",
                             self.state.in_flight, self.drain_timeout)
+                self._stop_engine()
                 self.force_exit = True
                 break
             time.sleep(DRAIN_POLL_S)
         super().handle_exit(sig, None)
+
+
+    def _stop_engine(self) -> None:
+        """Stop the scheduler and save the prefix cache before a forced exit, which skips the app's shutdown
+        (and, for SIGTERM, ends the process as uvicorn re-raises the signal)."""
+        if self.state.engine is not None:
+            self.state.engine.stop(timeout=5)
+            save_prefix_cache(self.state)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -101,3 +111,4 @@ def serve(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "i
         state: ServerState = app.state.server
         if state.engine is not None:  # uvicorn skips the app's shutdown when forced
             state.engine.stop(timeout=5)
+            save_prefix_cache(state)
