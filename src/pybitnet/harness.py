@@ -98,7 +98,8 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
 
 @register_model(MODEL_NAME)
 class PyBitNetLM(TemplateLM):
-    """A pybitnet model as an lm-eval `LM`; `model=` / `tokenizer=` take objects already loaded."""
+    """A pybitnet model as an lm-eval `LM`; `model=` / `tokenizer=` take objects already loaded. lm-eval's `device`
+    and `max_batch_size` are accepted and not used: the model runs where pybitnet loads it."""
 
     backend = "causal"
 
@@ -110,8 +111,6 @@ class PyBitNetLM(TemplateLM):
         if unused:
             raise InputError(f"unknown model argument(s) for {MODEL_NAME}: {', '.join(sorted(unused))} "
                              f"(known: pretrained, dtype, batch_size, max_length, max_gen_toks, backend)")
-        if device not in (None, "cpu") and model is None:
-            raise InputError(f"{MODEL_NAME} runs where the model is loaded (the CPU); device={device!r} is not used")
         if str(dtype) not in DTYPES:
             raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
         self.pretrained = str(pretrained)
