@@ -15,6 +15,11 @@ unrelated requests). The native GEMV computes each (row, vocabulary entry) dot p
 order whatever the batch size, for bf16, fp16 and fp32 heads alike (a BLAS GEMM would not: its
 kernel for 1-3 rows rounds differently from the one for 4 or more); the int8 head's sums are exact
 integers. `LMHead.row_independent` says whether a head runs that way.
+
+A GGUF table kept in Q8_0 or Q6_K (quant/ggml_blocks.QuantizedTable) is the exact head of its
+dequantized values: the native `quant_head` dequantizes each vocabulary row once per call and runs every
+row of the batch against it in one fixed order (row independent, the same bits on every instruction
+set); without the native kernels LM_HEAD_ROWS vocabulary rows at a time are dequantized and multiplied.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from . import native
 from .errors import ConfigError
 from .quant.activations import quantize_activations
+from .quant.ggml_blocks import NATIVE_KIND, QuantizedTable
 
 HEAD_MODES = ("exact", "int8")
 # weight dtypes the native GEMV takes against fp32 rows
@@ -47,9 +53,12 @@ class LMHead(nn.Module):
     module: several threads may run the same model at once.
     """
 
-    def __init__(self, weight: torch.Tensor, mode: str = "exact"):
+    def __init__(self, weight: torch.Tensor | QuantizedTable, mode: str = "exact"):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # (V, H)
+        if isinstance(weight, QuantizedTable):  # kept as stored; a module, shared with a tied embedding
+            self.weight = weight
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=False)  # (V, H)
         self.mode = check_head_mode(mode)
         if mode == "int8":
             codes, scales = quantize_rows_int8(weight)
@@ -62,6 +71,10 @@ class LMHead(nn.Module):
         if self.mode == "int8":
             return self._int8_logits(h)
         ops = native.ops() if h.device.type == "cpu" else None
+        if isinstance(self.weight, QuantizedTable):
+            if ops is not None and h.dtype == torch.float32:
+                return ops.quant_head(h.contiguous(), self.weight.data, NATIVE_KIND[self.weight.type_name], native.isa())
+            return self._widened_logits(h)
         if ops is not None and h.dtype == torch.float32 and self.weight.dtype in NATIVE_HEAD_DTYPES:
             return ops.half_matmul(h.contiguous(), self.weight, native.isa())
         if self.weight.dtype == h.dtype:
@@ -73,6 +86,8 @@ class LMHead(nn.Module):
         head (exact integer sums), or the native GEMV (fp32 rows on CPU)."""
         if self.mode == "int8":
             return True
+        if isinstance(self.weight, QuantizedTable):
+            return dtype == torch.float32 and self.weight.device.type == "cpu" and native.ops() is not None
         return (dtype == torch.float32 and self.weight.device.type == "cpu" and self.weight.dtype in NATIVE_HEAD_DTYPES
                 and native.ops() is not None)
 
@@ -90,7 +105,7 @@ class LMHead(nn.Module):
         out = torch.empty(h.shape[0], vocab, dtype=h.dtype, device=h.device)  # (M, V)
         for start in range(0, vocab, LM_HEAD_ROWS):
             n = min(LM_HEAD_ROWS, vocab - start)
-            rows = rows_buffer[:n].copy_(self.weight[start : start + n])
+            rows = rows_buffer[:n].copy_(self.weight[start : start + n])  # a QuantizedTable dequantizes these
             target = out[:, start : start + n]  # (M, n)
             if target.is_contiguous():  # one row: write in place
                 torch.mm(h, rows.t(), out=target)

@@ -21,6 +21,7 @@ from .config import ModelConfig
 from .errors import ConfigError, InputError
 from .head import LMHead
 from .layers import Attention, AttentionMask, BitLinear, Block, DecodeStack, FeedForward, RMSNorm, RotaryTables
+from .quant.ggml_blocks import QuantizedTable
 from .weights import PROJECTIONS, TernaryWeight, Weights, check_weights
 
 # Longer sequences are prefilled in chunks of this many tokens, bounding activation memory.
@@ -90,7 +91,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(floats("norm"), eps)
         # The embedding stays in its checkpoint dtype (bf16 for 2B-4T) unless the model runs in a
         # wider float that the exactness tests need; rows are upcast as they are looked up.
-        self.embed_tokens = nn.Parameter(_embedding_storage(weights["embed_tokens"], dtype, device), requires_grad=False)
+        self.embed_tokens = _embedding_table(_embedding_storage(weights["embed_tokens"], dtype, device))
         head = weights["embed_tokens"] if config.tie_word_embeddings else weights["lm_head"]
         if config.tie_word_embeddings:
             self.lm_head = LMHead(self.embed_tokens, lm_head)
@@ -369,8 +370,16 @@ def _on(weight: TernaryWeight, device: torch.device) -> TernaryWeight:
     return weight.to(device)  # packed on CPU as loaded (no int8 round trip), int8 elsewhere
 
 
-def _embedding_storage(weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Keep 16-bit embeddings as they are for fp32 models (memory); widen for float64 models."""
+def _embedding_storage(weight: torch.Tensor | QuantizedTable, dtype: torch.dtype,
+                       device: torch.device) -> torch.Tensor | QuantizedTable:
+    """Keep 16-bit embeddings as they are for fp32 models (memory); widen for float64 models. A Q8_0/Q6_K
+    table stays as stored for any dtype: its rows are dequantized (to float32, exact in float64) as used."""
+    if isinstance(weight, QuantizedTable):
+        return weight.to(device)
     if weight.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32:
         return weight.to(device)
     return weight.to(device=device, dtype=dtype)
+
+
+def _embedding_table(weight: torch.Tensor | QuantizedTable) -> nn.Parameter | QuantizedTable:
+    return weight if isinstance(weight, QuantizedTable) else nn.Parameter(weight, requires_grad=False)

@@ -2,6 +2,7 @@
 
 Names are internal and format-free (`loaders/names.py` maps HF and GGUF names onto them):
     embed_tokens [V, H] float     lm_head [V, H] float (untied only)     norm [H]
+        (embed_tokens / lm_head may be a QuantizedTable: GGUF Q8_0 / Q6_K blocks kept as stored)
     layers.N.input_layernorm [H]  layers.N.attn_sub_norm [Hq*D]  layers.N.post_attention_layernorm [H]
     layers.N.ffn_sub_norm [F]     layers.N.{q,k,v,o,gate,up,down}_proj -> TernaryWeight
 """
@@ -15,6 +16,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .quant.ggml_blocks import QuantizedTable
 from .quant.packed import pack_ternary, release_free_heap, unpack_ternary
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -162,5 +164,7 @@ def check_weights(config: ModelConfig, weights: Weights, source: str = "checkpoi
             beta = float(weight.beta)
             if not (math.isfinite(beta) and beta > 0):
                 raise CheckpointError(f"{source}: tensor {label} has scale {beta}; a scale must be a finite number > 0")
+        elif isinstance(weight, QuantizedTable):
+            require_finite(weight.scales(), label, source)  # finite scales: finite values
         else:
             require_finite(weight, label, source)

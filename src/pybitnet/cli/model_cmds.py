@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import InputError
+from ..quant.ggml_blocks import QuantizedTable
 from .app import app
 from .model_spec import SYNTHETIC_PREFIX, open_model, open_tokenizer
 from .progress import StderrProgress
@@ -42,7 +43,8 @@ def info(model: str = ModelArg, dtype: str = DtypeOpt):
     m = open_model_showing_progress(model, dtype)
     c = m.config
     ternary_bytes = sum(b.nbytes for name, b in m.named_buffers() if name.endswith("ternary_weights"))
-    float_bytes = sum(p.nbytes for p in m.parameters())
+    tables = [t for t in m.modules() if isinstance(t, QuantizedTable)]  # GGUF Q8_0 / Q6_K kept as stored
+    float_bytes = sum(p.nbytes for p in m.parameters()) + sum(t.nbytes for t in tables)
     table = Table(title=f"pybitnet model: {model}", show_header=False)
     rows = [
         ("architecture", c.architecture), ("source", json.dumps(getattr(m, "source", {"path": model}))),
@@ -53,7 +55,7 @@ def info(model: str = ModelArg, dtype: str = DtypeOpt):
         ("max positions", c.max_position_embeddings),
         ("ternary parameters", f"{c.ternary_parameters():,}"), ("float parameters", f"{c.float_parameters():,}"),
         ("compute dtype", str(m.dtype).replace("torch.", "")),
-        ("embedding dtype", str(m.embed_tokens.dtype).replace("torch.", "")),
+        ("embedding dtype", getattr(m.embed_tokens, "type_name", None) or str(m.embed_tokens.dtype).replace("torch.", "")),
         ("ternary weights in memory", f"{ternary_bytes / 2**20:,.1f} MiB "
                                       f"({8 * ternary_bytes / max(c.ternary_parameters(), 1):.1f} bits each)"),
         ("float weights", f"{float_bytes / 2**20:,.1f} MiB"),

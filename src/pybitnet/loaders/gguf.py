@@ -5,12 +5,15 @@ Architectures (docs/formats.md):
     bitnet                    llama.cpp (1bitLLM lineage): SiLU unless `bitnet.hidden_activation` is
                               "relu2"; TQ1_0 / TQ2_0 / F16 / F32 projections
 Ternary projections decode tensor by tensor straight to int8 values + beta; the mapped file's pages
-are released after each tensor, so loading holds the decoded model and little else.
+are released after each tensor, so loading holds the decoded model and little else. token_embd and
+output in Q8_0 or Q6_K stay as stored (quant/ggml_blocks.QuantizedTable); other block types are
+dequantized to float32, with one line on stderr saying so.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable, Mapping
 
 import gguf
@@ -19,6 +22,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError, GGUFError
+from ..quant.ggml_blocks import KEPT_TYPES, QuantizedTable, quantize_rows, row_bytes
 from ..quant.i2s import decode_i2s, encode_i2s
 from ..quant.tq import TQ1_0_BLOCK_BYTES, TQ2_0_BLOCK_BYTES, decode_tq1_0, decode_tq2_0, encode_tq1_0, encode_tq2_0
 from ..weights import TernaryWeight, Weights, check_weights, expected_shapes, is_projection
@@ -182,6 +186,20 @@ def _dense(reader: GGUFReader, info: TensorInfo) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(info.shape))
 
 
+def _table(reader: GGUFReader, info: TensorInfo, shape: tuple[int, ...]) -> torch.Tensor | QuantizedTable:
+    """token_embd / output: Q8_0 and Q6_K as stored (a copy of the blocks, not of the mapping), 16-bit
+    and float32 as stored, other block types dequantized to float32 with one line on stderr."""
+    kind = info.type.name
+    if kind in KEPT_TYPES:
+        rows = shape[0]
+        blocks = reader.tensor_bytes(info).reshape(rows, row_bytes(kind, shape[1]))
+        return QuantizedTable(torch.from_numpy(blocks.copy()), kind, shape[1])
+    if kind not in _DENSE_DTYPES and kind != "BF16":
+        print(f"pybitnet: {reader.path}: {info.name} is {kind}, loaded dequantized to float32 "
+              f"({4 * info.n_elements / 2**20:,.1f} MiB; kept as stored: {', '.join(KEPT_TYPES)})", file=sys.stderr)
+    return _dense(reader, info).reshape(shape)
+
+
 def _ternary_from_float(weight: torch.Tensor, name: str, path: str) -> TernaryWeight:
     """A float projection that holds T * beta (llama.cpp's F16/F32 conversions) -> TernaryWeight.
 
@@ -266,7 +284,7 @@ def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, Weights]:
             if is_projection(name):
                 weights[name] = _projection(reader, info, shape)
             elif name in ("embed_tokens", "lm_head"):
-                weights[name] = _dense(reader, info).reshape(shape)  # kept in its stored 16-bit dtype
+                weights[name] = _table(reader, info, shape)  # kept in its stored 16-bit or block type
             else:
                 weights[name] = _dense(reader, info).reshape(shape).float()
             reader.release(info)
@@ -287,7 +305,9 @@ QTYPES: dict[str, tuple[str, Callable[[torch.Tensor, float], np.ndarray], int]] 
     "f16": ("F16", lambda values, beta: (values.to(torch.float16) * torch.tensor(beta, dtype=torch.float16)).numpy(),
             int(gguf.LlamaFileType.MOSTLY_F16)),
 }
-EMBED_TYPES = {"f16": ("F16", torch.float16), "bf16": ("BF16", torch.bfloat16), "f32": ("F32", torch.float32)}
+# embedding / output types: float types as (ggml name, torch dtype); block types (ggml name, None)
+EMBED_TYPES = {"f16": ("F16", torch.float16), "bf16": ("BF16", torch.bfloat16), "f32": ("F32", torch.float32),
+               "q8_0": ("Q8_0", None), "q6_k": ("Q6_K", None)}
 # tokenizer keys whose GGUF type llama.cpp checks; python values are stored with these types
 _TOKENIZER_TYPES = {
     "tokenizer.ggml.token_type": (ValueType.ARRAY, ValueType.INT32),
@@ -358,6 +378,28 @@ def _dense_spec(gguf_name: str, tensor: torch.Tensor, type_name: str, dtype: tor
     return TensorSpec(gguf_name, tuple(tensor.shape), TYPE_BY_NAME[type_name], produce)
 
 
+def _table_spec(gguf_name: str, table: torch.Tensor | QuantizedTable, type_name: str) -> TensorSpec:
+    """An embedding / output table in a block type: its blocks as they are when it already has that
+    type, else quantized with ggml's reference rounding (quant/ggml_blocks.py)."""
+    rows, cols = table.shape
+    try:
+        nbytes = row_bytes(type_name, cols)
+    except ValueError:
+        raise GGUFError(f"{type_name.lower()}: tensor {gguf_name!r} has rows of {cols} elements, not a multiple of "
+                        f"{TYPE_BY_NAME[type_name].block_size}; choose another embedding type") from None
+
+    def produce() -> np.ndarray:
+        if isinstance(table, QuantizedTable) and table.type_name == type_name:
+            return table.data.detach().cpu().numpy()
+        source = table.dequantize() if isinstance(table, QuantizedTable) else table
+        data = quantize_rows(source, type_name)
+        if data.shape != (rows, nbytes):
+            raise GGUFError(f"tensor {gguf_name!r}: quantized to {data.shape}, expected {(rows, nbytes)}")
+        return data
+
+    return TensorSpec(gguf_name, (rows, cols), TYPE_BY_NAME[type_name], produce)
+
+
 def _ternary_spec(gguf_name: str, weight: TernaryWeight, qtype: str) -> TensorSpec:
     type_name, encode, _ = QTYPES[qtype]
     out_features, in_features = weight.shape
@@ -384,7 +426,8 @@ def write_gguf(
 
     i2_s writes bitnet.cpp's layout and arch (`bitnet-b1.58` for relu²); the others write
     mainline llama.cpp's `bitnet` arch with `bitnet.hidden_activation = "relu2"` for relu² models.
-    Norms are F32; the embedding (and an untied `output`) is `embed_type` (f16 | bf16 | f32).
+    Norms are F32; the embedding (and an untied `output`) is `embed_type` (f16 | bf16 | f32 | q8_0 | q6_k;
+    a table already in the block type is written as it is, else quantized as llama.cpp does).
     Without tokenizer metadata the file says `tokenizer.ggml.model = "no_vocab"`.
     """
     if qtype not in QTYPES:
@@ -400,8 +443,11 @@ def write_gguf(
         value = weights[internal]
         if isinstance(value, TernaryWeight):
             specs.append(_ternary_spec(gguf_name, value, qtype))
+        elif internal in ("embed_tokens", "lm_head") and embed_dtype is None:
+            specs.append(_table_spec(gguf_name, value, embed_name))
         elif internal in ("embed_tokens", "lm_head"):
-            specs.append(_dense_spec(gguf_name, value, embed_name, embed_dtype))
+            table = value.dequantize() if isinstance(value, QuantizedTable) else value
+            specs.append(_dense_spec(gguf_name, table, embed_name, embed_dtype))
         else:
             specs.append(_dense_spec(gguf_name, value, "F32", torch.float32))
     fields = _metadata(config, arch, QTYPES[qtype][2], tokenizer_metadata,

@@ -1377,6 +1377,170 @@ at::Tensor decode_stack(const at::Tensor& h, const c10::List<c10::optional<at::T
   return x;
 }
 
+// ------------------------------------------------------------------------------------------
+// A ggml Q8_0 or Q6_K table (token_embd / output kept as stored) x fp32 rows -> fp32 (the lm_head).
+// Each vocabulary entry's row of blocks is dequantized once per call into the float32 values ggml's
+// dequantize_row_q8_0 / dequantize_row_q6_K give (d * q, exact; (d * scale) * (code - 32), one
+// rounding), then every activation row takes its dot product with them in one fixed order, the same in
+// every body and batch size: element j of the row goes into partial sum j % 64 by an fp32 FMA, in order
+// of j; then the 64 partials halve pairwise (k += k + s for s = 32, 16, 8, 4, 2, 1). Scalar, AVX2 and
+// AVX-512 bodies therefore give the same bits, and a row's logits do not depend on its neighbours.
+
+enum QuantKind : int64_t { kQ8_0 = 0, kQ6_K = 1 };
+
+inline int64_t quant_row_bytes(int64_t kind, int64_t H) { return kind == kQ8_0 ? H / 32 * 34 : H / 256 * 210; }
+
+__attribute__((always_inline)) inline void quant_dequant_row_body(const uint8_t* row, int64_t kind, int64_t H,
+                                                                   float* out) {
+  if (kind == kQ8_0) {
+    for (int64_t b = 0; b < H / 32; ++b) {
+      const uint8_t* blk = row + b * 34;
+      uint16_t bits;
+      std::memcpy(&bits, blk, 2);
+      const float d = fp16_to_float(bits);
+      const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+      float* y = out + b * 32;
+      for (int j = 0; j < 32; ++j) y[j] = d * float(q[j]);
+    }
+    return;
+  }
+  for (int64_t b = 0; b < H / 256; ++b) {
+    const uint8_t* blk = row + b * 210;
+    const uint8_t* ql = blk;
+    const uint8_t* qh = blk + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    uint16_t bits;
+    std::memcpy(&bits, blk + 208, 2);
+    const float d = fp16_to_float(bits);
+    float* y = out + b * 256;
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 4; ++k) {
+        const uint8_t* lo = ql + 64 * h + 32 * (k & 1);
+        const uint8_t* hi = qh + 32 * h;
+        const int lo_shift = 4 * (k >> 1), hi_shift = 2 * k;
+        for (int half = 0; half < 2; ++half) {
+          const float step = d * float(sc[8 * h + 2 * k + half]);
+          for (int l = 16 * half; l < 16 * half + 16; ++l) {
+            const int code = ((lo[l] >> lo_shift) & 15) | (((hi[l] >> hi_shift) & 3) << 4);
+            y[128 * h + 32 * k + l] = step * float(code - 32);
+          }
+        }
+      }
+  }
+}
+
+void quant_dequant_row_scalar(const uint8_t* row, int64_t kind, int64_t H, float* out) {
+  quant_dequant_row_body(row, kind, H, out);
+}
+
+inline float quant_halve(float* acc, int width) {
+  for (int s = width / 2; s >= 1; s /= 2)
+    for (int k = 0; k < s; ++k) acc[k] = acc[k] + acc[k + s];
+  return acc[0];
+}
+
+float quant_dot_scalar(const float* h, const float* w, int64_t H) {
+  float acc[64] = {0.f};
+  for (int64_t j = 0; j < H; ++j) acc[j & 63] = std::fma(h[j], w[j], acc[j & 63]);
+  return quant_halve(acc, 64);
+}
+
+#ifdef PYBITNET_X86
+__attribute__((target("avx2,fma,f16c"))) void quant_dequant_row_avx2(const uint8_t* row, int64_t kind, int64_t H,
+                                                                     float* out) {
+  quant_dequant_row_body(row, kind, H, out);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"))) void quant_dequant_row_avx512(const uint8_t* row,
+                                                                                           int64_t kind, int64_t H,
+                                                                                           float* out) {
+  quant_dequant_row_body(row, kind, H, out);
+}
+
+// partial r*8 + lane in register r; H a multiple of 32
+__attribute__((target("avx2,fma"))) float quant_dot_avx2(const float* h, const float* w, int64_t H) {
+  __m256 a[8];
+  #pragma GCC unroll 8
+  for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 64 <= H; j += 64) {
+    #pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(h + j + 8 * r), _mm256_loadu_ps(w + j + 8 * r), a[r]);
+  }
+  if (j < H) {  // the last 32 elements: partials 0-31
+    #pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(h + j + 8 * r), _mm256_loadu_ps(w + j + 8 * r), a[r]);
+  }
+  #pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r) a[r] = _mm256_add_ps(a[r], a[r + 4]);  // s = 32
+  a[0] = _mm256_add_ps(a[0], a[2]);                                  // s = 16
+  a[1] = _mm256_add_ps(a[1], a[3]);
+  a[0] = _mm256_add_ps(a[0], a[1]);  // s = 8
+  float acc[8];
+  _mm256_storeu_ps(acc, a[0]);
+  return quant_halve(acc, 8);
+}
+
+// partial r*16 + lane in register r; H a multiple of 32
+__attribute__((target("avx512f"))) float quant_dot_avx512(const float* h, const float* w, int64_t H) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = 0;
+  for (; j + 64 <= H; j += 64) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(h + j), _mm512_loadu_ps(w + j), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(h + j + 16), _mm512_loadu_ps(w + j + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(h + j + 32), _mm512_loadu_ps(w + j + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(h + j + 48), _mm512_loadu_ps(w + j + 48), a3);
+  }
+  if (j < H) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(h + j), _mm512_loadu_ps(w + j), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(h + j + 16), _mm512_loadu_ps(w + j + 16), a1);
+  }
+  const __m512 c = _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3));  // s = 32, then s = 16
+  float acc[16];
+  _mm512_storeu_ps(acc, c);
+  return quant_halve(acc, 16);
+}
+#endif
+
+at::Tensor quant_head(const at::Tensor& h, const at::Tensor& blocks, int64_t kind, int64_t isa) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat, "pybitnet.quant_head: h must be 2-D float32");
+  TORCH_CHECK(kind == kQ8_0 || kind == kQ6_K, "pybitnet.quant_head: unknown table kind ", kind);
+  const int64_t H = h.size(1);
+  TORCH_CHECK(H % (kind == kQ8_0 ? 32 : 256) == 0, "pybitnet.quant_head: ", H, " columns is not a whole number of blocks");
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.size(1) == quant_row_bytes(kind, H),
+              "pybitnet.quant_head: blocks must be uint8 (V, ", quant_row_bytes(kind, H), ")");
+  const int64_t chosen = resolve_isa(isa);
+  at::Tensor hc = h.contiguous(), bc = blocks.contiguous();
+  const int64_t M = hc.size(0), V = bc.size(0), row_bytes = bc.size(1);
+  at::Tensor out = at::empty({M, V}, h.options());
+  if (M == 0 || V == 0) return out;
+  const float* hd = hc.data_ptr<float>();
+  const uint8_t* wd = bc.data_ptr<uint8_t>();
+  float* od = out.data_ptr<float>();
+  at::parallel_for(0, V, 64, [&](int64_t v0, int64_t v1) {
+    std::vector<float> buffer(H);
+    float* w = buffer.data();
+    for (int64_t v = v0; v < v1; ++v) {
+      const uint8_t* row = wd + v * row_bytes;
+#ifdef PYBITNET_X86
+      if (chosen == kAvx512) {
+        quant_dequant_row_avx512(row, kind, H, w);
+        for (int64_t m = 0; m < M; ++m) od[m * V + v] = quant_dot_avx512(hd + m * H, w, H);
+        continue;
+      }
+      if (chosen == kAvx2) {
+        quant_dequant_row_avx2(row, kind, H, w);
+        for (int64_t m = 0; m < M; ++m) od[m * V + v] = quant_dot_avx2(hd + m * H, w, H);
+        continue;
+      }
+#endif
+      quant_dequant_row_scalar(row, kind, H, w);
+      for (int64_t m = 0; m < M; ++m) od[m * V + v] = quant_dot_scalar(hd + m * H, w, H);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pybitnet, m) {
@@ -1394,6 +1558,7 @@ TORCH_LIBRARY(pybitnet, m) {
   m.def("decode_stack(Tensor h, Tensor?[] weights, float[] betas, float eps, Tensor cos, Tensor sin, "
         "Tensor(a!)[] keys, Tensor(b!)[] values, Tensor positions, int num_heads, int num_kv_heads, float scale, "
         "int isa=0) -> Tensor");
+  m.def("quant_head(Tensor h, Tensor blocks, int kind, int isa=0) -> Tensor");
   m.def("cpu_features() -> int", &cpu_features);
 }
 
@@ -1407,4 +1572,5 @@ TORCH_LIBRARY_IMPL(pybitnet, CPU, m) {
   m.impl("attention_prefill", &attention_prefill);
   m.impl("int8_head", &int8_head);
   m.impl("decode_stack", &decode_stack);
+  m.impl("quant_head", &quant_head);
 }

@@ -1,0 +1,232 @@
+"""ggml's Q8_0 and Q6_K block layouts (docs/formats.md), and a float table held in them.
+
+A GGUF embedding or output table quantized by llama.cpp is kept as it is stored: a uint8 tensor
+(rows, bytes per row) that `QuantizedTable` dequantizes a few rows at a time (an embedding lookup, a
+tile of the head) instead of a float32 copy of the whole table (a Q6_K table is 0.82 bytes per value;
+float32 is 4).
+
+Q8_0 (34 bytes per block of 32): f16 d, then 32 int8 q;  value = d * q.
+Q6_K (210 bytes per super-block of 256): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16],
+  f16 d. Element 128h + 32k + l (h < 2, k < 4, l < 32) has the 6-bit code
+      (ql[64h + 32(k % 2) + l] >> 4(k // 2)) & 15  |  ((qh[32h + l] >> 2k) & 3) << 4
+  and the value (d * scales[8h + 2k + l // 16]) * (code - 32), in float32: d * scale is exact, the
+  product with the code rounds once. This is ggml's dequantize_row_q6_K to the bit.
+
+The quantizers follow ggml's reference rounding (quantize_row_q8_0_ref, quantize_row_q6_K_ref with
+its make_qx_quants search), so a table written here holds the bytes llama.cpp would write.
+
+Layering: a byte format. It imports torch, numpy and gguf-py only.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+QK_K = 256
+# type name -> (elements per block, bytes per block)
+BLOCKS = {"Q8_0": (32, 34), "Q6_K": (256, 210)}
+KEPT_TYPES = tuple(BLOCKS)
+# the kind argument of the native quant_head op
+NATIVE_KIND = {"Q8_0": 0, "Q6_K": 1}
+_GROUP_MAX_EPS = np.float32(1e-15)
+
+
+def row_bytes(type_name: str, cols: int) -> int:
+    block, nbytes = BLOCKS[type_name]
+    if cols % block:
+        raise ValueError(f"{type_name} rows must be a multiple of {block} elements, got {cols}")
+    return cols // block * nbytes
+
+
+# ------------------------------------------------------------------------------------------------
+# dequantization (torch, any device)
+
+
+def _f16(raw: torch.Tensor) -> torch.Tensor:
+    """(..., 2) uint8 little-endian f16 bits -> (...) float32."""
+    return raw.contiguous().view(torch.float16)[..., 0].float()
+
+
+def dequantize_rows(data: torch.Tensor, type_name: str, cols: int) -> torch.Tensor:
+    """(n, bytes per row) uint8 -> (n, cols) float32, the values ggml's dequantize_row_* gives."""
+    n = data.shape[0]
+    block, nbytes = BLOCKS[type_name]
+    blocks = data.reshape(n, cols // block, nbytes)
+    if type_name == "Q8_0":
+        d = _f16(blocks[..., :2])  # (n, nb)
+        q = blocks[..., 2:].contiguous().view(torch.int8).float()  # (n, nb, 32)
+        return (q * d[..., None]).reshape(n, cols)
+    nb = cols // QK_K
+    ql = blocks[..., :128].reshape(n, nb, 2, 2, 32)  # [h, k % 2, l]
+    qh = blocks[..., 128:192].reshape(n, nb, 2, 1, 32)  # [h, ., l]
+    scales = blocks[..., 192:208].contiguous().view(torch.int8).float()  # (n, nb, 16)
+    d = _f16(blocks[..., 208:210])  # (n, nb)
+    low = torch.cat([ql & 15, ql >> 4], dim=3)  # (n, nb, 2, 4, 32): k = 0, 1 low nibbles, 2, 3 high
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=data.device).reshape(1, 1, 1, 4, 1)
+    high = (qh >> shifts) & 3  # (n, nb, 2, 4, 32)
+    q = (low | (high << 4)).float() - 32.0
+    step = (d[..., None] * scales).reshape(n, nb, 2, 4, 2).repeat_interleave(16, dim=-1)  # d * scale, exact
+    return (step * q).reshape(n, cols)
+
+
+# ------------------------------------------------------------------------------------------------
+# quantization (numpy, ggml's reference rounding)
+
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int (adding 1.5 * 2^23 in float32): round half to even for |v| < 2^22."""
+    return np.rint(np.clip(v, -(2.0**22), 2.0**22)).astype(np.int32)
+
+
+def _make_qx_quants(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's make_qx_quants(16, 32, x, L, rmse_type=1, NULL) for every group of 16: x (S, 16) float32 ->
+    (scale (S,) float32, L (S, 16) int32 in 0..63). Sums run over the 16 elements in order, in float32."""
+    nmax = np.float32(32)
+    ax = np.abs(x)
+    first = np.argmax(ax, axis=1)  # the first element of largest magnitude, as ggml's strict '>' keeps it
+    amax = ax[np.arange(len(x)), first]
+    xmax = x[np.arange(len(x)), first]
+    zero = amax < _GROUP_MAX_EPS
+    safe = np.where(zero, np.float32(1), xmax).astype(np.float32)
+    w = x * x
+
+    def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        l = np.clip(_nearest_int(iscale[:, None] * x), -32, 31)
+        lf = l.astype(np.float32)
+        sumlx = np.zeros(len(x), np.float32)
+        suml2 = np.zeros(len(x), np.float32)
+        for i in range(16):
+            sumlx = sumlx + (w[:, i] * x[:, i]) * lf[:, i]
+            suml2 = suml2 + (w[:, i] * lf[:, i]) * lf[:, i]
+        return l, sumlx, suml2
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = (-nmax / safe).astype(np.float32)
+        l, sumlx, suml2 = sums(iscale)
+        L = l + 32
+        scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, 1), 0).astype(np.float32)
+        best = (scale * sumlx).astype(np.float32)
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = (-(nmax + np.float32(0.1) * np.float32(step)) / safe).astype(np.float32)
+            l, sumlx, suml2 = sums(iscale)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            L = np.where(better[:, None], l + 32, L)
+            scale = np.where(better, sumlx / np.where(suml2 > 0, suml2, 1), scale).astype(np.float32)
+            best = np.where(better, scale * sumlx, best).astype(np.float32)
+    L[zero] = 0
+    scale[zero] = 0
+    return scale, L
+
+
+def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """(n, cols) float32 -> (n, cols / 256 * 210) uint8: ggml's quantize_row_q6_K_ref."""
+    n, cols = x.shape
+    nb = cols // QK_K
+    blocks = x.reshape(n * nb, QK_K)
+    scales, L = _make_qx_quants(blocks.reshape(-1, 16))
+    scales, L = scales.reshape(-1, 16), L.reshape(-1, QK_K)
+    first = np.argmax(np.abs(scales), axis=1)
+    max_scale = scales[np.arange(len(scales)), first]
+    zero = np.abs(max_scale) < _GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = (np.float32(-128) / np.where(zero, np.float32(1), max_scale)).astype(np.float32)
+        d16 = (np.float32(1) / iscale).astype(np.float32).astype(np.float16)
+        sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)  # (B, 16)
+        dj = d16.astype(np.float32)[:, None] * sc.astype(np.float32)  # (B, 16), exact
+        live = dj != 0
+        l = np.clip(_nearest_int(blocks.reshape(-1, 16, 16) / np.where(live, dj, 1)[..., None]), -32, 31) + 32
+    L = np.where(live[..., None], l, L.reshape(-1, 16, 16)).reshape(-1, 2, 4, 32).astype(np.uint8)  # [h, k, l]
+    ql = np.concatenate([L[:, :, 0] & 15 | (L[:, :, 2] & 15) << 4, L[:, :, 1] & 15 | (L[:, :, 3] & 15) << 4], axis=2)
+    qh = (L[:, :, 0] >> 4) | (L[:, :, 1] >> 4) << 2 | (L[:, :, 2] >> 4) << 4 | (L[:, :, 3] >> 4) << 6
+    out = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d16.reshape(-1, 1).view(np.uint8)],
+                         axis=1)  # (B, 210)
+    out[zero] = 0
+    return out.reshape(n, nb * 210)
+
+
+def quantize_rows(x: np.ndarray | torch.Tensor, type_name: str, chunk: int = 1024) -> np.ndarray:
+    """(n, cols) float -> (n, bytes per row) uint8 in `type_name`, with ggml's reference rounding,
+    `chunk` rows at a time (float32 of one chunk at most)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+    n, cols = x.shape
+    out = np.empty((n, row_bytes(type_name, cols)), dtype=np.uint8)
+    for start in range(0, n, chunk):
+        part = x[start : start + chunk]
+        part = part.float().numpy() if isinstance(part, torch.Tensor) else np.asarray(part, dtype=np.float32)
+        part = np.ascontiguousarray(part, dtype=np.float32)
+        if type_name == "Q8_0":
+            out[start : start + chunk] = gguf.quants.quantize(part, gguf.GGMLQuantizationType.Q8_0).reshape(len(part), -1)
+        else:
+            out[start : start + chunk] = _quantize_q6_k(part)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the table
+
+
+class QuantizedTable(nn.Module):
+    """A (rows, cols) float table held as ggml blocks: `data` (rows, bytes per row) uint8, `type_name`
+    Q8_0 or Q6_K. Indexing it (`table[ids]`, `table[a:b]`) dequantizes only those rows, to float32.
+
+    It carries no autograd graph: `detach()` is the table itself."""
+
+    def __init__(self, data: torch.Tensor, type_name: str, cols: int):
+        super().__init__()
+        if type_name not in BLOCKS:
+            raise ValueError(f"unsupported table type {type_name!r}; kept as stored: {', '.join(BLOCKS)}")
+        if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != row_bytes(type_name, cols):
+            raise ValueError(f"{type_name} table of {cols} columns needs uint8 (rows, {row_bytes(type_name, cols)}), "
+                             f"got {data.dtype} {tuple(data.shape)}")
+        self.type_name = type_name
+        self.cols = int(cols)
+        self.register_buffer("data", data)
+
+    @classmethod
+    def quantize(cls, table: torch.Tensor, type_name: str) -> "QuantizedTable":
+        return cls(torch.from_numpy(quantize_rows(table, type_name)), type_name, table.shape[1])
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.data.shape[0], self.cols))
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def detach(self) -> "QuantizedTable":
+        return self
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """Rows of the table as float32: index a LongTensor of row ids (any shape) or a slice."""
+        if isinstance(index, slice):
+            return dequantize_rows(self.data[index], self.type_name, self.cols)
+        index = torch.as_tensor(index, device=self.device)
+        flat = index.reshape(-1)
+        return dequantize_rows(self.data[flat], self.type_name, self.cols).reshape(*index.shape, self.cols)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, chunk: int = 4096) -> torch.Tensor:
+        """The whole table as `dtype` (float32 values, widened or narrowed after)."""
+        out = torch.empty(self.shape, dtype=dtype, device=self.device)
+        for start in range(0, self.shape[0], chunk):
+            out[start : start + chunk] = self[start : start + chunk]
+        return out
+
+    def scales(self) -> torch.Tensor:
+        """Every block's f16 scale d as float32 (the finite check of a loaded table)."""
+        block, nbytes = BLOCKS[self.type_name]
+        blocks = self.data.reshape(-1, nbytes)
+        return _f16(blocks[:, :2] if self.type_name == "Q8_0" else blocks[:, nbytes - 2 :])
+
+    def extra_repr(self) -> str:
+        return f"{self.type_name}, shape={list(self.shape)}"

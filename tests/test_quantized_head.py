@@ -1,0 +1,271 @@
+"""GGUF embedding / output tables in Q8_0 and Q6_K kept as stored (quant/ggml_blocks.py): the block
+layouts against gguf-py's dequantize and llama.cpp's quantizer, the native head against the fallback
+on every instruction set, logits against a float64 reference over the dequantized table, decode
+batch invariance, the loader, and `pybitnet convert --embed-type`."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import pybitnet
+from pybitnet import native, preset, synthetic
+from pybitnet.cli import app
+from pybitnet.head import LM_HEAD_ROWS, LMHead
+from pybitnet.loaders import convert
+from pybitnet.loaders.gguf import load_gguf_weights, write_gguf
+from pybitnet.loaders.gguf_file import TYPE_BY_NAME, GGUFReader, TensorSpec, write_gguf_file
+from pybitnet.loaders.hf import save_hf
+from pybitnet.quant.ggml_blocks import BLOCKS, NATIVE_KIND, QuantizedTable, dequantize_rows, quantize_rows
+from reference_numpy import ReferenceModel
+from rules import assert_float32_rule, assert_float64_rule
+
+ops = native.ops()
+needs_native = pytest.mark.skipif(ops is None, reason="native kernels not built (no compiler or PYBITNET_NATIVE=0)")
+KINDS = ("Q8_0", "Q6_K")
+# rows of 256 elements: a whole Q6_K super-block; vocab above LM_HEAD_ROWS so the fallback tiles
+CONFIG = preset("tiny").replace(hidden_size=256, intermediate_size=512, head_dim=0, vocab_size=LM_HEAD_ROWS + 300,
+                                max_position_embeddings=256)
+
+
+def _isas() -> list[str]:
+    if ops is None:
+        return []
+    features = int(ops.cpu_features())
+    return ["scalar"] + (["avx2"] if features & native.HAS_AVX2 else []) + \
+        (["avx512"] if features & native.HAS_AVX512_VNNI else [])
+
+
+def _table_values(seed: int, rows: int, cols: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    x[1] = 0  # all-zero blocks and groups
+    x[2, :16] = 0
+    x[3, 5] = 4.0  # one outlier in a block
+    x[4] *= np.float32(1e-6)  # tiny scales
+    return x
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layouts_match_gguf_py_dequantize(kind: str):
+    x = _table_values(0, 40, 512)
+    data = quantize_rows(x, kind)
+    assert data.shape == (40, 512 // BLOCKS[kind][0] * BLOCKS[kind][1])
+    ours = dequantize_rows(torch.from_numpy(data), kind, 512).numpy()
+    reference = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, kind))
+    assert np.array_equal(ours.view(np.uint32), reference.view(np.uint32))  # the same float32 bits
+    step = np.abs(x).max(axis=1, keepdims=True) / (127 if kind == "Q8_0" else 24)
+    assert (np.abs(ours - x) <= step + 1e-6).all()  # a quantization, not garbage (f16 scales flush tiny rows)
+
+
+def test_q6_k_bytes_per_value():
+    table = QuantizedTable.quantize(torch.from_numpy(_table_values(1, 8, 1024)), "Q6_K")
+    assert table.nbytes / (8 * 1024) == 210 / 256  # 0.82 bytes per value
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantizers_write_what_llama_cpp_writes(kind: str, tmp_path: Path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    config = CONFIG.replace(vocab_size=512)
+    weights = synthetic.random_weights(config, 0)
+    write_gguf(tmp_path / "f32.gguf", config, weights, "f16", embed_type="f32")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(gguf.LlamaFileType.MOSTLY_F16)  # the F16 projections stay; only the embedding changes
+    params.token_embedding_type = int(getattr(gguf.GGMLQuantizationType, kind))
+    params.nthread = 1
+    out = tmp_path / "llama.gguf"
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(out).encode(),
+                                          ctypes.byref(params)) == 0
+    with GGUFReader(out) as reader:
+        info = reader.tensors["token_embd.weight"]
+        assert info.type.name == kind
+        theirs = reader.tensor_bytes(info).reshape(512, -1).copy()
+    assert np.array_equal(quantize_rows(weights["embed_tokens"].float(), kind), theirs)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", KINDS)
+def test_native_head_equals_fallback_on_every_instruction_set(kind: str, monkeypatch):
+    cols = 512 if kind == "Q6_K" else 480  # Q8_0: rows not a multiple of 64
+    table = QuantizedTable.quantize(torch.from_numpy(_table_values(2, LM_HEAD_ROWS + 77, cols)), kind)
+    head = LMHead(table)
+    h = torch.randn(9, cols, generator=torch.Generator().manual_seed(3))
+    values = table.dequantize(torch.float64)
+    exact = h.double() @ values.t()
+    bound = cols * 2.0**-23 * (h.double().abs() @ values.abs().t())  # float32 rounding of any summation order
+    monkeypatch.setenv("PYBITNET_NATIVE", "0")
+    fallback = head._widened_logits(h)
+    assert ((fallback.double() - exact).abs() <= bound).all()
+    first = None
+    for isa in _isas():
+        monkeypatch.setenv("PYBITNET_NATIVE_ISA", isa)
+        logits = head(h)
+        assert ((logits.double() - exact).abs() <= bound).all(), isa
+        assert ((logits.double() - fallback.double()).abs() <= 2 * bound).all(), isa
+        if first is None:
+            first = logits
+        assert torch.equal(logits, first), isa  # one summation order in every body
+        for rows in (slice(0, 1), slice(4, 5), slice(2, 8)):
+            assert torch.equal(head(h[rows]), logits[rows]), isa  # row independent
+        direct = ops.quant_head(h, table.data, NATIVE_KIND[kind], {"scalar": 1, "avx2": 2, "avx512": 3}[isa])
+        assert torch.equal(direct, logits)
+
+
+def _write(tmp_path: Path, kind: str, tied: bool, qtype: str = "i2_s") -> tuple[Path, dict]:
+    config = CONFIG.replace(tie_word_embeddings=tied)
+    weights = synthetic.random_weights(config, 5, embed_dtype=torch.float32)
+    path = tmp_path / f"{kind}-{'tied' if tied else 'untied'}.gguf"
+    write_gguf(path, config, weights, qtype, embed_type=kind.lower())
+    return path, weights
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_equal_a_float64_reference_over_the_dequantized_table(kind: str, tied: bool, tmp_path: Path):
+    path, weights = _write(tmp_path, kind, tied)
+    config, loaded = load_gguf_weights(path)
+    names = ["embed_tokens"] + ([] if tied else ["lm_head"])
+    for name in names:
+        assert isinstance(loaded[name], QuantizedTable) and loaded[name].type_name == kind
+    # the reference reads the HF twin whose tables are gguf-py's dequantization of the file's blocks
+    with GGUFReader(path) as reader:
+        tables = {name: gguf.quants.dequantize(reader.tensor_bytes(reader.tensors[gguf_name]).reshape(config.vocab_size, -1),
+                                               getattr(gguf.GGMLQuantizationType, kind))
+                  for name, gguf_name in (("embed_tokens", "token_embd.weight"), ("lm_head", "output.weight"))
+                  if name in names}
+    twin = dict(weights, **{name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in tables.items()})
+    reference = ReferenceModel.from_hf_dir(save_hf(tmp_path / "hf", config, twin, float_dtype=torch.float32))
+    ours64 = pybitnet.load(path, dtype=torch.float64)
+    ours32 = pybitnet.load(path)
+    assert isinstance(ours64.embed_tokens, QuantizedTable) and (ours64.lm_head.weight is ours64.embed_tokens) == tied
+    tokens = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = torch.from_numpy(np.stack([reference.forward(row.tolist()) for row in tokens]))  # (2, T, V)
+    assert_float64_rule(ours64.forward_full(tokens), expected)
+    assert_float32_rule(ours32.forward_full(tokens), expected)
+    assert_float64_rule(ours64.forward_step_by_step(tokens), expected)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_gives_a_row_the_same_bits_in_any_batch(kind: str, tmp_path: Path, one_thread):
+    path, _ = _write(tmp_path, kind, tied=kind == "Q6_K")
+    model = pybitnet.load(path)
+    assert isinstance(model.lm_head.weight, QuantizedTable) and model.decode_is_row_independent()
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, CONFIG.vocab_size, (8, 6), generator=g)
+    lengths = [6, 3, 5, 2, 6, 4, 1, 5]
+    following = torch.randint(0, CONFIG.vocab_size, (8,), generator=g)
+
+    def decode(rows: list[int]) -> torch.Tensor:
+        cache = model.new_cache(batch_size=len(rows), max_len=16)
+        for slot, row in enumerate(rows):
+            alone = model.new_cache(batch_size=1, max_len=16)
+            model.prefill(prompts[row : row + 1, : lengths[row]], alone)
+            cache.copy_rows(alone, [0], [slot])
+        return model.decode_step(following[rows], cache)
+
+    alone = {row: decode([row])[0] for row in range(8)}
+    for size in range(1, 9):
+        batch = decode(list(range(size)))
+        for row in range(size):
+            assert torch.equal(batch[row], alone[row]), (size, row)
+
+
+def test_int8_head_mode_takes_a_quantized_table(tmp_path: Path):
+    path, _ = _write(tmp_path, "Q6_K", tied=True)
+    exact, int8 = pybitnet.load(path), pybitnet.load(path, lm_head="int8")
+    tokens = torch.randint(0, CONFIG.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    assert_float32_rule(int8.forward_full(tokens), exact.forward_full(tokens))
+
+
+def test_other_block_types_load_dequantized_with_one_line(tmp_path: Path, capsys):
+    path, _ = _write(tmp_path, "Q8_0", tied=True)
+    q4k = tmp_path / "q4_k.gguf"
+    rng = np.random.default_rng(0)
+    with GGUFReader(path) as reader:  # the same file with a Q4_K token_embd of random blocks
+        specs = []
+        for info in reader.tensors.values():
+            if info.name == "token_embd.weight":
+                blocks = rng.integers(0, 256, (CONFIG.vocab_size, 144), dtype=np.uint8)
+                blocks[:, 0:4] = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)  # d, dmin
+                specs.append(TensorSpec(info.name, info.shape, TYPE_BY_NAME["Q4_K"], lambda b=blocks: b))
+            else:
+                specs.append(TensorSpec(info.name, info.shape, info.type, lambda i=info: reader.tensor_bytes(i).copy()))
+        write_gguf_file(q4k, reader.fields, specs)
+    capsys.readouterr()
+    _, weights = load_gguf_weights(q4k)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "token_embd.weight is Q4_K, loaded dequantized to float32" in lines[0]
+    assert weights["embed_tokens"].dtype == torch.float32
+    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K)
+    assert np.array_equal(weights["embed_tokens"].numpy(), expected)
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_convert_round_trip(tmp_path: Path, tied: bool):
+    source, weights = _write(tmp_path, "Q8_0", tied, qtype="i2_s")
+    q6 = tmp_path / "q6.gguf"
+    result = runner.invoke(app, ["convert", str(source), str(q6), "--embed-type", "q6_k"])
+    assert result.exit_code == 0, result.output
+    _, loaded = load_gguf_weights(q6)
+    names = ["embed_tokens"] + ([] if tied else ["lm_head"])
+    for name in names:  # Q8_0 values requantized to Q6_K as llama.cpp would
+        table = loaded[name]
+        assert isinstance(table, QuantizedTable) and table.type_name == "Q6_K"
+        expected = quantize_rows(QuantizedTable.quantize(weights[name], "Q8_0").dequantize(), "Q6_K")
+        assert np.array_equal(table.data.numpy(), expected)
+    again = convert(q6, tmp_path / "again.gguf", qtype="tq2_0", embed_type="q6_k")  # kept as stored: same bytes
+    _, reloaded = load_gguf_weights(again)
+    for name in names:
+        assert torch.equal(reloaded[name].data, loaded[name].data)
+    f16 = convert(q6, tmp_path / "f16.gguf", embed_type="f16")
+    _, widened = load_gguf_weights(f16)
+    for name in names:
+        assert torch.equal(widened[name], loaded[name].dequantize().half())
+    hf = convert(q6, tmp_path / "hf")  # a Hugging Face directory gets the float32 values
+    model, hf_model = pybitnet.load(q6), pybitnet.load(hf)
+    tokens = torch.randint(0, CONFIG.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2))
+    assert_float32_rule(model.forward_full(tokens), hf_model.forward_full(tokens))  # two head kernels, one table
+
+
+def test_convert_refuses_rows_that_are_not_whole_blocks(tmp_path: Path, cli):
+    result = cli("convert", "synthetic:tiny", str(tmp_path / "t.gguf"), "--embed-type", "q6_k")
+    assert result.code == 1 and "rows of 128 elements, not a multiple of 256" in result.err
+    assert "Traceback" not in result.err and not (tmp_path / "t.gguf").exists()
+    result = runner.invoke(app, ["convert", "synthetic:tiny", str(tmp_path / "t.gguf"), "--embed-type", "q8_0"])
+    assert result.exit_code == 0, result.output
+    assert isinstance(load_gguf_weights(tmp_path / "t.gguf")[1]["embed_tokens"], QuantizedTable)
+    shown = cli("info", str(tmp_path / "t.gguf"))
+    assert shown.code == 0 and "Q8_0" in shown.out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_llama_cpp_runs_our_quantized_tables(kind: str, tmp_path: Path):
+    """llama.cpp loads a file we write with a Q8_0 / Q6_K embedding and its logits meet the float32 rule
+    against ours (it quantizes activations per block and runs its own dot products). Tied only: this
+    llama.cpp's `bitnet` graph never reads an `output` tensor, and refuses a file that has one whatever its type."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    config = CONFIG.replace(vocab_size=512, hidden_act="silu")  # llama.cpp's bitnet graph is SiLU; tied
+    path = tmp_path / "m.gguf"
+    write_gguf(path, config, synthetic.random_weights(config, 0), "tq2_0", embed_type=kind.lower())
+    model = pybitnet.load(path)
+    assert isinstance(model.lm_head.weight, QuantizedTable)
+    tokens = torch.randint(0, config.vocab_size, (48,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm = llama_cpp.Llama(str(path), n_ctx=128, n_batch=128, logits_all=True, n_threads=2, verbose=False)
+    try:
+        assert llm.n_vocab() == config.vocab_size
+        llm.eval(tokens)
+        theirs = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float64))
+    finally:
+        llm.close()
+    rel, agree = assert_float32_rule(theirs, model.forward_full(torch.tensor([tokens]))[0])
+    print(f"\nllama.cpp vs pybitnet ({kind}): max relative difference {rel:.2e}, top-1 {agree:.1%}")
