@@ -16,6 +16,8 @@ from pybitnet import load_tokenizer
 from pybitnet.builtin import BUILTIN_MODEL, builtin_model_path
 from pybitnet.evaluate import token_logprobs
 from pybitnet.generate import generate
+from pybitnet.sampling import SamplingParams
+from pybitnet.session import Conversation
 from pybitnet.loaders import load_weights
 from pybitnet.loaders.gguf import write_gguf
 from pybitnet.tokenizer import gguf_tokenizer_metadata
@@ -62,6 +64,22 @@ def test_builtin_model_generates_words(held_out_ids):
     assert len(words) >= 5
     common = {"the", "and", "of", "to", "unto", "that", "he", "in", "his", "shall", "i", "a", "them", "not", "is", "for"}
     assert any(w.strip(",.;:").lower() in common for w in words), text
+
+
+def test_builtin_model_ends_its_chat_turns():
+    # Trained with chat exchanges ending in <|eot_id|>: a reply ends there instead of running to the token limit.
+    model = pybitnet.load(builtin_model_path())
+    tokenizer = load_tokenizer(builtin_model_path())
+    sampling = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)  # `pybitnet chat`'s defaults
+    messages = ["Hello, who are you?", "Where is the ark of the covenant?", "How many sons had Jacob?",
+                "Blessed are the meek: for they shall inherit the earth.", "And Jesus answered and said unto them,",
+                "Tell me about the king of Israel.", "The LORD is my shepherd; I shall not want.", "Thank you. Goodbye."]
+    reasons = []
+    for seed, message in enumerate(messages):
+        chat = Conversation(model, tokenizer)
+        chat.append("user", message)
+        reasons.append(chat.generate(max_new_tokens=128, sampling=sampling, seed=seed).finish_reasons[0])
+    assert reasons.count("stop_token") >= 6, reasons
 
 
 def test_builtin_gguf_forms_give_bit_identical_logits_and_match_numpy_reference(tmp_path, held_out_ids):
