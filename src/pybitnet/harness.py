@@ -63,7 +63,7 @@ DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_GEN_TOKS = 256
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 # Continuation rows x positions projected at once after a shared context: bounds the (rows, T, V) logits.
-SHARED_LOGIT_ROWS = 512
+SHARED_LOGIT_ROWS = 256
 
 
 def _int_arg(name: str, value, minimum: int = 1) -> int:
@@ -310,7 +310,8 @@ class PyBitNetLM(TemplateLM):
             answers = {}
             for g, (index, _, continuation) in members:
                 answers[index] = [float(first_logp[g, continuation[0]]), int(first_greedy[g]) == continuation[0]]
-            rest = [(g, row) for g, row in members if len(row[2]) > 1]
+            # longest continuations first, so rows of one pass have similar widths and little padding is projected
+            rest = sorted(((g, row) for g, row in members if len(row[2]) > 1), key=lambda m: -len(m[1][2]))
             start = 0
             while start < len(rest):
                 width = len(rest[start][1][2]) - 1
@@ -329,13 +330,17 @@ class PyBitNetLM(TemplateLM):
         width = tokens.shape[1]
         logits = self.model.prefill(tokens.to(self.device), cache, mask.to(self.device),
                                     logits=torch.arange(width, device=self.device))  # (n, W, V)
-        logp = logits.double().log_softmax(-1).cpu()
-        top = logits.argmax(-1).cpu()
-        for b, (_, (index, _, continuation)) in enumerate(part):
-            targets = torch.tensor(continuation[1:])
-            positions = torch.arange(len(targets))
-            answers[index][0] += float(logp[b, positions, targets].sum())
-            answers[index][1] = answers[index][1] and bool((top[b, positions] == targets).all())
+        real = mask.bool().to(logits.device)  # (n, W): each row's own positions, not its padding
+        targets = torch.tensor([t for _, (_, _, continuation) in part for t in continuation[1:]])
+        picked = logits[real]  # (N, V) in row order, then position order
+        logp = picked.double().log_softmax(-1).gather(1, targets[:, None].to(picked.device))[:, 0].cpu()
+        greedy = (picked.argmax(-1).cpu() == targets)
+        at = 0
+        for _, (index, _, continuation) in part:
+            n = len(continuation) - 1
+            answers[index][0] += float(logp[at: at + n].sum())
+            answers[index][1] = answers[index][1] and bool(greedy[at: at + n].all())
+            at += n
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []
