@@ -1446,15 +1446,94 @@ float quant_dot_scalar(const float* h, const float* w, int64_t H) {
 }
 
 #ifdef PYBITNET_X86
-__attribute__((target("avx2,fma,f16c"))) void quant_dequant_row_avx2(const uint8_t* row, int64_t kind, int64_t H,
-                                                                     float* out) {
-  quant_dequant_row_body(row, kind, H, out);
+// 32 codes of a Q6_K block (k-th quarter of half h) as unsigned bytes 0..63, minus 32
+__attribute__((target("avx2"))) inline __m256i q6_codes_avx2(const uint8_t* ql, const uint8_t* qh, int h, int k) {
+  const __m256i nibble = _mm256_set1_epi8(15), two = _mm256_set1_epi8(3);
+  __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * h + 32 * (k & 1)));
+  if (k >> 1) lo = _mm256_srli_epi16(lo, 4);
+  lo = _mm256_and_si256(lo, nibble);
+  __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h));
+  hi = _mm256_and_si256(_mm256_srli_epi16(hi, 2 * k), two);  // shifts of 16-bit lanes: masked per byte after
+  hi = _mm256_slli_epi16(hi, 4);                               // bytes <= 3 << 4: no carry between bytes
+  return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"))) void quant_dequant_row_avx512(const uint8_t* row,
-                                                                                           int64_t kind, int64_t H,
-                                                                                           float* out) {
-  quant_dequant_row_body(row, kind, H, out);
+// The same values as quant_dequant_row_body (each a product of two floats, rounded once), 8 at a time.
+__attribute__((target("avx2,fma,f16c"))) void quant_dequant_row_avx2(const uint8_t* row, int64_t kind, int64_t H,
+                                                                     float* out) {
+  if (kind == kQ8_0) {
+    for (int64_t b = 0; b < H / 32; ++b) {
+      const uint8_t* blk = row + b * 34;
+      uint16_t bits;
+      std::memcpy(&bits, blk, 2);
+      const __m256 d = _mm256_set1_ps(fp16_to_float(bits));
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+      float* y = out + b * 32;
+      _mm256_storeu_ps(y, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0))));
+      _mm256_storeu_ps(y + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8)))));
+      _mm256_storeu_ps(y + 16, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1))));
+      _mm256_storeu_ps(y + 24, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8)))));
+    }
+    return;
+  }
+  for (int64_t b = 0; b < H / 256; ++b) {
+    const uint8_t* blk = row + b * 210;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    uint16_t bits;
+    std::memcpy(&bits, blk + 208, 2);
+    const float d = fp16_to_float(bits);
+    float* y = out + b * 256;
+    for (int h = 0; h < 2; ++h)
+      #pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const __m256i q = q6_codes_avx2(blk, blk + 128, h, k);
+        const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+        const __m256 s0 = _mm256_set1_ps(d * float(sc[8 * h + 2 * k])), s1 = _mm256_set1_ps(d * float(sc[8 * h + 2 * k + 1]));
+        float* yk = y + 128 * h + 32 * k;
+        _mm256_storeu_ps(yk, _mm256_mul_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0))));
+        _mm256_storeu_ps(yk + 8, _mm256_mul_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8)))));
+        _mm256_storeu_ps(yk + 16, _mm256_mul_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1))));
+        _mm256_storeu_ps(yk + 24, _mm256_mul_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8)))));
+      }
+  }
+}
+
+// The same values again, 16 at a time.
+__attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_dequant_row_avx512(const uint8_t* row,
+                                                                                       int64_t kind, int64_t H,
+                                                                                       float* out) {
+  if (kind == kQ8_0) {
+    for (int64_t b = 0; b < H / 32; ++b) {
+      const uint8_t* blk = row + b * 34;
+      uint16_t bits;
+      std::memcpy(&bits, blk, 2);
+      const __m512 d = _mm512_set1_ps(fp16_to_float(bits));
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      float* y = out + b * 32;
+      _mm512_storeu_ps(y, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)))));
+      _mm512_storeu_ps(y + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)))));
+    }
+    return;
+  }
+  for (int64_t b = 0; b < H / 256; ++b) {
+    const uint8_t* blk = row + b * 210;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    uint16_t bits;
+    std::memcpy(&bits, blk + 208, 2);
+    const float d = fp16_to_float(bits);
+    float* y = out + b * 256;
+    for (int h = 0; h < 2; ++h)
+      #pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const __m256i q = q6_codes_avx2(blk, blk + 128, h, k);
+        float* yk = y + 128 * h + 32 * k;
+        _mm512_storeu_ps(yk, _mm512_mul_ps(_mm512_set1_ps(d * float(sc[8 * h + 2 * k])),
+                                           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)))));
+        _mm512_storeu_ps(yk + 16, _mm512_mul_ps(_mm512_set1_ps(d * float(sc[8 * h + 2 * k + 1])),
+                                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)))));
+      }
+  }
 }
 
 // partial r*8 + lane in register r; H a multiple of 32
@@ -1500,6 +1579,74 @@ __attribute__((target("avx512f"))) float quant_dot_avx512(const float* h, const 
   _mm512_storeu_ps(acc, c);
   return quant_halve(acc, 16);
 }
+
+// AVX-512, dequantization fused with the dot products of MT rows: each group of 16 values goes
+// straight from the blocks into the FMAs of every row, register (j / 16) mod 4 for element j, so each
+// row gets exactly quant_dot_avx512's sequence of operations on the same values (the same bits); the
+// values are never stored.
+template <int MT>
+__attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_tile_avx512(const uint8_t* row, int64_t kind,
+                                                                               int64_t H, const float* h,
+                                                                               float* out, int64_t V) {
+  __m512 acc[MT][4];
+  #pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m)
+    #pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_ps();
+#define PYBITNET_QUANT_FEED(r, j, w)                                                                \
+  do {                                                                                              \
+    const __m512 w_ = (w);                                                                          \
+    _Pragma("GCC unroll 4") for (int m = 0; m < MT; ++m) acc[m][r] =                                \
+        _mm512_fmadd_ps(_mm512_loadu_ps(h + m * H + (j)), w_, acc[m][r]);                          \
+  } while (0)
+  if (kind == kQ8_0) {
+    for (int64_t b = 0; b < H / 32; ++b) {
+      const uint8_t* blk = row + b * 34;
+      uint16_t bits;
+      std::memcpy(&bits, blk, 2);
+      const __m512 d = _mm512_set1_ps(fp16_to_float(bits));
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      const __m512 w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
+      const __m512 w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
+      if (b & 1) {
+        PYBITNET_QUANT_FEED(2, b * 32, w0);
+        PYBITNET_QUANT_FEED(3, b * 32 + 16, w1);
+      } else {
+        PYBITNET_QUANT_FEED(0, b * 32, w0);
+        PYBITNET_QUANT_FEED(1, b * 32 + 16, w1);
+      }
+    }
+  } else {
+    for (int64_t b = 0; b < H / 256; ++b) {
+      const uint8_t* blk = row + b * 210;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+      uint16_t bits;
+      std::memcpy(&bits, blk + 208, 2);
+      const float d = fp16_to_float(bits);
+      #pragma GCC unroll 2
+      for (int hh = 0; hh < 2; ++hh)
+        #pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          const __m256i q = q6_codes_avx2(blk, blk + 128, hh, k);
+          const int64_t j = b * 256 + 128 * hh + 32 * k;
+          PYBITNET_QUANT_FEED((2 * k) & 3, j,
+                              _mm512_mul_ps(_mm512_set1_ps(d * float(sc[8 * hh + 2 * k])),
+                                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)))));
+          PYBITNET_QUANT_FEED((2 * k + 1) & 3, j + 16,
+                              _mm512_mul_ps(_mm512_set1_ps(d * float(sc[8 * hh + 2 * k + 1])),
+                                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)))));
+        }
+    }
+  }
+  #pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) {
+    const __m512 c = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][2]), _mm512_add_ps(acc[m][1], acc[m][3]));
+    float lanes[16];
+    _mm512_storeu_ps(lanes, c);
+    out[m * V] = quant_halve(lanes, 16);
+  }
+}
+#undef PYBITNET_QUANT_FEED
 #endif
 
 at::Tensor quant_head(const at::Tensor& h, const at::Tensor& blocks, int64_t kind, int64_t isa) {
@@ -1523,9 +1670,15 @@ at::Tensor quant_head(const at::Tensor& h, const at::Tensor& blocks, int64_t kin
     for (int64_t v = v0; v < v1; ++v) {
       const uint8_t* row = wd + v * row_bytes;
 #ifdef PYBITNET_X86
-      if (chosen == kAvx512) {
-        quant_dequant_row_avx512(row, kind, H, w);
-        for (int64_t m = 0; m < M; ++m) od[m * V + v] = quant_dot_avx512(hd + m * H, w, H);
+      if (chosen == kAvx512) {  // tiles of up to 4 rows, each dequantizing the entry's blocks on the fly
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) quant_tile_avx512<4>(row, kind, H, hd + m * H, od + m * V + v, V);
+        switch (M - m) {
+          case 3: quant_tile_avx512<3>(row, kind, H, hd + m * H, od + m * V + v, V); break;
+          case 2: quant_tile_avx512<2>(row, kind, H, hd + m * H, od + m * V + v, V); break;
+          case 1: quant_tile_avx512<1>(row, kind, H, hd + m * H, od + m * V + v, V); break;
+          default: break;
+        }
         continue;
       }
       if (chosen == kAvx2) {
