@@ -33,15 +33,18 @@ def lm_eval():
     return pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install "pybitnet[eval]"')
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Nothing here may reach a hub: lm-eval's hf backend asks one for the model's revision."""
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """Nothing here may reach a hub (lm-eval's hf backend asks one for the model's revision); module-scoped, so the
+    module's evaluations below run inside it."""
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        patch.setenv("TOKENIZERS_PARALLELISM", "false")
+        yield
 
 
 def _words(rng: random.Random, n: int) -> str:
