@@ -161,9 +161,9 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
     async def lifespan(app: FastAPI):
         threading.Thread(target=load_in_background, name="pybitnet-load", daemon=True).start()
         yield
-        if state.engine is not None:
-            state.engine.stop(timeout=5)
-            save_prefix_cache(state)
+        if state.engine is not None:  # joining the scheduler and writing the cache are not the event loop's work
+            engine = state.engine
+            await asyncio.to_thread(lambda: (engine.stop(timeout=5), save_prefix_cache(state)))
 
     docs = state.settings.docs
     app = FastAPI(title="pybitnet", version="0.1.0", lifespan=lifespan,
