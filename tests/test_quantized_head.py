@@ -69,6 +69,34 @@ def test_q6_k_bytes_per_value():
     assert table.nbytes / (8 * 1024) == 210 / 256  # 0.82 bytes per value
 
 
+def test_a_loaded_q6_k_table_costs_its_stored_bytes_in_rss(tmp_path: Path):
+    """Loading keeps the blocks (0.82 bytes per value), not a float32 copy (4): measured in a fresh process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    config = CONFIG.replace(vocab_size=32768, hidden_size=1024, intermediate_size=256, num_layers=1)
+    weights = synthetic.random_weights(config, 0)
+    blocks = np.random.default_rng(0).integers(0, 256, (config.vocab_size, 4 * 210), dtype=np.uint8)
+    blocks.reshape(config.vocab_size, 4, 210)[..., 208:] = np.array([1e-3], dtype=np.float16).view(np.uint8)
+    weights["embed_tokens"] = QuantizedTable(torch.from_numpy(blocks), "Q6_K", config.hidden_size)
+    path = tmp_path / "q6_k.gguf"
+    write_gguf(path, config, weights, "i2_s", embed_type="q6_k")
+    script = textwrap.dedent(f"""
+        import pybitnet
+        def rss():
+            return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+        before = rss()
+        model = pybitnet.load({str(path)!r})
+        model.forward_full([[1, 2, 3]], logits="last")
+        print(rss() - before)
+    """)
+    grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()[-1])
+    values = config.vocab_size * config.hidden_size  # 32 Mi: 27 MiB as Q6_K, 128 MiB as float32
+    print(f"\nloading grew RSS by {grown / 2**20:.1f} MiB, {grown / values:.2f} bytes per table value")
+    assert grown < 2 * values, f"loading grew RSS by {grown / values:.2f} bytes per table value"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_quantizers_write_what_llama_cpp_writes(kind: str, tmp_path: Path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")

@@ -12,6 +12,7 @@ dequantized to float32, with one line on stderr saying so.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any, Callable, Mapping
@@ -47,6 +48,7 @@ _INT_TYPES = {ValueType.UINT8, ValueType.INT8, ValueType.UINT16, ValueType.INT16
               ValueType.INT32, ValueType.UINT64, ValueType.INT64}
 _FLOAT_TYPES = {ValueType.FLOAT32, ValueType.FLOAT64}
 _DENSE_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+_TABLE_CHUNK_BYTES = 16 << 20  # a block table is copied out of the mapping this much at a time
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,9 +193,16 @@ def _table(reader: GGUFReader, info: TensorInfo, shape: tuple[int, ...]) -> torc
     and float32 as stored, other block types dequantized to float32 with one line on stderr."""
     kind = info.type.name
     if kind in KEPT_TYPES:
-        rows = shape[0]
-        blocks = reader.tensor_bytes(info).reshape(rows, row_bytes(kind, shape[1]))
-        return QuantizedTable(torch.from_numpy(blocks.copy()), kind, shape[1])
+        rows, per_row = shape[0], row_bytes(kind, shape[1])
+        blocks = reader.tensor_bytes(info).reshape(rows, per_row)
+        data = torch.empty(rows, per_row, dtype=torch.uint8)
+        target = data.numpy()
+        step = max(1, _TABLE_CHUNK_BYTES // per_row)
+        for start in range(0, rows, step):  # copied in chunks, each chunk's pages of the mapping released
+            n = min(step, rows - start)
+            target[start : start + n] = blocks[start : start + n]
+            reader.release(dataclasses.replace(info, data_offset=info.data_offset + start * per_row, nbytes=n * per_row))
+        return QuantizedTable(data, kind, shape[1])
     if kind not in _DENSE_DTYPES and kind != "BF16":
         print(f"pybitnet: {reader.path}: {info.name} is {kind}, loaded dequantized to float32 "
               f"({4 * info.n_elements / 2**20:,.1f} MiB; kept as stored: {', '.join(KEPT_TYPES)})", file=sys.stderr)
