@@ -16,8 +16,8 @@ multiple-choice task over it (`dataset_path: json`): --questions questions of --
               llama.cpp's `bitnet` graph computes SiLU where this model has relu² (tests/test_gguf_llamacpp.py),
               so only its requests/s means something
 
-Each engine's model is loaded before the clock starts; the time is that of lm-eval's loglikelihood call (all 200
-requests), and requests/s is requests over it. Per-request log-likelihoods are compared with pybitnet's (max
+Each engine's model is loaded and warmed up on one question before the clock starts; the time is that of lm-eval's
+loglikelihood call (all 200 requests), and requests/s is requests over it. Per-request log-likelihoods are compared with pybitnet's (max
 relative difference, same accuracy). All engines run with --threads threads.
 
     python benchmarks/eval_speed.py --json benchmarks/results/eval_speed.json
@@ -98,17 +98,19 @@ def timed(lm) -> dict:
     return record
 
 
-def evaluate(lm, task_dir: Path, hf_eager: bool = False) -> tuple[dict, list[float], float]:
+def evaluate(lm, task_manager, hf_eager: bool = False) -> tuple[dict, list[float], float]:
+    """One untimed warm-up question (first-call costs: torch.compile, kernels, connections), then the task."""
     import contextlib
 
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     record = timed(lm)
     context = torch._dynamo.config.patch(disable=True) if hf_eager else contextlib.nullcontext()
     with context:
+        lm_eval.simple_evaluate(model=lm, tasks=[TASK], limit=1, bootstrap_iters=0, task_manager=task_manager)
+        record.update(seconds=0.0, requests=0)
         out = lm_eval.simple_evaluate(model=lm, tasks=[TASK], log_samples=True, bootstrap_iters=0,
-                                      task_manager=TaskManager(include_path=str(task_dir)))
+                                      task_manager=task_manager)
     samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
     logliks = [float(r[0][0]) for s in samples for r in s["resps"]]
     record["acc"] = out["results"][TASK]["acc,none"]
@@ -196,6 +198,9 @@ def main() -> None:
         tokenizer = build_model(model_dir, args.preset, args.layers, args.seed)
         write_task(task_dir, tokenizer, args.questions, args.choices, args.context_min, args.context_max, args.seed)
         requests = args.questions * args.choices
+        from lm_eval.tasks import TaskManager
+
+        task_manager = TaskManager(include_path=str(task_dir))  # indexing lm-eval's tasks takes a while: once
         ctx = args.context_max + 64  # every request fits: context + the longest choice
         rows, reference = {}, None
         for engine in engines:
@@ -225,7 +230,7 @@ def main() -> None:
                                              tokenized_requests=False, max_length=ctx + 2, batch_size=1)
                 load_s = time.perf_counter() - start
                 try:
-                    record, logliks, acc = evaluate(lm, task_dir, hf_eager=args.hf_eager and engine == "hf")
+                    record, logliks, acc = evaluate(lm, task_manager, hf_eager=args.hf_eager and engine == "hf")
                 finally:
                     if process is not None:
                         stop_server(process)
