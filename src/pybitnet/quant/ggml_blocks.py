@@ -91,16 +91,17 @@ def _make_qx_quants(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     xmax = x[np.arange(len(x)), first]
     zero = amax < _GROUP_MAX_EPS
     safe = np.where(zero, np.float32(1), xmax).astype(np.float32)
-    w = x * x
+    w = np.ascontiguousarray((x * x).T)  # (16, S): element i of every group in one row
+    wx = w * np.ascontiguousarray(x.T)  # w * x, as ggml's w*x[i]*l evaluates it first
 
     def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         l = np.clip(_nearest_int(iscale[:, None] * x), -32, 31)
-        lf = l.astype(np.float32)
+        lf = np.ascontiguousarray(l.T, dtype=np.float32)  # (16, S)
         sumlx = np.zeros(len(x), np.float32)
         suml2 = np.zeros(len(x), np.float32)
         for i in range(16):
-            sumlx = sumlx + (w[:, i] * x[:, i]) * lf[:, i]
-            suml2 = suml2 + (w[:, i] * lf[:, i]) * lf[:, i]
+            sumlx += wx[i] * lf[i]
+            suml2 += (w[i] * lf[i]) * lf[i]
         return l, sumlx, suml2
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
