@@ -1,10 +1,11 @@
 """Peak resident memory of a process that loads a 2B-4T-shaped I2_S GGUF and decodes a few tokens.
 
-The file is written first (random ternary weights, F16 embeddings) by this script's parent process;
+The file is written first (random ternary weights, the embedding table as --embed-type: F16 by
+default, or Q8_0 / Q6_K blocks that the loader keeps as stored) by this script's parent process;
 a fresh child loads it with `pybitnet.load` and decodes, and its VmHWM (peak RSS) is reported, so
 the figure counts only what loading and decoding need.
 
-    python benchmarks/load_rss.py [--layers 30] [--lm-head exact|int8] [--keep FILE]
+    python benchmarks/load_rss.py [--layers 30] [--lm-head exact|int8] [--embed-type f16|q8_0|q6_k] [--keep FILE]
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--lm-head", default="exact", choices=("exact", "int8"))
+    parser.add_argument("--embed-type", default="f16", choices=("f16", "bf16", "f32", "q8_0", "q6_k"),
+                        help="type of the embedding table written (a 2B-4T table: q6_k quantizes 328M values first)")
     parser.add_argument("--keep", help="write the GGUF here and keep it (default: a temporary file)")
     args = parser.parse_args()
     from pybitnet import preset
@@ -39,13 +42,13 @@ def main() -> int:
     from pybitnet.synthetic import random_weights
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.keep or os.path.join(tmp, "model-i2_s.gguf")
+        path = args.keep or os.path.join(tmp, f"model-i2_s-{args.embed_type}.gguf")
         if not os.path.exists(path):
             config = preset("bitnet-b1.58-2b-4t").replace(num_layers=args.layers)
-            write_gguf(path, config, random_weights(config, 0), "i2_s", embed_type="f16")
+            write_gguf(path, config, random_weights(config, 0), "i2_s", embed_type=args.embed_type)
         out = subprocess.run([sys.executable, "-c", CHILD, path, args.lm_head], capture_output=True, text=True, check=True)
         peak = int(out.stdout.split()[-1])
-    print(json.dumps({"layers": args.layers, "lm_head": args.lm_head, "peak_rss_bytes": peak,
+    print(json.dumps({"layers": args.layers, "lm_head": args.lm_head, "embed_type": args.embed_type, "peak_rss_bytes": peak,
                       "peak_rss_gib": peak / 2**30}))
     return 0
 
