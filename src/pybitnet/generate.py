@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .constraints import as_constraints, prefetch_masks
 from .errors import InputError
 from .sampling import SamplingParams, make_generator, mark_seen, sample
 from .tokenizer import IncrementalDecoder, Tokenizer
 
-# finish reasons
-STOP_TOKEN, STOP_STRING, LENGTH, CONTEXT = "stop_token", "stop_string", "length", "context"
+# finish reasons; GRAMMAR: the output constraint is complete and takes nothing more
+STOP_TOKEN, STOP_STRING, LENGTH, CONTEXT, GRAMMAR = "stop_token", "stop_string", "length", "context", "grammar"
 
 
 @dataclass
@@ -31,7 +32,7 @@ class GenerationResult:
     prompt_ids: list[list[int]]  # what was fed, after any truncation
     token_ids: list[list[int]]  # generated ids per prompt; a stop token that ended a row is not included
     texts: list[str] | None  # decoded output per prompt (cut before a stop string); None without a tokenizer
-    finish_reasons: list[str]  # stop_token | stop_string | length (max_new_tokens) | context (model's limit)
+    finish_reasons: list[str]  # stop_token | stop_string | length (max_new_tokens) | context (model's limit) | grammar
     truncated_tokens: list[int]  # prompt tokens dropped from the front of each prompt (truncate=True)
     time_to_first_token_s: float  # from the call to the first token of every row (tokenize + prefill + sample)
     decode_time_s: float  # after the first token, until the last row finished
@@ -76,6 +77,7 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     on_token: Callable[[int, int], None] | None = None,
     session=None,
+    constraint=None,
 ) -> GenerationResult:
     """Generate for every prompt (text, or token ids when `tokenizer` is None or ids are given).
 
@@ -86,11 +88,15 @@ def generate(
     model's context (max_position_embeddings) is an InputError unless truncate=True, which keeps its last tokens
     (and its BOS) and reports how many were dropped in `truncated_tokens`. on_text(row, piece) streams text;
     on_token(row, token_id) streams each generated id (stop tokens are not generated output).
+
+    constraint: a pybitnet.constraints.Constraint (JSON schema, regex, grammar) for every prompt, or a list of
+    one (or None) per prompt: each row samples only tokens its grammar allows, and ends (finish reason
+    "grammar") once the grammar can take nothing more, or with a stop token once it is complete.
     """
     steps = _generation_steps(model, tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                               seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings,
                               add_special_tokens=add_special_tokens, truncate=truncate, on_token=on_token,
-                              session=session)
+                              session=session, constraint=constraint)
     while True:
         try:
             row, piece = next(steps)
@@ -133,7 +139,7 @@ def stream(model, tokenizer: Tokenizer, prompt: str | Sequence[int], **options) 
 
 def _generation_steps(model, tokenizer, prompts, *, max_new_tokens=128, sampling=None, seed=None,
                       stop_token_ids=None, stop_strings=(), add_special_tokens=True,
-                      truncate=False, on_token=None, session=None) -> Generator[tuple[int, str], None, GenerationResult]:
+                      truncate=False, on_token=None, session=None, constraint=None) -> Generator[tuple[int, str], None, GenerationResult]:
     start_time = time.perf_counter()
     params = sampling if sampling is not None else SamplingParams()
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -182,10 +188,16 @@ def _generation_steps(model, tokenizer, prompts, *, max_new_tokens=128, sampling
         with torch.inference_mode():
             logits = model.prefill(tokens.to(model.device), cache, mask.to(model.device))  # (B, V)
 
+    states = [c.start() if c is not None else None for c in as_constraints(constraint, batch)]  # per row
+    row_stops = [stop_ids | set(s.constraint.stop_ids) if s is not None else stop_ids for s in states]
+
     active = list(range(batch))  # original row index of each cache row
     first_token_time = None
     decode_tokens = 0
     while True:
+        if any(states):  # disallowed tokens of each constrained row at -inf
+            logits = torch.cat([states[b].mask(logits[s : s + 1]) if states[b] is not None else logits[s : s + 1]
+                                for s, b in enumerate(active)])
         next_tokens = sample(logits, params, generator, seen)  # (B_active,)
         if first_token_time is None:
             first_token_time = time.perf_counter()
@@ -193,7 +205,9 @@ def _generation_steps(model, tokenizer, prompts, *, max_new_tokens=128, sampling
             decode_tokens += len(active)
         keep = []
         for slot, (b, token) in enumerate(zip(active, next_tokens.tolist())):
-            pieces = list(_advance(rows[b], token, stop_ids, stop_strings))
+            state = states[b]
+            end = state is not None and token not in row_stops[b] and (not state.advance(token) or state.done)
+            pieces = list(_advance(rows[b], token, row_stops[b], stop_strings, end))
             if on_token is not None and token not in stop_ids:
                 on_token(b, token)
             for piece in pieces:
@@ -210,6 +224,7 @@ def _generation_steps(model, tokenizer, prompts, *, max_new_tokens=128, sampling
             active = [active[s] for s in keep]
         if seen is not None:
             mark_seen(seen, next_tokens)
+        prefetch_masks([states[b] for b in active])  # the next masks, while the model runs
         with torch.inference_mode():
             logits = model.decode_step(next_tokens.to(model.device), cache)  # (B_active, V)
     end_time = time.perf_counter()
@@ -228,8 +243,9 @@ def _generation_steps(model, tokenizer, prompts, *, max_new_tokens=128, sampling
     )
 
 
-def _advance(row: _Row, token: int, stop_ids: set[int], stop_strings: list[str]) -> Iterator[str]:
-    """Take one sampled token into `row`; yield the text that is now safe to show."""
+def _advance(row: _Row, token: int, stop_ids: set[int], stop_strings: list[str], end: bool = False) -> Iterator[str]:
+    """Take one sampled token into `row`; yield the text that is now safe to show. `end`: the row's grammar
+    takes nothing after this token."""
     if token in stop_ids:
         row.finish = STOP_TOKEN
     else:
@@ -237,7 +253,9 @@ def _advance(row: _Row, token: int, stop_ids: set[int], stop_strings: list[str])
         row.budget -= 1
         if row.decoder is not None:
             row.text += row.decoder.push(token)
-        if row.budget == 0:
+        if end:
+            row.finish = GRAMMAR
+        elif row.budget == 0:
             row.finish = row.budget_reason
     if row.finish is not None and row.decoder is not None:
         row.text += row.decoder.flush()

@@ -92,21 +92,24 @@ class Tokenizer:
 
     # -- chat ------------------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages` ([{"role": "system"|"user"|"assistant", "content": str}, ...])."""
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt text for `messages` ([{"role": "system"|"user"|"assistant", "content": str}, ...]).
+        `tools` (OpenAI tool objects) are handed to a jinja template as `tools`; the built-in format ignores them."""
         for i, message in enumerate(messages):
             if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
                 raise InputError(f"chat message {i} must be a mapping with 'role' and 'content', got {message!r}")
         if self.chat_template is not None:
-            return _render_jinja_template(self.chat_template, messages, add_generation_prompt, self)
+            return _render_jinja_template(self.chat_template, messages, add_generation_prompt, self, tools)
         return format_bitnet_chat(
             messages, bos_token=self.bos_token or "", eot_token=self.eot_token or "",
             add_generation_prompt=add_generation_prompt,
         )
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         # The rendered text already carries BOS; adding the template's BOS again would double it.
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         return self.encode(text, add_special_tokens=False)
 
     # -- construction ----------------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ def _trace_with_deadline(seconds: float):
 
 
 def _render_jinja_template(template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
-                           tokenizer: Tokenizer) -> str:
+                           tokenizer: Tokenizer, tools: Sequence[Mapping[str, Any]] | None = None) -> str:
     # Same environment settings as transformers' apply_chat_template so checkpoints' templates render identically.
     try:
         sandbox = _sandbox()
@@ -360,7 +363,7 @@ def _render_jinja_template(template: str, messages: Sequence[Mapping[str, str]],
     env = sandbox(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
-    max_chars = CHAT_TEMPLATE_MAX_CHARS + sum(len(str(m["content"])) for m in messages)
+    max_chars = CHAT_TEMPLATE_MAX_CHARS + sum(len(str(m["content"])) for m in messages) + len(json.dumps(tools or []))
     pieces: list[str] = []
     size = 0
     previous_trace = sys.gettrace()
@@ -370,6 +373,7 @@ def _render_jinja_template(template: str, messages: Sequence[Mapping[str, str]],
         for piece in compiled.generate(
             messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
             bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+            **({"tools": [dict(t) for t in tools]} if tools is not None else {}),
         ):
             size += len(piece)
             if size > max_chars:

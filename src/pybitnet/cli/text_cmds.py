@@ -9,10 +9,12 @@ Bad input raises our InputError/CheckpointError, which cli.main prints as "error
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ..constraints import compile_constraint
 from ..errors import CheckpointError, InputError
 from ..generate import GenerationResult, generate
 from ..sampling import SamplingParams
@@ -50,6 +52,11 @@ def generate_cmd(
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat format"),
     do_stream: bool = typer.Option(True, "--stream/--no-stream", help="print text as it is generated"),
     truncate: bool = typer.Option(False, "--truncate", help="drop the front of a prompt longer than the context"),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", metavar="FILE",
+                                               help="the output is JSON following the schema in FILE"),
+    regex: Optional[str] = typer.Option(None, "--regex", metavar="R", help="the output matches the regular expression R"),
+    grammar: Optional[Path] = typer.Option(None, "--grammar", metavar="FILE",
+                                           help="the output follows the Lark (or GBNF) grammar in FILE"),
     threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
     sampling: SamplingParams = None,
@@ -70,10 +77,11 @@ def generate_cmd(
         check_text(stop_text, "--stop")
     if chat and prompt is None:
         raise InputError("--chat wraps a prompt text in the chat format; give the text, not --tokens")
+    wanted = _constraint_source(json_schema, regex, grammar)
     prompt_ids = parse_token_ids(tokens) if tokens is not None else None
     set_threads(threads)
     m = open_model(model, dtype)  # a bad MODEL is reported as such, before any tokenizer question
-    if prompt_ids is None or chat or stop:
+    if prompt_ids is None or chat or stop or wanted is not None:
         tokenizer = open_tokenizer(model)  # CheckpointError naming the path when there is none
     else:
         try:
@@ -98,6 +106,8 @@ def generate_cmd(
 
     options = dict(max_new_tokens=max_tokens, sampling=sampling, seed=seed, stop_strings=stop or (),
                    truncate=truncate, stop_token_ids=tokenizer.stop_token_ids if tokenizer is not None else ())
+    if wanted is not None:
+        options["constraint"] = compile_constraint(*wanted, tokenizer, vocab_size=int(m.config.vocab_size))
     try:
         if tokenizer is not None:
             result = generate(m, tokenizer, [source], on_text=lambda _row, piece: show(piece), **options)
@@ -110,6 +120,22 @@ def generate_cmd(
         raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
     print("" if do_stream else _for_terminal("".join(shown), is_terminal))
     print(_status(result), file=sys.stderr)
+
+
+def _constraint_source(json_schema: Path | None, regex: str | None, grammar: Path | None):
+    """(kind, source) of --json-schema / --regex / --grammar, at most one of them; None without any."""
+    given = [(k, v) for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        raise InputError("give at most one of --json-schema, --regex and --grammar")
+    if not given:
+        return None
+    kind, value = given[0]
+    if kind == "regex":
+        return kind, value
+    try:
+        return kind, Path(value).read_text(encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"cannot read {value}: {err.strerror}") from None
 
 
 @app.command("chat")

@@ -37,11 +37,13 @@ from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .engine import (DoneEvent, Draining, Engine, ErrorEvent, GenerationRequest, GenerationSpec, PromptLogprobsEvent,
                      QueueFull, TokenEvent)
+from .guided import compile_requested, requested
 from .metrics import ServerMetrics
 from .prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        DetokenizeRequest, DetokenizeResponse, ErrorResponse, HealthResponse, ModelCard, ModelList,
                        MAX_STOP_CHARS, MAX_STOP_STRINGS, TokenizeRequest, TokenizeResponse)
+from .tools import CallStream, ToolSetup, assistant_message, chat_messages, new_call_id, parse_tools
 
 log = logging.getLogger("pybitnet.serve")
 
@@ -230,6 +232,12 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
         stops = list(state.tokenizer.stop_token_ids) if state.tokenizer is not None else []
         specs = [_spec(body, ids, body.max_tokens, body.logprobs, body.echo and body.logprobs is not None,
                        stops, [], state) for ids, _ in prompts]
+        wanted = requested(body, None)
+        if wanted is not None:  # compiled before the request is queued: a bad one is a 400
+            constraint = await _off_loop(state, compile_requested, wanted, state.tokenizer, engine.vocab_size,
+                                         specs[0].stop_token_ids)
+            for spec in specs:
+                spec.constraint = constraint
         call = _Call(engine, specs, body.n)
         await call.submit()
         echo = [text for _, text in prompts] if body.echo else None
@@ -245,10 +253,10 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
         if tokenizer is None:
             raise ApiError(400, "this model has no tokenizer, so it cannot chat; use /v1/completions with "
                                 "token ids", param="messages")
-        messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                     else "".join(part.text for part in m.content)} for m in body.messages]
+        setup = parse_tools(body.tools, body.tool_choice)
+        messages, template_tools = chat_messages(body.messages, setup, tokenizer.chat_template)
         _check_text("".join(m["content"] for m in messages), "messages", engine)
-        ids = await _off_loop(state, _encode_chat, tokenizer, messages)
+        ids = await _off_loop(state, _encode_chat, tokenizer, messages, template_tools)
         if not ids:
             raise ApiError(400, "the conversation renders to an empty prompt", param="messages")
         _check_prompt_length(ids, engine, "messages")
@@ -258,11 +266,16 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         limit = body.max_completion_tokens or body.max_tokens
         spec = _spec(body, ids, limit, top, False, list(tokenizer.stop_token_ids) + stop_ids, stop_strings, state)
+        wanted = requested(body, setup)
+        if wanted is not None:  # compiled before the request is queued: a bad one is a 400
+            spec.constraint = await _off_loop(state, compile_requested, wanted, tokenizer, engine.vocab_size,
+                                              spec.stop_token_ids)
+        tools = setup if setup is not None and setup.constrained else None
         call = _Call(engine, [spec], body.n)
         await call.submit()
         if body.stream:
-            return EventSourceResponse(_stream_chat(call, body, state), ping=15)
-        return await _complete_chat(call, body, state, raw)
+            return EventSourceResponse(_stream_chat(call, body, state, tools), ping=15)
+        return await _complete_chat(call, body, state, raw, tools)
 
     return app
 
@@ -350,13 +363,14 @@ def _prompt_count(prompt) -> int:
     return len(prompt)
 
 
-def _encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def _encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], tools: list | None = None) -> list[int]:
     """Render and tokenize a conversation (in a worker thread). A template that refuses the conversation is
-    the client's error (400); one that fails is the server's (500), told without the model's file path."""
+    the client's error (400); one that fails is the server's (500), told without the model's file path.
+    `tools`: handed to a template that renders them (serve/tools.py)."""
     for message in messages:
         _check_unicode(message["content"], "messages")
     try:
-        return tokenizer.encode_chat(messages)
+        return tokenizer.encode_chat(messages) if tools is None else tokenizer.encode_chat(messages, tools=tools)
     except InputError as err:
         raise ApiError(400, str(err), param="messages") from None
     except CheckpointError as err:
@@ -610,7 +624,8 @@ def _chat_logprobs(tokenizer, tokens: list[int], logprobs: list[float], top: lis
                         for t, lp, alts in zip(tokens, logprobs, top)]}
 
 
-async def _complete_chat(call: _Call, body: ChatCompletionRequest, state: ServerState, raw: Request):
+async def _complete_chat(call: _Call, body: ChatCompletionRequest, state: ServerState, raw: Request,
+                         tools: ToolSetup | None = None):
     try:
         outs, _, done = await _collect(call, raw)
     except _Disconnected:
@@ -618,8 +633,11 @@ async def _complete_chat(call: _Call, body: ChatCompletionRequest, state: Server
     choices = []
     for (_, j), out in sorted(outs.items()):
         logprobs = _chat_logprobs(state.tokenizer, out.tokens, out.logprobs, out.top) if body.logprobs else None
-        choices.append({"index": j, "message": {"role": "assistant", "content": out.text}, "token_ids": out.tokens,
-                        "logprobs": logprobs, "finish_reason": out.finish})
+        message, finish = {"role": "assistant", "content": out.text}, out.finish
+        if tools is not None:  # a whole call becomes message.tool_calls
+            message, finish = assistant_message(out.text, out.finish, tools, new_call_id())
+        choices.append({"index": j, "message": message, "token_ids": out.tokens,
+                        "logprobs": logprobs, "finish_reason": finish})
     return {"id": f"chatcmpl-{call.id}", "object": "chat.completion", "created": call.created,
             "model": state.settings.model_name, "choices": choices, "usage": _usage(done)}
 
@@ -694,7 +712,7 @@ async def _stream_completion(call: _Call, body: CompletionRequest, echo: list[st
     yield "[DONE]"
 
 
-async def _stream_chat(call: _Call, body: ChatCompletionRequest, state: ServerState):
+async def _stream_chat(call: _Call, body: ChatCompletionRequest, state: ServerState, tools: ToolSetup | None = None):
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     head = {"id": f"chatcmpl-{call.id}", "object": "chat.completion.chunk", "created": call.created,
             "model": state.settings.model_name}
@@ -707,6 +725,7 @@ async def _stream_chat(call: _Call, body: ChatCompletionRequest, state: ServerSt
 
     for j in range(call.n):
         yield chunk(j, {"role": "assistant", "content": ""}, [])
+    calls = {j: CallStream(tools, new_call_id()) for j in range(call.n)} if tools is not None else None
     async for _, event in _stream_events(call):
         if isinstance(event, TokenEvent):
             if not (event.text or event.token is not None or event.finish_reason):
@@ -716,6 +735,16 @@ async def _stream_chat(call: _Call, body: ChatCompletionRequest, state: ServerSt
             if body.logprobs:
                 logprobs = _chat_logprobs(state.tokenizer, tokens, [event.logprob] if tokens else [],
                                           [event.top_logprobs or []] if tokens else [])
+            if calls is not None:  # content, or a tool call's deltas (serve/tools.py)
+                deltas, finish = calls[event.choice].feed(event.text), event.finish_reason
+                if finish:
+                    last, finish = calls[event.choice].finish(finish)
+                    deltas += last
+                deltas = deltas or [{}]
+                for k, delta in enumerate(deltas):
+                    yield chunk(event.choice, delta, tokens if k == 0 else [], logprobs if k == 0 else None,
+                                finish if k == len(deltas) - 1 else None)
+                continue
             delta = {"content": event.text} if event.text or not event.finish_reason else {}
             yield chunk(event.choice, delta, tokens, logprobs, event.finish_reason)
         elif isinstance(event, DoneEvent):
@@ -762,7 +791,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, err: InputError):
-        return _error_response(400, str(err))
+        return _error_response(400, str(err), getattr(err, "param", None))
 
     @app.exception_handler(PyBitNetError)
     async def engine_error(request: Request, err: PyBitNetError):

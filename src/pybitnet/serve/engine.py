@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..constraints import prefetch_masks
 from ..errors import InputError, PyBitNetError
 from ..generate import CONTEXT, LENGTH, _advance, _Row
 from ..sampling import SamplingParams, make_generator, mark_seen, sample
@@ -90,6 +91,7 @@ class GenerationSpec:
     frequency_penalty: float = 0.0
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's plus k alternatives
     prompt_logprobs: bool = False  # logprobs of the prompt's own tokens (completions with echo)
+    constraint: object | None = None  # a pybitnet.constraints.Constraint every choice's output follows
 
 
 @dataclass
@@ -157,6 +159,7 @@ class _Choice:
     next_token: int = 0
     fed: list[int] = field(default_factory=list)  # sampled tokens fed back, whose K/V follow the prompt's
     last_token_time: float = 0.0
+    state: object | None = None  # its ConstraintState, when the request has a constraint
 
 
 _FINISH = {LENGTH: "length", CONTEXT: "length"}  # stop_token / stop_string -> "stop"
@@ -387,7 +390,8 @@ class Engine:
             if spec.presence_penalty or spec.frequency_penalty:
                 counts = torch.zeros(1, self.vocab_size, dtype=logits.dtype, device=self.model.device)
             row = _Row(prompt=spec.prompt, budget=budget, budget_reason=reason, decoder=decoder)
-            request.choices.append(_Choice(index, row, generator, seen, counts, place))
+            state = spec.constraint.start() if spec.constraint is not None else None
+            request.choices.append(_Choice(index, row, generator, seen, counts, place, state=state))
         request.small_cache = None
         request.reserved = 0
         now = time.perf_counter()
@@ -414,6 +418,7 @@ class Engine:
         if self.first_row:
             view.lengths[0] = self.context - 1
         self.metrics.batch_size.observe(len(self._active))
+        prefetch_masks([choice.state for _, choice in self._active])  # the next masks, while the model runs
         logits = self.model.decode_step(tokens.to(self.model.device), view)  # (rows, V)
         # Rows move when a choice finishes (the last row fills the gap): read logits by the row each choice
         # had during the step.
@@ -436,13 +441,19 @@ class Engine:
         scores = logits
         if choice.counts is not None:  # OpenAI's penalties, on the output so far
             scores = logits - spec.frequency_penalty * choice.counts - spec.presence_penalty * (choice.counts > 0)
+        stop_ids = set(spec.stop_token_ids)
+        if choice.state is not None:  # only what the grammar allows; logprobs stay the model's own
+            scores = choice.state.mask(scores)
+            stop_ids |= set(choice.state.constraint.stop_ids)
         token = int(sample(scores, spec.sampling, choice.generator, choice.seen)[0])
+        end = choice.state is not None and token not in stop_ids and (not choice.state.advance(token)
+                                                                       or choice.state.done)
         logprob = top = None
         if spec.top_logprobs is not None:
             logprobs = torch.log_softmax(logits[0].double(), dim=-1)  # (V,) the model's own distribution
             logprob, top = float(logprobs[token]), _top(logprobs, spec.top_logprobs)
         added = len(choice.row.tokens)
-        text = "".join(_advance(choice.row, token, set(spec.stop_token_ids), list(spec.stop_strings)))
+        text = "".join(_advance(choice.row, token, stop_ids, list(spec.stop_strings), end))
         added = len(choice.row.tokens) > added
         if added:
             if choice.seen is not None:

@@ -7,7 +7,7 @@ naming the field. Response models exist so the OpenAPI schema describes what the
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -51,6 +51,11 @@ class SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="keep generating past end-of-text tokens (as vLLM's)")
+    # constrained output (serve/guided.py), named as vLLM and llama.cpp name them; at most one per request
+    guided_json: dict[str, Any] | str | None = Field(None, description="a JSON schema the output follows")
+    guided_regex: str | None = Field(None, description="a regular expression the output matches")
+    guided_grammar: str | None = Field(None, description="a Lark (or GBNF) grammar the output follows")
+    grammar: str | None = Field(None, description="a GBNF grammar (llama.cpp's) the output follows")
 
 
 class CompletionRequest(SamplingFields):
@@ -66,8 +71,11 @@ class TextPart(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = Field(None, description="may be left out by an assistant message "
+                                                                   "with tool_calls")
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls (checked in serve/tools.py)
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -75,6 +83,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict[str, Any] | None = Field(None, description='{"type": "text" | "json_object" | '
+                                                                     '"json_schema", "json_schema": {...}}')
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = Field(None, description="accepted; an answer holds at most one call")
 
 
 class TokenizeRequest(_Request):
@@ -138,9 +151,21 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object's text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -148,7 +173,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     token_ids: list[int] = Field(description="the generated token ids (a pybitnet extension)")
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletionResponse(BaseModel):
