@@ -55,14 +55,21 @@ def _llguidance():
     return llguidance
 
 
-_tokenizers: dict[tuple, tuple[object, object]] = {}  # (backend id, vocab, stops) -> (backend, LLTokenizer)
+_tokenizers: dict[tuple, tuple[object, object]] = {}  # (backend id, vocab) -> (backend, LLTokenizer)
 _tokenizers_lock = threading.Lock()
 
 
-def _ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, stop_ids: tuple[int, ...]):
-    """llguidance's view of a tokenizer (built once per tokenizer, vocabulary size and stop tokens: ~1-4 s
-    for a 128k vocabulary)."""
-    key = (id(tokenizer.backend), vocab_size, stop_ids)
+def prepare(tokenizer: Tokenizer, vocab_size: int | None = None, stop_token_ids: Iterable[int] = ()) -> None:
+    """Build llguidance's view of a tokenizer now (about 3 s for a 128k vocabulary, once per process) rather
+    than on the first constrained request. Its stop tokens (where a complete grammar may end) are the
+    tokenizer's plus `stop_token_ids` (a chat format's end-of-turn token, say)."""
+    _ll_tokenizer(tokenizer, int(vocab_size if vocab_size is not None else tokenizer.vocab_size), stop_token_ids)
+
+
+def _ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Iterable[int] = ()):
+    """llguidance's view of a tokenizer, built once per tokenizer and vocabulary size; the first build
+    fixes its stop tokens (the tokenizer's plus `stop_token_ids`)."""
+    key = (id(tokenizer.backend), vocab_size)
     with _tokenizers_lock:
         hit = _tokenizers.get(key)
         if hit is not None and hit[0] is tokenizer.backend:
@@ -71,7 +78,10 @@ def _ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, stop_ids: tuple[int, ..
         if vocab_size < tokenizer.vocab_size:
             raise InputError(f"the model's vocabulary ({vocab_size}) is smaller than its tokenizer's "
                              f"({tokenizer.vocab_size})")
-        ll = llg.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=list(stop_ids))
+        stops = list(dict.fromkeys([*tokenizer.stop_token_ids, *(int(t) for t in stop_token_ids)]))
+        if not stops and tokenizer.eos_token_id is not None:
+            stops = [tokenizer.eos_token_id]
+        ll = llg.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=stops)
         _tokenizers[key] = (tokenizer.backend, ll)
         return ll
 
@@ -142,18 +152,16 @@ def compile_constraint(kind: str, source, tokenizer: Tokenizer, *, vocab_size: i
                        stop_token_ids: Iterable[int] | None = None) -> Constraint:
     """Compile (or take from the cache) a constraint; raises ConstraintError naming what is wrong.
 
-    vocab_size: the model's (its logits' width), default the tokenizer's; stop_token_ids: the tokens that
-    end the output once the grammar is complete, default the tokenizer's stop tokens.
+    vocab_size: the model's (its logits' width), default the tokenizer's. The tokens that end the output once
+    the grammar is complete are the tokenizer's stop tokens plus `stop_token_ids`, as the first constraint
+    (or prepare()) for this tokenizer and vocabulary size fixed them.
     """
     if tokenizer is None:
         raise InputError("constrained output needs a tokenizer")
     text = canonical_source(kind, source)
     vocab = int(vocab_size if vocab_size is not None else tokenizer.vocab_size)
-    stops = tuple(dict.fromkeys(int(t) for t in (stop_token_ids if stop_token_ids is not None
-                                                  else tokenizer.stop_token_ids)))
-    if not stops and tokenizer.eos_token_id is not None:
-        stops = (tokenizer.eos_token_id,)
-    ll_tokenizer = _ll_tokenizer(tokenizer, vocab, stops)
+    ll_tokenizer = _ll_tokenizer(tokenizer, vocab, stop_token_ids or ())
+    stops = tuple(int(t) for t in ll_tokenizer.eos_tokens)
     key = (kind, text, id(ll_tokenizer))
     with _cache_lock:
         hit = _cache.get(key)

@@ -37,7 +37,7 @@ from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .engine import (DoneEvent, Draining, Engine, ErrorEvent, GenerationRequest, GenerationSpec, PromptLogprobsEvent,
                      QueueFull, TokenEvent)
-from .guided import compile_requested, requested
+from .guided import compile_requested, prepare_quietly, requested
 from .metrics import ServerMetrics
 from .prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -152,6 +152,9 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer | None]], settings: Serve
             state.tokenizer = tokenizer
             state.chat_tokenizer, state.chat_stops = _chat_format(tokenizer)
             engine.start()
+            if tokenizer is not None:  # the vocabulary as the constraint library sees it, ready for the first schema
+                threading.Thread(target=prepare_quietly, args=(tokenizer, engine.vocab_size, state.chat_stops[0]),
+                                 name="pybitnet-constraints", daemon=True).start()
             state.engine = engine
             if state.status == "loading":
                 state.status = "ok"

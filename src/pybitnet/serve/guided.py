@@ -13,8 +13,22 @@ error naming the field, raised before the request is queued.
 
 from __future__ import annotations
 
-from ..constraints import ConstraintError, compile_constraint
+import logging
+
+from ..constraints import ConstraintError, compile_constraint, prepare
 from .tools import RequestError, ToolSetup
+
+
+log = logging.getLogger("pybitnet.serve")
+
+
+def prepare_quietly(tokenizer, vocab_size: int, stop_ids) -> None:
+    """constraints.prepare at server start (in a thread of its own); a failure is logged, and the first
+    constrained request meets it again."""
+    try:
+        prepare(tokenizer, vocab_size, stop_ids)
+    except Exception as err:  # noqa: BLE001 - only a log line: requests without constraints are unaffected
+        log.warning("constrained output is not ready: %s", err)
 
 
 def requested(body, setup: ToolSetup | None) -> tuple[str, str, object] | None:
