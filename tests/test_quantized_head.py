@@ -1,4 +1,4 @@
-"""GGUF embedding / output tables in Q8_0 and Q6_K kept as stored (quant/ggml_blocks.py): the block
+"""GGUF embedding / output tables in Q8_0, Q6_K and Q4_K kept as stored (quant/ggml_blocks.py): the block
 layouts against gguf-py's dequantize and llama.cpp's quantizer, the native head against the fallback
 on every instruction set, logits against a float64 reference over the dequantized table, decode
 batch invariance, the loader, and `pybitnet convert --embed-type`."""
@@ -28,7 +28,7 @@ from rules import assert_float32_rule, assert_float64_rule
 
 ops = native.ops()
 needs_native = pytest.mark.skipif(ops is None, reason="native kernels not built (no compiler or PYBITNET_NATIVE=0)")
-KINDS = ("Q8_0", "Q6_K")
+KINDS = ("Q8_0", "Q6_K", "Q4_K")
 # rows of 256 elements: a whole Q6_K super-block; vocab above LM_HEAD_ROWS so the fallback tiles
 CONFIG = preset("tiny").replace(hidden_size=256, intermediate_size=512, head_dim=0, vocab_size=LM_HEAD_ROWS + 300,
                                 max_position_embeddings=256)
@@ -60,7 +60,7 @@ def test_layouts_match_gguf_py_dequantize(kind: str):
     ours = dequantize_rows(torch.from_numpy(data), kind, 512).numpy()
     reference = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, kind))
     assert np.array_equal(ours.view(np.uint32), reference.view(np.uint32))  # the same float32 bits
-    step = np.abs(x).max(axis=1, keepdims=True) / (127 if kind == "Q8_0" else 24)
+    step = np.abs(x).max(axis=1, keepdims=True) / {"Q8_0": 127, "Q6_K": 24, "Q4_K": 6}[kind]
     assert (np.abs(ours - x) <= step + 1e-6).all()  # a quantization, not garbage (f16 scales flush tiny rows)
 
 
@@ -120,7 +120,7 @@ def test_quantizers_write_what_llama_cpp_writes(kind: str, tmp_path: Path):
 @needs_native
 @pytest.mark.parametrize("kind", KINDS)
 def test_native_head_equals_fallback_on_every_instruction_set(kind: str, monkeypatch):
-    cols = 512 if kind == "Q6_K" else 480  # Q8_0: rows not a multiple of 64
+    cols = 480 if kind == "Q8_0" else 512  # Q8_0: rows not a multiple of 64
     table = QuantizedTable.quantize(torch.from_numpy(_table_values(2, LM_HEAD_ROWS + 77, cols)), kind)
     head = LMHead(table)
     h = torch.randn(9, cols, generator=torch.Generator().manual_seed(3))
@@ -214,24 +214,24 @@ def test_int8_head_mode_takes_a_quantized_table(tmp_path: Path):
 
 def test_other_block_types_load_dequantized_with_one_line(tmp_path: Path, capsys):
     path, _ = _write(tmp_path, "Q8_0", tied=True)
-    q4k = tmp_path / "q4_k.gguf"
+    q5k = tmp_path / "q5_k.gguf"
     rng = np.random.default_rng(0)
-    with GGUFReader(path) as reader:  # the same file with a Q4_K token_embd of random blocks
+    with GGUFReader(path) as reader:  # the same file with a Q5_K token_embd of random blocks
         specs = []
         for info in reader.tensors.values():
             if info.name == "token_embd.weight":
-                blocks = rng.integers(0, 256, (CONFIG.vocab_size, 144), dtype=np.uint8)
+                blocks = rng.integers(0, 256, (CONFIG.vocab_size, 176), dtype=np.uint8)
                 blocks[:, 0:4] = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)  # d, dmin
-                specs.append(TensorSpec(info.name, info.shape, TYPE_BY_NAME["Q4_K"], lambda b=blocks: b))
+                specs.append(TensorSpec(info.name, info.shape, TYPE_BY_NAME["Q5_K"], lambda b=blocks: b))
             else:
                 specs.append(TensorSpec(info.name, info.shape, info.type, lambda i=info: reader.tensor_bytes(i).copy()))
-        write_gguf_file(q4k, reader.fields, specs)
+        write_gguf_file(q5k, reader.fields, specs)
     capsys.readouterr()
-    _, weights = load_gguf_weights(q4k)
+    _, weights = load_gguf_weights(q5k)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "token_embd.weight is Q4_K, loaded dequantized to float32" in lines[0]
+    assert len(lines) == 1 and "token_embd.weight is Q5_K, loaded dequantized to float32" in lines[0]
     assert weights["embed_tokens"].dtype == torch.float32
-    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K)
+    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q5_K)
     assert np.array_equal(weights["embed_tokens"].numpy(), expected)
 
 

@@ -16,7 +16,7 @@ order whatever the batch size, for bf16, fp16 and fp32 heads alike (a BLAS GEMM 
 kernel for 1-3 rows rounds differently from the one for 4 or more); the int8 head's sums are exact
 integers. `LMHead.row_independent` says whether a head runs that way.
 
-A GGUF table kept in Q8_0 or Q6_K (quant/ggml_blocks.QuantizedTable) is the exact head of its
+A GGUF table kept in Q8_0, Q6_K or Q4_K (quant/ggml_blocks.QuantizedTable) is the exact head of its
 dequantized values: the native `quant_head` dequantizes each vocabulary row once per call and runs every
 row of the batch against it in one fixed order (row independent, the same bits on every instruction
 set); without the native kernels LM_HEAD_ROWS vocabulary rows at a time are dequantized and multiplied.

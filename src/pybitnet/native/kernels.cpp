@@ -1378,17 +1378,48 @@ at::Tensor decode_stack(const at::Tensor& h, const c10::List<c10::optional<at::T
 }
 
 // ------------------------------------------------------------------------------------------
-// A ggml Q8_0 or Q6_K table (token_embd / output kept as stored) x fp32 rows -> fp32 (the lm_head).
+// A ggml Q8_0, Q6_K or Q4_K table (token_embd / output kept as stored) x fp32 rows -> fp32 (the lm_head).
 // Each vocabulary entry's row of blocks is dequantized once per call into the float32 values ggml's
-// dequantize_row_q8_0 / dequantize_row_q6_K give (d * q, exact; (d * scale) * (code - 32), one
-// rounding), then every activation row takes its dot product with them in one fixed order, the same in
+// dequantize_row_q8_0 / _q6_K / _q4_K give (d * q, exact; (d * scale) * (code - 32), one rounding;
+// (d * sc) * code - dmin * m, one rounding), then every activation row takes its dot product with them in one fixed order, the same in
 // every body and batch size: element j of the row goes into partial sum j % 64 by an fp32 FMA, in order
 // of j; then the 64 partials halve pairwise (k += k + s for s = 32, 16, 8, 4, 2, 1). Scalar, AVX2 and
 // AVX-512 bodies therefore give the same bits, and a row's logits do not depend on its neighbours.
 
-enum QuantKind : int64_t { kQ8_0 = 0, kQ6_K = 1 };
+enum QuantKind : int64_t { kQ8_0 = 0, kQ6_K = 1, kQ4_K = 2 };
 
-inline int64_t quant_row_bytes(int64_t kind, int64_t H) { return kind == kQ8_0 ? H / 32 * 34 : H / 256 * 210; }
+inline int64_t quant_row_bytes(int64_t kind, int64_t H) {
+  return kind == kQ8_0 ? H / 32 * 34 : kind == kQ6_K ? H / 256 * 210 : H / 256 * 144;
+}
+
+// step = d * sc and low = dmin * m of the 8 sub-blocks of a Q4_K super-block (both products exact)
+inline void q4_k_steps(const uint8_t* blk, float* step, float* low) {
+  uint16_t bits;
+  std::memcpy(&bits, blk, 2);
+  const float d = fp16_to_float(bits);
+  std::memcpy(&bits, blk + 2, 2);
+  const float dmin = fp16_to_float(bits);
+  const uint8_t* sc = blk + 4;
+  for (int s = 0; s < 8; ++s) {
+    const int scale = s < 4 ? sc[s] & 63 : (sc[s + 4] & 15) | ((sc[s - 4] >> 6) << 4);
+    const int min = s < 4 ? sc[s + 4] & 63 : (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
+    step[s] = d * float(scale);
+    low[s] = dmin * float(min);
+  }
+}
+
+// one Q4_K super-block (144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 of codes) -> 256
+// values (d * sc) * code - (dmin * m), ggml's dequantize_row_q4_K: both products exact, one rounding
+inline void q4_k_block(const uint8_t* blk, float* y) {
+  float step[8], low[8];
+  q4_k_steps(blk, step, low);
+  const uint8_t* qs = blk + 16;
+  for (int s = 0; s < 8; ++s) {
+    const uint8_t* q = qs + 32 * (s / 2);
+    const int shift = 4 * (s % 2);
+    for (int l = 0; l < 32; ++l) y[32 * s + l] = step[s] * float((q[l] >> shift) & 15) - low[s];
+  }
+}
 
 __attribute__((always_inline)) inline void quant_dequant_row_body(const uint8_t* row, int64_t kind, int64_t H,
                                                                    float* out) {
@@ -1402,6 +1433,10 @@ __attribute__((always_inline)) inline void quant_dequant_row_body(const uint8_t*
       float* y = out + b * 32;
       for (int j = 0; j < 32; ++j) y[j] = d * float(q[j]);
     }
+    return;
+  }
+  if (kind == kQ4_K) {
+    for (int64_t b = 0; b < H / 256; ++b) q4_k_block(row + b * 144, out + b * 256);
     return;
   }
   for (int64_t b = 0; b < H / 256; ++b) {
@@ -1461,6 +1496,30 @@ __attribute__((target("avx2"))) inline __m256i q6_codes_avx2(const uint8_t* ql, 
 // The same values as quant_dequant_row_body (each a product of two floats, rounded once), 8 at a time.
 __attribute__((target("avx2,fma,f16c"))) void quant_dequant_row_avx2(const uint8_t* row, int64_t kind, int64_t H,
                                                                      float* out) {
+  if (kind == kQ4_K) {
+    for (int64_t b = 0; b < H / 256; ++b) {
+      const uint8_t* blk = row + b * 144;
+      float step[8], low[8];
+      q4_k_steps(blk, step, low);
+      for (int j = 0; j < 4; ++j) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * j));
+        for (int t = 0; t < 2; ++t) {
+          const __m256i q = _mm256_and_si256(t ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(15));
+          const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+          const __m256 st = _mm256_set1_ps(step[2 * j + t]), lo = _mm256_set1_ps(low[2 * j + t]);
+          float* y = out + b * 256 + 64 * j + 32 * t;
+          auto put = [&](float* at, __m128i bytes) __attribute__((target("avx2"))) {
+            _mm256_storeu_ps(at, _mm256_sub_ps(_mm256_mul_ps(st, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))), lo));
+          };
+          put(y, q0);
+          put(y + 8, _mm_srli_si128(q0, 8));
+          put(y + 16, q1);
+          put(y + 24, _mm_srli_si128(q1, 8));
+        }
+      }
+    }
+    return;
+  }
   if (kind == kQ8_0) {
     for (int64_t b = 0; b < H / 32; ++b) {
       const uint8_t* blk = row + b * 34;
@@ -1499,43 +1558,6 @@ __attribute__((target("avx2,fma,f16c"))) void quant_dequant_row_avx2(const uint8
   }
 }
 
-// The same values again, 16 at a time.
-__attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_dequant_row_avx512(const uint8_t* row,
-                                                                                       int64_t kind, int64_t H,
-                                                                                       float* out) {
-  if (kind == kQ8_0) {
-    for (int64_t b = 0; b < H / 32; ++b) {
-      const uint8_t* blk = row + b * 34;
-      uint16_t bits;
-      std::memcpy(&bits, blk, 2);
-      const __m512 d = _mm512_set1_ps(fp16_to_float(bits));
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-      float* y = out + b * 32;
-      _mm512_storeu_ps(y, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)))));
-      _mm512_storeu_ps(y + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)))));
-    }
-    return;
-  }
-  for (int64_t b = 0; b < H / 256; ++b) {
-    const uint8_t* blk = row + b * 210;
-    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    uint16_t bits;
-    std::memcpy(&bits, blk + 208, 2);
-    const float d = fp16_to_float(bits);
-    float* y = out + b * 256;
-    for (int h = 0; h < 2; ++h)
-      #pragma GCC unroll 4
-      for (int k = 0; k < 4; ++k) {
-        const __m256i q = q6_codes_avx2(blk, blk + 128, h, k);
-        float* yk = y + 128 * h + 32 * k;
-        _mm512_storeu_ps(yk, _mm512_mul_ps(_mm512_set1_ps(d * float(sc[8 * h + 2 * k])),
-                                           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)))));
-        _mm512_storeu_ps(yk + 16, _mm512_mul_ps(_mm512_set1_ps(d * float(sc[8 * h + 2 * k + 1])),
-                                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)))));
-      }
-  }
-}
-
 // partial r*8 + lane in register r; H a multiple of 32
 __attribute__((target("avx2,fma"))) float quant_dot_avx2(const float* h, const float* w, int64_t H) {
   __m256 a[8];
@@ -1560,29 +1582,9 @@ __attribute__((target("avx2,fma"))) float quant_dot_avx2(const float* h, const f
   return quant_halve(acc, 8);
 }
 
-// partial r*16 + lane in register r; H a multiple of 32
-__attribute__((target("avx512f"))) float quant_dot_avx512(const float* h, const float* w, int64_t H) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t j = 0;
-  for (; j + 64 <= H; j += 64) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(h + j), _mm512_loadu_ps(w + j), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(h + j + 16), _mm512_loadu_ps(w + j + 16), a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(h + j + 32), _mm512_loadu_ps(w + j + 32), a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(h + j + 48), _mm512_loadu_ps(w + j + 48), a3);
-  }
-  if (j < H) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(h + j), _mm512_loadu_ps(w + j), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(h + j + 16), _mm512_loadu_ps(w + j + 16), a1);
-  }
-  const __m512 c = _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3));  // s = 32, then s = 16
-  float acc[16];
-  _mm512_storeu_ps(acc, c);
-  return quant_halve(acc, 16);
-}
-
 // AVX-512, dequantization fused with the dot products of MT rows: each group of 16 values goes
 // straight from the blocks into the FMAs of every row, register (j / 16) mod 4 for element j, so each
-// row gets exactly quant_dot_avx512's sequence of operations on the same values (the same bits); the
+// row gets exactly quant_dot_scalar's sequence of operations on the same values (the same bits); the
 // values are never stored.
 template <int MT>
 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_tile_avx512(const uint8_t* row, int64_t kind,
@@ -1614,6 +1616,28 @@ __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_tile_avx512
       } else {
         PYBITNET_QUANT_FEED(0, b * 32, w0);
         PYBITNET_QUANT_FEED(1, b * 32 + 16, w1);
+      }
+    }
+  } else if (kind == kQ4_K) {
+    for (int64_t b = 0; b < H / 256; ++b) {
+      const uint8_t* blk = row + b * 144;
+      float step[8], low[8];
+      q4_k_steps(blk, step, low);
+      #pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * j));
+        #pragma GCC unroll 2
+        for (int t = 0; t < 2; ++t) {
+          const __m256i q = _mm256_and_si256(t ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(15));
+          const __m512 st = _mm512_set1_ps(step[2 * j + t]), lo = _mm512_set1_ps(low[2 * j + t]);
+          const int64_t at = b * 256 + 64 * j + 32 * t;  // registers (at / 16) mod 4 = 2t and 2t + 1
+          PYBITNET_QUANT_FEED(2 * t, at,
+                              _mm512_sub_ps(_mm512_mul_ps(st, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                                   _mm256_castsi256_si128(q)))), lo));
+          PYBITNET_QUANT_FEED(2 * t + 1, at + 16,
+                              _mm512_sub_ps(_mm512_mul_ps(st, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                                   _mm256_extracti128_si256(q, 1)))), lo));
+        }
       }
     }
   } else {
@@ -1651,7 +1675,7 @@ __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_tile_avx512
 
 at::Tensor quant_head(const at::Tensor& h, const at::Tensor& blocks, int64_t kind, int64_t isa) {
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat, "pybitnet.quant_head: h must be 2-D float32");
-  TORCH_CHECK(kind == kQ8_0 || kind == kQ6_K, "pybitnet.quant_head: unknown table kind ", kind);
+  TORCH_CHECK(kind == kQ8_0 || kind == kQ6_K || kind == kQ4_K, "pybitnet.quant_head: unknown table kind ", kind);
   const int64_t H = h.size(1);
   TORCH_CHECK(H % (kind == kQ8_0 ? 32 : 256) == 0, "pybitnet.quant_head: ", H, " columns is not a whole number of blocks");
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.size(1) == quant_row_bytes(kind, H),

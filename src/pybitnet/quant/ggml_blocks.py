@@ -1,4 +1,4 @@
-"""ggml's Q8_0 and Q6_K block layouts (docs/formats.md), and a float table held in them.
+"""ggml's Q8_0, Q6_K and Q4_K block layouts (docs/formats.md), and a float table held in them.
 
 A GGUF embedding or output table quantized by llama.cpp is kept as it is stored: a uint8 tensor
 (rows, bytes per row) that `QuantizedTable` dequantizes a few rows at a time (an embedding lookup, a
@@ -11,9 +11,16 @@ Q6_K (210 bytes per super-block of 256): ql[128] (low 4 bits), qh[64] (high 2 bi
       (ql[64h + 32(k % 2) + l] >> 4(k // 2)) & 15  |  ((qh[32h + l] >> 2k) & 3) << 4
   and the value (d * scales[8h + 2k + l // 16]) * (code - 32), in float32: d * scale is exact, the
   product with the code rounds once. This is ggml's dequantize_row_q6_K to the bit.
+Q4_K (144 bytes per super-block of 256): f16 d, f16 dmin, scales[12] (eight 6-bit scales and eight
+  6-bit mins), qs[128]. Sub-block s (of 32) has scale sc and min m: for s < 4, sc = scales[s] & 63,
+  m = scales[s + 4] & 63; else sc = scales[s + 4] & 15 | (scales[s - 4] >> 6) << 4,
+  m = scales[s + 4] >> 4 | (scales[s] >> 6) << 4. Element 64j + 32t + l (j < 4, t < 2, l < 32) is in
+  sub-block 2j + t with the code (qs[32j + l] >> 4t) & 15 and the value
+  (d * sc) * code - (dmin * m): both products exact, the difference rounds once (ggml's dequantize_row_q4_K).
 
 The quantizers follow ggml's reference rounding (quantize_row_q8_0_ref, quantize_row_q6_K_ref with
-its make_qx_quants search), so a table written here holds the bytes llama.cpp would write.
+its make_qx_quants search, quantize_row_q4_K_ref with make_qkx2_quants), so a table written here holds
+the bytes llama.cpp would write.
 
 Layering: a byte format. It imports torch, numpy and gguf-py only.
 """
@@ -27,10 +34,10 @@ from torch import nn
 
 QK_K = 256
 # type name -> (elements per block, bytes per block)
-BLOCKS = {"Q8_0": (32, 34), "Q6_K": (256, 210)}
+BLOCKS = {"Q8_0": (32, 34), "Q6_K": (256, 210), "Q4_K": (256, 144)}
 KEPT_TYPES = tuple(BLOCKS)
 # the kind argument of the native quant_head op
-NATIVE_KIND = {"Q8_0": 0, "Q6_K": 1}
+NATIVE_KIND = {"Q8_0": 0, "Q6_K": 1, "Q4_K": 2}
 _GROUP_MAX_EPS = np.float32(1e-15)
 
 
@@ -60,6 +67,13 @@ def dequantize_rows(data: torch.Tensor, type_name: str, cols: int) -> torch.Tens
         q = blocks[..., 2:].contiguous().view(torch.int8).float()  # (n, nb, 32)
         return (q * d[..., None]).reshape(n, cols)
     nb = cols // QK_K
+    if type_name == "Q4_K":
+        d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])  # (n, nb)
+        sc, m = _q4_k_scales(blocks[..., 4:16])  # (n, nb, 8) each
+        qs = blocks[..., 16:144].reshape(n, nb, 4, 1, 32)
+        q = torch.cat([qs & 15, qs >> 4], dim=3).reshape(n, nb, 8, 32).float()  # sub-block 2j + t
+        step, low = d[..., None] * sc.float(), dmin[..., None] * m.float()  # exact products
+        return (step[..., None] * q - low[..., None]).reshape(n, cols)
     ql = blocks[..., :128].reshape(n, nb, 2, 2, 32)  # [h, k % 2, l]
     qh = blocks[..., 128:192].reshape(n, nb, 2, 1, 32)  # [h, ., l]
     scales = blocks[..., 192:208].contiguous().view(torch.int8).float()  # (n, nb, 16)
@@ -70,6 +84,16 @@ def dequantize_rows(data: torch.Tensor, type_name: str, cols: int) -> torch.Tens
     q = (low | (high << 4)).float() - 32.0
     step = (d[..., None] * scales).reshape(n, nb, 2, 4, 2).repeat_interleave(16, dim=-1)  # d * scale, exact
     return (step * q).reshape(n, cols)
+
+
+def _q4_k_scales(raw):
+    """(..., 12) uint8 scale bytes of Q4_K blocks -> (sc, m), each (..., 8) ints 0..63 (ggml's
+    get_scale_min_k4); torch tensors or numpy arrays."""
+    cat = torch.cat if isinstance(raw, torch.Tensor) else np.concatenate
+    a, b, c = raw[..., 0:4], raw[..., 4:8], raw[..., 8:12]
+    sc = cat([a & 63, (c & 15) | ((a >> 6) << 4)], -1)
+    m = cat([b & 63, (c >> 4) | ((b >> 6) << 4)], -1)
+    return sc, m
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,6 +174,107 @@ def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
     return out.reshape(n, nb * 210)
 
 
+def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1,
+                      nstep: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's make_qkx2_quants(32, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, false) for every
+    group: x, weights (S, 32) float32 -> (scale (S,), the_min (S,), L (S, 32) int32). Float32 operations in
+    ggml's order, sums over the 32 elements one after another."""
+    f32 = np.float32
+    S, n = x.shape
+    xT, wT = np.ascontiguousarray(x.T), np.ascontiguousarray(weights.T)  # (32, S)
+    lo, hi = xT[0].copy(), xT[0].copy()
+    sum_w = wT[0].copy()
+    sum_x = sum_w * xT[0]
+    for i in range(1, n):
+        lo = np.where(xT[i] < lo, xT[i], lo)
+        hi = np.where(xT[i] > hi, xT[i], hi)
+        sum_w += wT[i]
+        sum_x += wT[i] * xT[i]
+    lo = np.where(lo > 0, f32(0), lo)
+    flat = hi == lo
+    span = np.where(flat, f32(1), hi - lo)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = f32(nmax) / span
+        scale = f32(1) / iscale
+        L = np.clip(_nearest_int(iscale * (xT - lo)), 0, nmax)  # (32, S)
+        Lf = L.astype(f32)
+        best = np.zeros(S, f32)
+        for i in range(n):
+            diff = scale * Lf[i] + lo - xT[i]
+            best += wT[i] * (diff * diff)
+        low = lo
+        for step in range(nstep + 1):
+            # ggml's `min` is the best min so far, in the span as in the offsets
+            iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / np.where(flat, f32(1), hi - low)
+            aux = np.clip(_nearest_int(iscale * (xT - low)), 0, nmax)
+            auxf = aux.astype(f32)
+            sum_l = np.zeros(S, f32)
+            sum_l2 = np.zeros(S, f32)
+            sum_xl = np.zeros(S, f32)
+            for i in range(n):
+                wl = wT[i] * auxf[i]
+                sum_l += wl
+                sum_l2 += wl * auxf[i]
+                sum_xl += wl * xT[i]
+            D = sum_w * sum_l2 - sum_l * sum_l
+            ok = D > 0
+            safe_d = np.where(ok, D, f32(1))
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_d
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_d
+            positive = this_min > 0
+            this_min = np.where(positive, f32(0), this_min)
+            this_scale = np.where(positive, sum_xl / np.where(sum_l2 != 0, sum_l2, f32(1)), this_scale)
+            cur = np.zeros(S, f32)
+            for i in range(n):
+                diff = this_scale * auxf[i] + this_min - xT[i]
+                cur += wT[i] * (diff * diff)
+            better = ok & (cur < best)
+            L = np.where(better, aux, L)
+            Lf = L.astype(f32)
+            best = np.where(better, cur, best)
+            scale = np.where(better, this_scale, scale)
+            low = np.where(better, this_min, low)
+    L = np.where(flat, 0, L)
+    scale = np.where(flat, f32(0), scale).astype(f32)
+    return scale, (-low).astype(f32), np.ascontiguousarray(L.T)
+
+
+def _quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """(n, cols) float32 -> (n, cols / 256 * 144) uint8: ggml's quantize_row_q4_K_ref."""
+    f32 = np.float32
+    n, cols = x.shape
+    groups = x.reshape(-1, 32)  # (S, 32), 8 per block
+    sum_x2 = np.zeros(len(groups), f32)
+    for i in range(32):
+        sum_x2 += groups[:, i] * groups[:, i]
+    av_x = np.sqrt(sum_x2 / f32(32))
+    scales, mins, L = _make_qkx2_quants(groups, av_x[:, None] + np.abs(groups))
+    scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
+    max_scale = np.maximum(scales.max(axis=1), f32(0))  # ggml: the largest above 0, else 0
+    max_min = np.maximum(mins.max(axis=1), f32(0))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv_scale = np.where(max_scale > 0, f32(63) / np.where(max_scale > 0, max_scale, f32(1)), f32(0)).astype(f32)
+        inv_min = np.where(max_min > 0, f32(63) / np.where(max_min > 0, max_min, f32(1)), f32(0)).astype(f32)
+        ls = np.minimum(63, _nearest_int(inv_scale[:, None] * scales) & 255)  # uint8_t, then MIN(63, .)
+        lm = np.minimum(63, _nearest_int(inv_min[:, None] * mins) & 255)
+        packed = np.empty((len(ls), 12), np.uint8)
+        packed[:, 0:4] = ls[:, :4] | (ls[:, 4:] >> 4) << 6
+        packed[:, 4:8] = lm[:, :4] | (lm[:, 4:] >> 4) << 6
+        packed[:, 8:12] = (ls[:, 4:] & 15) | (lm[:, 4:] & 15) << 4
+        d16 = (max_scale / f32(63)).astype(f32).astype(np.float16)
+        dmin16 = (max_min / f32(63)).astype(f32).astype(np.float16)
+        sc, m = _q4_k_scales(packed)
+        d = d16.astype(f32)[:, None] * sc.astype(f32)  # (B, 8)
+        dm = dmin16.astype(f32)[:, None] * m.astype(f32)
+        live = d != 0
+        blocks = x.reshape(-1, 8, 32)
+        fresh = np.clip(_nearest_int((blocks + dm[..., None]) / np.where(live, d, f32(1))[..., None]), 0, 15)
+    L = np.where(live[..., None], fresh, L.reshape(-1, 8, 32)).astype(np.uint8).reshape(-1, 4, 2, 32)
+    qs = (L[:, :, 0] | L[:, :, 1] << 4).reshape(-1, 128)
+    out = np.concatenate([d16.reshape(-1, 1).view(np.uint8), dmin16.reshape(-1, 1).view(np.uint8), packed, qs], axis=1)
+    return out.reshape(n, cols // QK_K * 144)
+
+
 def quantize_rows(x: np.ndarray | torch.Tensor, type_name: str, chunk: int = 1024) -> np.ndarray:
     """(n, cols) float -> (n, bytes per row) uint8 in `type_name`, with ggml's reference rounding,
     `chunk` rows at a time (float32 of one chunk at most)."""
@@ -163,8 +288,10 @@ def quantize_rows(x: np.ndarray | torch.Tensor, type_name: str, chunk: int = 102
         part = np.ascontiguousarray(part, dtype=np.float32)
         if type_name == "Q8_0":
             out[start : start + chunk] = gguf.quants.quantize(part, gguf.GGMLQuantizationType.Q8_0).reshape(len(part), -1)
-        else:
+        elif type_name == "Q6_K":
             out[start : start + chunk] = _quantize_q6_k(part)
+        else:
+            out[start : start + chunk] = _quantize_q4_k(part)
     return out
 
 
@@ -174,7 +301,7 @@ def quantize_rows(x: np.ndarray | torch.Tensor, type_name: str, chunk: int = 102
 
 class QuantizedTable(nn.Module):
     """A (rows, cols) float table held as ggml blocks: `data` (rows, bytes per row) uint8, `type_name`
-    Q8_0 or Q6_K. Indexing it (`table[ids]`, `table[a:b]`) dequantizes only those rows, to float32.
+    Q8_0, Q6_K or Q4_K. Indexing it (`table[ids]`, `table[a:b]`) dequantizes only those rows, to float32.
 
     It carries no autograd graph: `detach()` is the table itself."""
 
@@ -227,6 +354,8 @@ class QuantizedTable(nn.Module):
         """Every block's f16 scale d as float32 (the finite check of a loaded table)."""
         block, nbytes = BLOCKS[self.type_name]
         blocks = self.data.reshape(-1, nbytes)
+        if self.type_name == "Q4_K":  # d and dmin
+            return _f16(blocks[:, :4].reshape(-1, 2, 2)).reshape(-1)
         return _f16(blocks[:, :2] if self.type_name == "Q8_0" else blocks[:, nbytes - 2 :])
 
     def extra_repr(self) -> str:
