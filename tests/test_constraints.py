@@ -116,6 +116,17 @@ def test_guided_fields_on_chat(client):
     jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMAS["enum"])
 
 
+def test_stop_strings_and_choices_still_apply(client):
+    out = client.completions.create(model="tiny", prompt="The code is", max_tokens=20, temperature=0, n=2,
+                                    extra_body={"guided_regex": "[a-z]{12}"})
+    assert all(re.fullmatch("[a-z]{12}", c.text) and c.finish_reason == "stop" for c in out.choices)
+    first = out.choices[0].text
+    stop = first[5]
+    cut = client.completions.create(model="tiny", prompt="The code is", max_tokens=20, temperature=0, stop=[stop],
+                                    extra_body={"guided_regex": "[a-z]{12}"})
+    assert cut.choices[0].text == first[: first.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
 @pytest.mark.parametrize("body, param, words", [
     ({"response_format": _schema_format({"type": "strin"})}, "response_format", "strin"),
     ({"response_format": _schema_format({"type": "array", "uniqueItems": True})}, "response_format", "uniqueItems"),

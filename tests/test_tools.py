@@ -202,3 +202,46 @@ def test_a_template_that_renders_tools_gets_them(checkpoint):
     text = tokenizer.apply_chat_template(out, tools=tools)
     assert text == ('[tool get_weather][tool get_time]<user>time?<assistant>(call get_time {"zone": "UTC+1"})'
                     "<tool>12:00#call_1")
+
+
+def test_the_auto_grammar_takes_text_or_a_call_and_nothing_else(checkpoint):
+    from pybitnet.constraints import compile_constraint
+
+    tokenizer = load_tokenizer(checkpoint)
+    kind, source = parse_tools(TOOLS, "auto").grammar()
+    constraint = compile_constraint(kind, source, tokenizer)
+
+    def takes(text: str) -> bool:
+        state = constraint.start()
+        return all(state.advance(t) for t in tokenizer.encode(text, add_special_tokens=False))
+
+    assert takes("It is sunny.") and takes('{"name": "get_time", "arguments": {"zone": "UTC+1"}}')
+    assert not takes('{"name": "get_time", "arguments": {"zone": "Paris"}}')  # not its pattern
+    assert not takes('{"name": "set_alarm", "arguments": {}}')  # no such tool
+    assert not takes('{"hello": 1}')  # a '{' starts a call
+
+
+def test_n_choices_each_answer_a_call(client):
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                           max_tokens=200, temperature=1.0, seed=9, n=2)
+    assert len(reply.choices) == 2
+    ids = set()
+    for choice in reply.choices:
+        assert choice.finish_reason == "tool_calls"
+        _check_call(choice.message.tool_calls[0])
+        ids.add(choice.message.tool_calls[0].id)
+    assert len(ids) == 2
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "user"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": ["x"], "function": {"name": "f"}}]},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "function": {"arguments": "{}"}}]},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{x"}}]},
+    {"role": "user", "content": "hi", "tool_calls": [{"id": "c", "function": {"name": "f"}}]},
+])
+def test_malformed_tool_messages_are_a_400(server, message):
+    response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                          json={"messages": MESSAGES + [message], "tools": TOOLS, "max_tokens": 5})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "messages"

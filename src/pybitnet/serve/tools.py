@@ -142,9 +142,10 @@ def chat_messages(messages, setup: ToolSetup | None, template: str | None) -> tu
         parsed = []
         for call in calls:
             function = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise RequestError(f"messages[{i}].tool_calls: each needs function.name and function.arguments",
-                                   "messages")
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                    or not isinstance(call.get("id", ""), str):
+                raise RequestError(f"messages[{i}].tool_calls: each needs an id, function.name and "
+                                   f"function.arguments", "messages")
             arguments = function.get("arguments") or "{}"
             try:
                 arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
