@@ -297,3 +297,16 @@ def test_llama_cpp_runs_our_quantized_tables(kind: str, tmp_path: Path):
         llm.close()
     rel, agree = assert_float32_rule(theirs, model.forward_full(torch.tensor([tokens]))[0])
     print(f"\nllama.cpp vs pybitnet ({kind}): max relative difference {rel:.2e}, top-1 {agree:.1%}")
+
+
+def test_a_table_with_a_non_finite_scale_is_refused(tmp_path: Path):
+    from pybitnet.errors import CheckpointError
+
+    path, _ = _write(tmp_path, "Q8_0", tied=True)
+    with GGUFReader(path) as reader:
+        start = reader.tensors["token_embd.weight"].data_offset + 34 * 3  # block 3's f16 d
+    raw = bytearray(path.read_bytes())
+    raw[start : start + 2] = np.array([np.inf], dtype=np.float16).tobytes()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="token_embd.weight"):
+        load_gguf_weights(path)
