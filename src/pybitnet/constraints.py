@@ -207,30 +207,34 @@ class ConstraintState:
         self.constraint = constraint
         self._matcher = matcher
         self._bits = torch.zeros((constraint.vocab_size + 31) // 32, dtype=torch.int32)
-        self._allowed: torch.Tensor | None = None  # (V,) bool, for the current position
+        self._allowed: np.ndarray | None = None  # (V,) bool, for the current position
         self._lock = threading.Lock()  # held while a mask is computed (possibly in the prefetch thread)
 
-    def compute_mask(self) -> torch.Tensor:
+    def compute_mask(self) -> np.ndarray:
         """The (V,) bool mask of tokens allowed next (computed once per position)."""
         with self._lock:
             if self._allowed is None:
                 self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
                 bits = np.unpackbits(self._bits.numpy().view(np.uint8), bitorder="little")
-                self._allowed = torch.from_numpy(bits[: self.constraint.vocab_size].astype(np.bool_))
+                self._allowed = bits[: self.constraint.vocab_size].astype(np.bool_)
             return self._allowed
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (B, V) or (V,) of this row with every disallowed id at -inf (a new tensor)."""
+        """logits (B, V) or (V,) of this row with every disallowed id at -inf (a new tensor).
+
+        On the CPU this runs in numpy, on one thread: torch would split a 128k-element fill over its
+        intra-op threads, which costs milliseconds a token on a machine whose cores are busy."""
         allowed = self.compute_mask()
-        if not bool(allowed.any()):  # the grammar is in error: only a stop token may come (it ends the row)
-            allowed = torch.zeros_like(allowed)
+        if not allowed.any():  # the grammar is in error: only a stop token may come (it ends the row)
+            allowed = np.zeros_like(allowed)
             allowed[list(self.constraint.stop_ids)] = True
-        allowed = allowed.to(logits.device)
         width = logits.shape[-1]
         if width != allowed.shape[0]:
-            allowed = allowed[:width] if width < allowed.shape[0] else torch.nn.functional.pad(
-                allowed, (0, width - allowed.shape[0]))
-        return logits.masked_fill(~allowed, float("-inf"))
+            allowed = allowed[:width] if width < allowed.shape[0] else np.pad(allowed, (0, width - allowed.shape[0]))
+        if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+            values = logits.detach().numpy()
+            return torch.from_numpy(np.where(allowed, values, np.array(-np.inf, dtype=values.dtype)))
+        return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
 
     def allows_any(self) -> bool:
         return bool(self.compute_mask().any())
