@@ -245,3 +245,22 @@ def test_malformed_tool_messages_are_a_400(server, message):
                           json={"messages": MESSAGES + [message], "tools": TOOLS, "max_tokens": 5})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "messages"
+
+
+def test_a_call_cut_by_max_tokens_is_the_same_streamed_or_not(client, checkpoint):
+    kwargs = dict(model="tiny", messages=MESSAGES, tools=[WEATHER], tool_choice="required", temperature=0)
+    full = client.chat.completions.create(max_tokens=200, **kwargs).choices[0]
+    tokenizer = load_tokenizer(checkpoint)
+    head = '{"name": "get_weather", "arguments": {"'
+    cut = next(n for n in range(1, len(full.token_ids)) if tokenizer.decode(full.token_ids[:n]).startswith(head))
+    whole = client.chat.completions.create(max_tokens=cut, **kwargs).choices[0]
+    assert whole.finish_reason == "length"
+    call = whole.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.function.arguments.startswith('{"')
+    assert full.message.tool_calls[0].function.arguments.startswith(call.function.arguments)
+    arguments, finish = "", None
+    for chunk in client.chat.completions.create(stream=True, max_tokens=cut, **kwargs):
+        choice = chunk.choices[0]
+        arguments += "".join(d.function.arguments or "" for d in choice.delta.tool_calls or [])
+        finish = choice.finish_reason or finish
+    assert finish == "length" and arguments == call.function.arguments

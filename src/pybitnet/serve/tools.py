@@ -203,7 +203,10 @@ def assistant_message(text: str, finish: str | None, setup: ToolSetup, call_id: 
     """The chat message of a finished output, and its finish_reason ("tool_calls" for a whole call)."""
     call = split_call(text) if setup.constrained else None
     if call is None:
-        return {"role": "assistant", "content": text}, finish
+        head = _HEAD.match(text) if setup.constrained and finish != "stop" else None
+        if head is None or head.end() == len(text):
+            return {"role": "assistant", "content": text}, finish
+        call = head.group(1), text[head.end():]  # a call cut short (length): its arguments as far as they got
     name, arguments = call
     message = {"role": "assistant", "content": None,
                "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]}
