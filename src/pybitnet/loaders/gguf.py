@@ -375,10 +375,12 @@ def _metadata(config: ModelConfig, arch: str, file_type: int, tokenizer_metadata
     return fields
 
 
-def _dense_spec(gguf_name: str, tensor: torch.Tensor, type_name: str, dtype: torch.dtype) -> TensorSpec:
+def _dense_spec(gguf_name: str, tensor: torch.Tensor | QuantizedTable, type_name: str, dtype: torch.dtype) -> TensorSpec:
     def produce() -> np.ndarray:
-        stored = tensor.detach().to("cpu", dtype)
-        if not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(tensor).all()):
+        # a block table's float32 values are made when its turn comes, and dropped after
+        source = tensor.dequantize() if isinstance(tensor, QuantizedTable) else tensor
+        stored = source.detach().to("cpu", dtype)
+        if not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(source).all()):
             raise GGUFError(f"tensor {gguf_name!r} overflows {type_name}; choose a wider embedding type")
         if dtype == torch.bfloat16:
             stored = stored.view(torch.int16)
@@ -455,8 +457,7 @@ def write_gguf(
         elif internal in ("embed_tokens", "lm_head") and embed_dtype is None:
             specs.append(_table_spec(gguf_name, value, embed_name))
         elif internal in ("embed_tokens", "lm_head"):
-            table = value.dequantize() if isinstance(value, QuantizedTable) else value
-            specs.append(_dense_spec(gguf_name, table, embed_name, embed_dtype))
+            specs.append(_dense_spec(gguf_name, value, embed_name, embed_dtype))
         else:
             specs.append(_dense_spec(gguf_name, value, "F32", torch.float32))
     fields = _metadata(config, arch, QTYPES[qtype][2], tokenizer_metadata,
