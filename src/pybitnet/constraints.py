@@ -49,7 +49,8 @@ class ConstraintError(InputError):
 def _llguidance():
     try:
         import llguidance
-        import llguidance.torch  # noqa: F401 - fill_next_token_bitmask
+        import llguidance.gbnf_to_lark  # noqa: F401 - GBNF grammars (llama.cpp's)
+        # not llguidance.torch: it compiles a kernel with torch.compile at import (about 190 MiB of memory)
     except ImportError as err:  # a core dependency; missing only in a broken install
         raise InputError("constrained output needs the llguidance package (pip install llguidance)") from err
     return llguidance
