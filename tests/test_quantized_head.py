@@ -265,6 +265,17 @@ def test_convert_round_trip(tmp_path: Path, tied: bool):
     assert_float32_rule(model.forward_full(tokens), hf_model.forward_full(tokens))  # two head kernels, one table
 
 
+def test_a_model_with_a_block_table_exports_its_values(tmp_path: Path):
+    path, _ = _write(tmp_path, "Q6_K", tied=False)
+    model = pybitnet.load(path)
+    exported = model.export_weights()
+    assert isinstance(exported["embed_tokens"], QuantizedTable) and isinstance(exported["lm_head"], QuantizedTable)
+    hf = save_hf(tmp_path / "hf", model.config, exported, float_dtype=torch.float32)
+    again = pybitnet.load(hf)
+    assert torch.equal(again.embed_tokens, model.embed_tokens.dequantize())
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight.dequantize())
+
+
 def test_convert_refuses_rows_that_are_not_whole_blocks(tmp_path: Path, cli):
     result = cli("convert", "synthetic:tiny", str(tmp_path / "t.gguf"), "--embed-type", "q6_k")
     assert result.code == 1 and "rows of 128 elements, not a multiple of 256" in result.err

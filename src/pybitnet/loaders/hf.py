@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..quant.ggml_blocks import QuantizedTable
 from ..quant.hf_pack import pack_hf, unpack_hf
 from ..quant.ternary import absmean_ternarize
 from ..weights import TernaryWeight, Weights, check_weights, expected_shapes, is_projection, require_finite
@@ -275,6 +276,8 @@ def save_hf(path: str | Path, config: ModelConfig, weights: Weights, *, linear_c
             tensors[hf_name] = pack_hf(value.values).contiguous()
             scale = value.beta if linear_class == "autobitlinear" else 1.0 / value.beta
             tensors[hf_name + "_scale"] = torch.tensor([scale], dtype=scale_dtype)
+        elif isinstance(value, QuantizedTable):  # a GGUF block table: its values
+            tensors[hf_name] = value.dequantize(float_dtype)
         else:
             tensors[hf_name] = value.to(float_dtype).contiguous()
     dtype_name = str(float_dtype).replace("torch.", "")
