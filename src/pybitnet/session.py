@@ -61,7 +61,7 @@ class Session:
             raise InputError("a session prefills at least one token")
         if len(ids) > self.max_len:
             raise InputError(f"{len(ids)} tokens do not fit the session's {self.max_len} positions")
-        common = _common_prefix(self.tokens, ids)
+        common = common_prefix(self.tokens, ids)
         common = min(common, len(ids) - 1)
         self.cache.lengths[0] = common
         self.tokens = self.tokens[:common]
@@ -172,7 +172,8 @@ class Conversation:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items a and b share."""
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:

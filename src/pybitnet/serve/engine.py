@@ -325,8 +325,8 @@ class Engine:
         # Reuse cached K/V, but leave at least the last prompt token to run: its logits give the first token.
         # Prompt logprobs need the logits of every prompt position, so such a request computes them all.
         if self.prefix_cache is not None and not request.spec.prompt_logprobs:
-            chain = self.prefix_cache.match(request.spec.prompt, limit=len(request.spec.prompt) - 1)
-            request.cached_tokens = request.prefilled = self.prefix_cache.load(chain, request.small_cache, 0)
+            found = self.prefix_cache.match(request.spec.prompt, limit=len(request.spec.prompt) - 1)
+            request.cached_tokens = request.prefilled = self.prefix_cache.load(found, request.small_cache, 0)
         self._prefilling = request
 
     def _prefill_chunk(self, request: GenerationRequest) -> None:

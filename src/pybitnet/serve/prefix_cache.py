@@ -35,6 +35,7 @@ import torch
 
 from ..cache import KVCache
 from ..errors import InputError
+from ..session import common_prefix
 
 log = logging.getLogger("pybitnet.serve")
 
@@ -54,6 +55,22 @@ class _Block:
     key: tuple = field(default=())
 
 
+@dataclass
+class PrefixMatch:
+    """The cached K/V that spell the start of a prompt: whole blocks, then possibly the first tokens of one more
+    (a token's K/V depend only on the tokens up to it, so a block's first tokens serve any sequence that
+    shares them, as llama.cpp reuses a cached prompt up to the first differing token)."""
+
+    chain: list[_Block]
+    tail: _Block | None = None
+    tail_tokens: int = 0
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    @property
+    def tokens(self) -> int:
+        return len(self.chain) * self.block_size + self.tail_tokens
+
+
 class PrefixCache:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  budget_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE, fingerprint: str = ""):
@@ -67,6 +84,7 @@ class PrefixCache:
         # (capacity, 2, layers, Hkv, block_size, D): pages are touched only when a block is written
         self.pool = torch.empty((self.capacity, *self.block_shape), dtype=dtype) if self.capacity else None
         self._blocks: collections.OrderedDict[tuple, _Block] = collections.OrderedDict()  # LRU first
+        self._children: dict[int, list[_Block]] = {}  # parent id (-1: none) -> the blocks that continue it
         self._free = list(range(self.capacity - 1, -1, -1))  # slots, popped from the end
         self._next_id = 0
         self.evictions = 0
@@ -87,31 +105,40 @@ class PrefixCache:
     def bytes_used(self) -> int:
         return len(self._blocks) * self.block_bytes
 
-    def match(self, tokens: list[int], limit: int | None = None) -> list[_Block]:
-        """The cached blocks that spell the longest prefix of tokens[:limit], from position 0."""
+    def match(self, tokens: list[int], limit: int | None = None) -> PrefixMatch:
+        """The cached K/V that spell the longest prefix of tokens[:limit], from position 0."""
+        n = self.block_size
         limit = len(tokens) if limit is None else min(limit, len(tokens))
         chain: list[_Block] = []
         parent = None
-        for start in range(0, limit - self.block_size + 1, self.block_size):
-            block = self._blocks.get((parent.id if parent else -1, tuple(tokens[start : start + self.block_size])))
+        for start in range(0, limit - n + 1, n):
+            block = self._blocks.get((parent.id if parent else -1, tuple(tokens[start : start + n])))
             if block is None:
                 break
             chain.append(block)
             parent = block
-        for block in reversed(chain):  # the root most recent: leaves are evicted before what they continue
+        found = PrefixMatch(chain, block_size=n)
+        rest = tokens[len(chain) * n : limit]
+        for child in self._children.get(parent.id if parent else -1, ()) if rest else ():
+            shared = common_prefix(child.tokens, rest)
+            if shared > found.tail_tokens:
+                found.tail, found.tail_tokens = child, shared
+        touched = ([found.tail] if found.tail is not None else []) + chain[::-1]
+        for block in touched:  # the root most recent: leaves are evicted before what they continue
             self._blocks.move_to_end(block.key)
-        return chain
+        return found
 
-    def load(self, chain: list[_Block], cache: KVCache, row: int) -> int:
-        """Copy the chain's K/V into positions [0, len(chain) * block_size) of `cache` row `row` and set the
-        row's length to that; returns the number of positions filled."""
+    def load(self, found: PrefixMatch, cache: KVCache, row: int) -> int:
+        """Copy the match's K/V into positions [0, found.tokens) of `cache` row `row` and set the row's length to
+        that; returns the number of positions filled."""
         n = self.block_size
-        for i, block in enumerate(chain):
+        pieces = [(block, n) for block in found.chain] + ([(found.tail, found.tail_tokens)] if found.tail else [])
+        for i, (block, count) in enumerate(pieces):
             kv = self.pool[block.slot]  # (2, layers, Hkv, n, D)
-            cache.keys[:, row, :, i * n : (i + 1) * n] = kv[0]
-            cache.values[:, row, :, i * n : (i + 1) * n] = kv[1]
-        cache.lengths[row] = len(chain) * n
-        return len(chain) * n
+            cache.keys[:, row, :, i * n : i * n + count] = kv[0, :, :, :count]
+            cache.values[:, row, :, i * n : i * n + count] = kv[1, :, :, :count]
+        cache.lengths[row] = found.tokens
+        return found.tokens
 
     def store(self, tokens: list[int], cache: KVCache, row: int, upto: int) -> int:
         """Keep the full blocks of tokens[:upto], whose K/V sit at positions [0, upto) of `cache` row `row`;
@@ -139,6 +166,7 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._blocks.clear()
+        self._children.clear()
         self._free = list(range(self.capacity - 1, -1, -1))
 
     # -- slots -----------------------------------------------------------------------------------------------------
@@ -147,6 +175,7 @@ class PrefixCache:
         block = _Block(self._next_id, parent, key[1], slot, key=key)
         self._next_id += 1
         self._blocks[key] = block
+        self._children.setdefault(key[0], []).append(block)
         if parent is not None:
             parent.children += 1
         return block
@@ -159,6 +188,10 @@ class PrefixCache:
         if victim is None:
             return None
         del self._blocks[victim.key]
+        siblings = self._children[victim.key[0]]
+        siblings.remove(victim)
+        if not siblings:
+            del self._children[victim.key[0]]
         if victim.parent is not None:
             victim.parent.children -= 1
         self.evictions += 1
