@@ -15,6 +15,7 @@ from pybitnet import synthetic
 from pybitnet.config import ModelConfig
 from pybitnet.errors import CheckpointError, ConfigError, GGUFError
 from pybitnet.loaders.gguf import load_gguf_weights, read_gguf_metadata, write_gguf
+from pybitnet.quant.ggml_blocks import QuantizedTable
 from pybitnet.loaders.gguf_file import (
     TYPE_BY_NAME,
     GGUFReader,
@@ -353,13 +354,15 @@ def test_embedding_dtypes(micro_file: Path, tmp_path: Path):
         write_gguf(path, config, weights, "i2_s", embed_type=embed_type)
         embed = load_gguf_weights(path)[1]["embed_tokens"]
         assert embed.dtype == dtype and torch.equal(embed, weights["embed_tokens"].to(dtype))
-    # a quantized embedding (bitnet.cpp --quant-embd) is dequantized to float32 through gguf-py
+    # a Q8_0 embedding (bitnet.cpp --quant-embd) stays in its blocks; its rows read as gguf-py dequantizes them
     dense = weights["embed_tokens"].float().numpy()  # (32, 128)
     q8 = gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0)
     path = rewrite(micro_file, tmp_path / "q8.gguf", replace_tensors={"token_embd.weight": ("Q8_0", q8)})
     embed = load_gguf_weights(path)[1]["embed_tokens"]
-    assert embed.dtype == torch.float32
-    assert np.array_equal(embed.numpy(), gguf.quants.dequantize(q8, gguf.GGMLQuantizationType.Q8_0))
+    assert isinstance(embed, QuantizedTable) and tuple(embed.shape) == dense.shape
+    rows = embed[torch.arange(dense.shape[0])]
+    assert rows.dtype == torch.float32
+    assert np.array_equal(rows.numpy(), gguf.quants.dequantize(q8, gguf.GGMLQuantizationType.Q8_0))
 
 
 def test_float_projection_must_be_ternary(tmp_path: Path):
