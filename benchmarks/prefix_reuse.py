@@ -37,6 +37,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import build_gguf, make_prompts, start_server, stop_server  # noqa: E402
 
+from pybitnet.serve.prefix_cache import DEFAULT_BUDGET_MB  # noqa: E402
+
 # The 2B-4T chat format ("Role: content<|eot_id|>"), rendered by both servers from the file's metadata.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}"
@@ -153,8 +155,6 @@ def soak(gguf: Path, args, vocab: int, log_dir: Path) -> dict:
         stop_server(process)
     values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
               if line.startswith(("pybitnet_prefix_cache", "pybitnet_prompt_tokens_c")) and "_created" not in line}
-    from pybitnet.serve.prefix_cache import DEFAULT_BUDGET_MB
-
     budget = DEFAULT_BUDGET_MB << 20
     peak = max(rss for _, rss in samples)
     result = {"seconds": args.soak_s, "requests": done[0], "prompt_tokens_each": args.soak_prompt,
@@ -204,20 +204,26 @@ def main() -> None:
     parser.add_argument("--soak-prompt", type=int, default=512)
     parser.add_argument("--json")
     parser.add_argument("--plot")
+    parser.add_argument("--log-dir", help="keep the servers' logs here")
     args = parser.parse_args()
     parts = args.parts.split(",")
     results = {"model": f"{args.preset} ({args.layers} layers, TQ2_0)", "threads": args.threads,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with tempfile.TemporaryDirectory() as tmp:
-        gguf, tokenizer = build_gguf(Path(tmp), args.preset, args.layers, args.seed, chat_template=CHAT_TEMPLATE)
+        # Printable tokens: a random model's answers are then text that streams as it is generated (with bytes
+        # of broken UTF-8 a server holds its output back, and the first token would seem to come late).
+        gguf, tokenizer = build_gguf(Path(tmp), args.preset, args.layers, args.seed, chat_template=CHAT_TEMPLATE,
+                                     printable=True)
+        logs = Path(args.log_dir) if args.log_dir else Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
         vocab = tokenizer.get_vocab_size()
         if "ttft" in parts:
-            results["ttft"] = measure_ttft(gguf, args, vocab, Path(tmp))
+            results["ttft"] = measure_ttft(gguf, args, vocab, logs)
         if "chat" in parts:
             results["chat"] = {}
             ctx = args.document_tokens + args.turns * (args.user_tokens + args.answer_tokens + 40) + 256
             for engine in args.engines.split(","):
-                process, url = start_server(engine, gguf, args.threads, ctx, 2, Path(tmp) / f"chat-{engine}.log")
+                process, url = start_server(engine, gguf, args.threads, ctx, 2, logs / f"chat-{engine}.log")
                 try:
                     results["chat"][engine] = chat_replay(url, tokenizer, args)
                 finally:
@@ -231,7 +237,7 @@ def main() -> None:
                     "wall": ours["wall_s"] / theirs["wall_s"]}
                 print("pybitnet / llama.cpp:", json.dumps(results["chat_ratios"]), flush=True)
         if "soak" in parts:
-            results["soak"] = soak(gguf, args, vocab, Path(tmp))
+            results["soak"] = soak(gguf, args, vocab, logs)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if args.plot and "chat" in results:

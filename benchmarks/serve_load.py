@@ -47,16 +47,20 @@ REQUEST_TIMEOUT_S = 1800
 # -- the model -------------------------------------------------------------------------------------------------
 
 
-def synthetic_bpe(vocab_size: int):
+def synthetic_bpe(vocab_size: int, printable: bool = False):
     """A byte-level BPE of exactly `vocab_size` tokens: 256 byte symbols, merges of symbol pairs (then of
-    pairs with a third symbol) for the rest, and BOS/EOS/EOT at the end, shaped like a LLaMA-3 tokenizer."""
+    pairs with a third symbol) for the rest, and BOS/EOS/EOT at the end, shaped like a LLaMA-3 tokenizer.
+    `printable`: merges of printable ASCII only, so that a random sequence of tokens is text."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    from pybitnet.tokenizer import LLAMA3_SPLIT_REGEX
+    from pybitnet.tokenizer import LLAMA3_SPLIT_REGEX, byte_level_alphabet
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     letters = sorted(alphabet)
     vocab = {symbol: i for i, symbol in enumerate(letters)}
+    if printable:
+        symbol_of = byte_level_alphabet()
+        letters = sorted(symbol_of[b] for b in range(0x20, 0x7F))
     merges = []
     wanted = vocab_size - 3
     rng = random.Random(0)
@@ -87,7 +91,7 @@ def synthetic_bpe(vocab_size: int):
 
 
 def build_gguf(directory: Path, preset_name: str, layers: int, seed: int,
-               chat_template: str | None = None) -> tuple[Path, object]:
+               chat_template: str | None = None, printable: bool = False) -> tuple[Path, object]:
     """The TQ2_0 .gguf both servers load, and its tokenizer (with `chat_template`, written to the file's metadata
     for both servers to render chats with)."""
     from pybitnet.config import preset
@@ -95,7 +99,7 @@ def build_gguf(directory: Path, preset_name: str, layers: int, seed: int,
     from pybitnet.synthetic import random_weights
 
     config = preset(preset_name).replace(num_layers=layers)
-    tokenizer = synthetic_bpe(config.vocab_size)
+    tokenizer = synthetic_bpe(config.vocab_size, printable)
     config = config.replace(bos_token_id=config.vocab_size - 3, eos_token_ids=(config.vocab_size - 2, config.vocab_size - 1))
     checkpoint = directory / "hf"
     save_hf(checkpoint, config, random_weights(config, seed))
