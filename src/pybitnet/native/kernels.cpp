@@ -1068,54 +1068,63 @@ __attribute__((target("avx512f"))) inline __m512 sum16_avx512(const __m512* v) {
                        _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// D a multiple of 16 (head dims of real models: 64, 128, ...)
-__attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a, const float* K, const float* V, float* out,
-                                                       const float* q, int64_t rep, int64_t S, float* scores) {
-  const __m512 vscale = _mm512_set1_ps(a.scale);
-  int64_t j0 = 0;
-  if (rep % 4 == 0)  // tiles of 4 keys x 4 query heads: 16 lane-wise dot products, then one transposing sum
-    for (; j0 + 4 <= S; j0 += 4)
-      for (int64_t r0 = 0; r0 < rep; r0 += 4) {
-        __m512 acc[16];  // acc[4 r + jj]
-        #pragma GCC unroll 16
-        for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < a.D; d += 16) {
-          __m512 kv[4];
-          #pragma GCC unroll 4
-          for (int jj = 0; jj < 4; ++jj) kv[jj] = _mm512_loadu_ps(K + (j0 + jj) * a.D + d);
-          #pragma GCC unroll 4
-          for (int r = 0; r < 4; ++r) {
-            const __m512 qv = _mm512_loadu_ps(q + (r0 + r) * a.D + d);
-            #pragma GCC unroll 4
-            for (int jj = 0; jj < 4; ++jj) acc[4 * r + jj] = _mm512_fmadd_ps(qv, kv[jj], acc[4 * r + jj]);
-          }
-        }
-        const __m512 sums = sum16_avx512(acc);  // lanes 4r .. 4r+3: head r0 + r, keys j0 .. j0+3
-        #pragma GCC unroll 4
-        for (int r = 0; r < 4; ++r) {
-          alignas(16) float lane[4];
-          _mm_store_ps(lane, r == 0 ? _mm512_extractf32x4_ps(sums, 0) : r == 1 ? _mm512_extractf32x4_ps(sums, 1)
-                                 : r == 2 ? _mm512_extractf32x4_ps(sums, 2) : _mm512_extractf32x4_ps(sums, 3));
-          std::memcpy(scores + (r0 + r) * S + j0, lane, sizeof(lane));
-        }
-      }
-  for (int64_t j = j0; j < S; ++j) {  // the last keys one at a time
-    const float* k = K + j * a.D;
-    for (int64_t r = 0; r < rep; ++r) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t d = 0; d < a.D; d += 16)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * a.D + d), _mm512_loadu_ps(k + d), acc);
-      scores[r * S + j] = _mm512_reduce_add_ps(acc);
+// D a multiple of 16 (head dims of real models: 64, 128, ...). The pieces below are shared by attend_avx512 (one
+// query position) and attend_group_avx512 (several positions of one kv head at once), so both compute every
+// score, softmax and output element with the same operations in the same order.
+
+// Raw scores q_r·k_j (unscaled) of keys [j0, j0 + 4) for heads [r0, r0 + 4): 16 lane-wise dot products, then one
+// transposing sum. The K rows are loaded here; for several queries in a row they come from L1 after the first.
+__attribute__((target("avx512f"))) inline void score_tile_avx512(const float* K, const float* q, int64_t D,
+                                                                 int64_t j0, int64_t r0, float* scores, int64_t S) {
+  __m512 acc[16];  // acc[4 r + jj]
+  #pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    __m512 kv[4];
+    #pragma GCC unroll 4
+    for (int jj = 0; jj < 4; ++jj) kv[jj] = _mm512_loadu_ps(K + (j0 + jj) * D + d);
+    #pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const __m512 qv = _mm512_loadu_ps(q + (r0 + r) * D + d);
+      #pragma GCC unroll 4
+      for (int jj = 0; jj < 4; ++jj) acc[4 * r + jj] = _mm512_fmadd_ps(qv, kv[jj], acc[4 * r + jj]);
     }
   }
-  float inv[64];
+  const __m512 sums = sum16_avx512(acc);  // lanes 4r .. 4r+3: head r0 + r, keys j0 .. j0+3
+  #pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r) {
+    alignas(16) float lane[4];
+    _mm_store_ps(lane, r == 0 ? _mm512_extractf32x4_ps(sums, 0) : r == 1 ? _mm512_extractf32x4_ps(sums, 1)
+                           : r == 2 ? _mm512_extractf32x4_ps(sums, 2) : _mm512_extractf32x4_ps(sums, 3));
+    std::memcpy(scores + (r0 + r) * S + j0, lane, sizeof(lane));
+  }
+}
+
+// Where the tiles of a query over S keys end: keys below it are scored in tiles, the rest one at a time.
+inline int64_t tiled_keys(int64_t rep, int64_t S) { return rep % 4 == 0 ? S / 4 * 4 : 0; }
+
+// Raw scores of one key j for every head, one dot product at a time.
+__attribute__((target("avx512f"))) inline void score_key_avx512(const float* K, const float* q, int64_t D, int64_t rep,
+                                                                int64_t j, float* scores, int64_t S) {
+  const float* k = K + j * D;
+  for (int64_t r = 0; r < rep; ++r) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + d), _mm512_loadu_ps(k + d), acc);
+    scores[r * S + j] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+// Scores (rep, S) -> exp(scale * s - max) in place; inv[r] = 1 / the sum of head r's numerators.
+__attribute__((target("avx512f"))) inline void softmax_avx512(float scale, int64_t rep, int64_t S, float* scores,
+                                                              float* inv) {
+  const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t r = 0; r < rep; ++r) {
     float* s = scores + r * S;
     __m512 mx = _mm512_set1_ps(-INFINITY);
     int64_t j = 0;
     for (; j + 16 <= S; j += 16) mx = _mm512_max_ps(mx, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
     float m = _mm512_reduce_max_ps(mx);
-    for (; j < S; ++j) m = std::max(m, s[j] * a.scale);
+    for (; j < S; ++j) m = std::max(m, s[j] * scale);
     const __m512 vm = _mm512_set1_ps(m);
     __m512 sum = _mm512_setzero_ps();
     for (j = 0; j + 16 <= S; j += 16) {
@@ -1132,6 +1141,16 @@ __attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a, const f
     }
     inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
   }
+}
+
+__attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a, const float* K, const float* V, float* out,
+                                                       const float* q, int64_t rep, int64_t S, float* scores) {
+  const int64_t tiled = tiled_keys(rep, S);
+  for (int64_t j0 = 0; j0 < tiled; j0 += 4)
+    for (int64_t r0 = 0; r0 < rep; r0 += 4) score_tile_avx512(K, q, a.D, j0, r0, scores, S);
+  for (int64_t j = tiled; j < S; ++j) score_key_avx512(K, q, a.D, rep, j, scores, S);  // the last keys one at a time
+  float inv[64];
+  softmax_avx512(a.scale, rep, S, scores, inv);
   // out = P V: each 16-wide slice of a value row is loaded once for up to 8 query heads of the group
   for (int64_t r0 = 0; r0 < rep; r0 += 8) {
     const int64_t nr = std::min<int64_t>(8, rep - r0);
@@ -1144,9 +1163,51 @@ __attribute__((target("avx512f"))) void attend_avx512(const AttnArgs& a, const f
           acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(r0 + r) * S + j]), v, acc[r]);
       }
       for (int64_t r = 0; r < nr; ++r)
-        _mm512_storeu_ps(out + (r0 + r) * a.D + d,
-                         _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r0 + r])));
+        _mm512_storeu_ps(out + (r0 + r) * a.D + d, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r0 + r])));
     }
+  }
+}
+
+// attend_avx512 for G <= 4 consecutive query positions of one kv head (S[g] = S[0] + g keys, rep <= 4): the
+// same scores, softmax and P·V accumulation per query and element, in the same order, so the same bits; each K
+// tile and V slice is loaded once for all G queries instead of once per query, which is what prefill over a
+// long cache is bound by.
+constexpr int64_t kGroup = 4;
+
+__attribute__((target("avx512f"))) void attend_group_avx512(const AttnArgs& a, const float* K, const float* V,
+                                                             float* const* outs, const float* const* qs, int64_t rep,
+                                                             const int64_t* S, int64_t G, float* const* scores) {
+  int64_t tiled[kGroup];
+  for (int64_t g = 0; g < G; ++g) tiled[g] = tiled_keys(rep, S[g]);
+  for (int64_t j0 = 0; j0 < tiled[G - 1]; j0 += 4)
+    for (int64_t g = 0; g < G; ++g)
+      if (j0 < tiled[g])
+        for (int64_t r0 = 0; r0 < rep; r0 += 4) score_tile_avx512(K, qs[g], a.D, j0, r0, scores[g], S[g]);
+  float inv[kGroup][4];
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t j = tiled[g]; j < S[g]; ++j) score_key_avx512(K, qs[g], a.D, rep, j, scores[g], S[g]);
+    softmax_avx512(a.scale, rep, S[g], scores[g], inv[g]);
+  }
+  for (int64_t d = 0; d < a.D; d += 16) {
+    __m512 acc[kGroup][4];
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = 0; r < rep; ++r) acc[g][r] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j < S[0]; ++j) {  // keys every query of the group sees
+      const __m512 v = _mm512_loadu_ps(V + j * a.D + d);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t r = 0; r < rep; ++r)
+          acc[g][r] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g][r * S[g] + j]), v, acc[g][r]);
+    }
+    for (int64_t g = 1; g < G; ++g)  // then each query's own last keys, still in key order
+      for (int64_t jj = j; jj < S[g]; ++jj) {
+        const __m512 v = _mm512_loadu_ps(V + jj * a.D + d);
+        for (int64_t r = 0; r < rep; ++r)
+          acc[g][r] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g][r * S[g] + jj]), v, acc[g][r]);
+      }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = 0; r < rep; ++r)
+        _mm512_storeu_ps(outs[g] + r * a.D + d, _mm512_mul_ps(acc[g][r], _mm512_set1_ps(inv[g][r])));
   }
 }
 #endif
@@ -1298,18 +1359,47 @@ at::Tensor attention_prefill(const at::Tensor& qkv, const at::Tensor& cos, const
       }
     }
   });
-  // Tasks (b, h, t) with t fastest: each thread's contiguous range mixes short and long key spans.
-  at::parallel_for(0, B * Hkv * T, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> q(rep * D), scores;
+  // Tasks (b, h, group of up to kGroup positions) with positions fastest: each thread's contiguous range mixes
+  // short and long key spans. The AVX-512 body takes a group's queries together (attend_group_avx512: the
+  // same bits as one at a time); the others take them one by one.
+#ifdef PYBITNET_X86
+  const int64_t group = (chosen == kAvx512 && D % 16 == 0 && rep <= 4) ? kGroup : 1;
+#else
+  const int64_t group = 1;
+#endif
+  const int64_t groups = (T + group - 1) / group;
+  at::parallel_for(0, B * Hkv * groups, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(kGroup * rep * D);
+    std::vector<float> scores[kGroup];
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i % T, h = (i / T) % Hkv, b = i / (T * Hkv), S = start[b] + t + 1;
-      const float* row = a.qkv + (b * T + t) * width;
-      const float *c, *s;
-      rope_at(b, t, c, s);
-      for (int64_t r = 0; r < rep; ++r) rope_row(row + (h * rep + r) * D, c, s, q.data() + r * D, D);
-      scores.resize(rep * S);
-      attend(a, chosen, a.keys + (b * Hkv + h) * L * D, a.values + (b * Hkv + h) * L * D,
-             a.out + (b * T + t) * num_heads * D + h * rep * D, q.data(), rep, S, scores.data());
+      const int64_t t0 = (i % groups) * group, h = (i / groups) % Hkv, b = i / (groups * Hkv);
+      const int64_t G = std::min(group, T - t0);
+      const float* K = a.keys + (b * Hkv + h) * L * D;
+      const float* V = a.values + (b * Hkv + h) * L * D;
+      int64_t S[kGroup];
+      const float* qs[kGroup];
+      float* outs[kGroup];
+      float* sp[kGroup];
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t t = t0 + g;
+        const float* row = a.qkv + (b * T + t) * width;
+        const float *c, *s;
+        rope_at(b, t, c, s);
+        float* qg = q.data() + g * rep * D;
+        for (int64_t r = 0; r < rep; ++r) rope_row(row + (h * rep + r) * D, c, s, qg + r * D, D);
+        S[g] = start[b] + t + 1;
+        scores[g].resize(rep * S[g]);
+        qs[g] = qg;
+        sp[g] = scores[g].data();
+        outs[g] = a.out + (b * T + t) * num_heads * D + h * rep * D;
+      }
+#ifdef PYBITNET_X86
+      if (group > 1) {
+        attend_group_avx512(a, K, V, outs, qs, rep, S, G, sp);
+        continue;
+      }
+#endif
+      attend(a, chosen, K, V, outs[0], qs[0], rep, S[0], sp[0]);
     }
   });
   return out;
