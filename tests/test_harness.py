@@ -232,6 +232,12 @@ def test_shared_contexts_give_what_one_row_at_a_time_gives(lm_eval, checkpoint):
             requests.append((None, context, lm.tok_encode(" " + _words(rng, rng.randint(1, 5)),
                                                           add_special_tokens=False)))
     requests.append((None, lm.tok_encode(_words(rng, 7)), [5]))
+    # a long context with short choices beside a short context with long ones: padded to the widest choice,
+    # a row of the long context needs more cache than its own choices do
+    long_context, short_context = list(range(10, 40)), [7, 8, 9]
+    for context, first, n in ((long_context, 50, 3), (long_context, 60, 3), (short_context, 70, 20),
+                              (short_context, 100, 20)):
+        requests.append((None, context, list(range(first, first + n))))
     batched = lm._loglikelihood_tokens(requests, disable_tqdm=True)
     alone = [lm._loglikelihood_tokens([r], disable_tqdm=True)[0] for r in requests]
     _assert_close([b[0] for b in batched], [a[0] for a in alone], 1e-9, "shared context vs one row")

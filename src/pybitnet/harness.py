@@ -323,11 +323,13 @@ class PyBitNetLM(TemplateLM):
             self._answer(results, requests, index, (logp, greedy))
 
     def _run_continuations(self, group_cache, part, answers, longest: int) -> None:
-        cache = self.model.new_cache(len(part), longest)
-        cache.copy_rows(group_cache, [g for g, _ in part], list(range(len(part))))
         inputs = [row[2][:-1] for _, row in part]
         tokens, mask = _right_padded(inputs)
         width = tokens.shape[1]
+        # every row is padded to the part's widest continuation, after its own group's context
+        held = int(group_cache.lengths[[g for g, _ in part]].max())
+        cache = self.model.new_cache(len(part), max(longest, held + width))
+        cache.copy_rows(group_cache, [g for g, _ in part], list(range(len(part))))
         logits = self.model.prefill(tokens.to(self.device), cache, mask.to(self.device),
                                     logits=torch.arange(width, device=self.device))  # (n, W, V)
         real = mask.bool().to(logits.device)  # (n, W): each row's own positions, not its padding
