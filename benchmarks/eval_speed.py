@@ -41,10 +41,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import free_port, make_prompts, stop_server, synthetic_bpe  # noqa: E402
+from serve_load import free_port, launch, make_prompts, stop_server, synthetic_bpe  # noqa: E402
 
 TASK = "eval_speed_mc"
-STARTUP_TIMEOUT_S = 900
 
 
 def build_model(directory: Path, preset_name: str, layers: int, seed: int):
@@ -118,28 +117,11 @@ def evaluate(lm, task_manager, hf_eager: bool = False) -> tuple[dict, list[float
 
 
 def start_llama_server(gguf: Path, threads: int, ctx: int, log: Path):
-    import httpx
-
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
                str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(2 * ctx),
                "--n_batch", "512", "--model_alias", "model", "--logits_all", "True"]
-    out = open(log, "w")
-    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                               env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"llama_cpp.server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"llama_cpp.server did not start within {STARTUP_TIMEOUT_S} s; see {log}")
+    return launch("llama_cpp.server", command, port, threads, log)
 
 
 def no_bos_copy(model_dir: Path, work: Path) -> Path:

@@ -151,13 +151,18 @@ def start_server(engine: str, gguf: Path, threads: int, ctx: int, max_batch: int
                    "--n_ctx", str(2 * ctx), "--n_batch", "512", "--model_alias", "model",
                    # its defaults cancel a running stream when another arrives, and keep every position's logits
                    "--interrupt_requests", "False", "--logits_all", "False"]
+    return launch(engine, command, port, threads, log)
+
+
+def launch(name: str, command: list[str], port: int, threads: int, log: Path):
+    """Run a server command with its output in `log`; (process, url) once /v1/models answers on `port`."""
     out = open(log, "w")
     process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{engine} server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{name} server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
                 return process, url
@@ -165,7 +170,7 @@ def start_server(engine: str, gguf: Path, threads: int, ctx: int, max_batch: int
             pass
         time.sleep(0.5)
     process.kill()
-    raise RuntimeError(f"{engine} server did not start within {STARTUP_TIMEOUT_S} s; see {log}")
+    raise RuntimeError(f"{name} server did not start within {STARTUP_TIMEOUT_S} s; see {log}")
 
 
 def stop_server(process) -> None:
