@@ -29,6 +29,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,10 +74,11 @@ class PrefixMatch:
 
 class PrefixCache:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 budget_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE, fingerprint: str = ""):
+                 budget_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE, fingerprint: str | Callable[[], str] = ""):
         if block_size < 1 or budget_bytes < 0:
             raise InputError(f"the prefix cache needs block_size >= 1 and a budget >= 0, got {block_size}, {budget_bytes}")
-        self.block_size, self.fingerprint, self.dtype = block_size, fingerprint, dtype
+        self.block_size, self.dtype = block_size, dtype
+        self._fingerprint = fingerprint  # the model's digest, or what makes it: only files need it
         self.block_shape = (2, num_layers, num_kv_heads, block_size, head_dim)
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.block_bytes = 2 * num_layers * num_kv_heads * block_size * head_dim * itemsize
@@ -93,7 +95,13 @@ class PrefixCache:
     def for_model(cls, model, budget_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE) -> "PrefixCache":
         c = model.config
         return cls(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=model.dtype,
-                   budget_bytes=budget_bytes, block_size=block_size, fingerprint=model.fingerprint())
+                   budget_bytes=budget_bytes, block_size=block_size, fingerprint=model.fingerprint)
+
+    @property
+    def fingerprint(self) -> str:
+        if callable(self._fingerprint):  # hashed on first use (a save or a load), not at every server start
+            self._fingerprint = self._fingerprint()
+        return self._fingerprint
 
     # -- what it holds -------------------------------------------------------------------------------------------
 
