@@ -1468,19 +1468,31 @@ at::Tensor decode_stack(const at::Tensor& h, const c10::List<c10::optional<at::T
 }
 
 // ------------------------------------------------------------------------------------------
-// A ggml Q8_0, Q6_K or Q4_K table (token_embd / output kept as stored) x fp32 rows -> fp32 (the lm_head).
-// Each vocabulary entry's row of blocks is dequantized once per call into the float32 values ggml's
-// dequantize_row_q8_0 / _q6_K / _q4_K give (d * q, exact; (d * scale) * (code - 32), one rounding;
-// (d * sc) * code - dmin * m, one rounding), then every activation row takes its dot product with them in one fixed order, the same in
-// every body and batch size: element j of the row goes into partial sum j % 64 by an fp32 FMA, in order
-// of j; then the 64 partials halve pairwise (k += k + s for s = 32, 16, 8, 4, 2, 1). Scalar, AVX2 and
-// AVX-512 bodies therefore give the same bits, and a row's logits do not depend on its neighbours.
+// A ggml Q8_0, Q6_K, Q5_K, Q4_K or Q4_0 table (token_embd / output kept as stored) x fp32 rows -> fp32 (the
+// lm_head). Each vocabulary entry's row of blocks is dequantized once per call into the float32 values ggml's
+// dequantize_row_* give (Q8_0, Q4_0: d * q; Q6_K: (d * scale) * (code - 32); Q4_K, Q5_K: (d * sc) * code -
+// dmin * m, the one rounding in the difference), then every activation row takes its dot product with them in
+// one fixed order, the same in every body and batch size: element j of the row goes into partial sum j % 64 by
+// an fp32 FMA, in order of j; then the 64 partials halve pairwise (k += k + s for s = 32, 16, 8, 4, 2, 1).
+// Scalar, AVX2 and AVX-512 bodies therefore give the same bits, and a row's logits do not depend on its
+// neighbours. One row of activations is bound by arithmetic, not by memory: every value is widened,
+// scaled and multiplied (three vector operations per 16 values beside the FMA), where a 16-bit head only
+// converts; the figures are in BENCHMARKS.md.
 
-enum QuantKind : int64_t { kQ8_0 = 0, kQ6_K = 1, kQ4_K = 2 };
+enum QuantKind : int64_t { kQ8_0 = 0, kQ6_K = 1, kQ4_K = 2, kQ5_K = 3, kQ4_0 = 4 };
 
-inline int64_t quant_row_bytes(int64_t kind, int64_t H) {
-  return kind == kQ8_0 ? H / 32 * 34 : kind == kQ6_K ? H / 256 * 210 : H / 256 * 144;
+// elements and bytes of one block
+inline int64_t quant_block_elements(int64_t kind) { return kind == kQ8_0 || kind == kQ4_0 ? 32 : 256; }
+inline int64_t quant_block_bytes(int64_t kind) {
+  switch (kind) {
+    case kQ8_0: return 34;
+    case kQ6_K: return 210;
+    case kQ4_K: return 144;
+    case kQ5_K: return 176;
+    default: return 18;  // kQ4_0
+  }
 }
+inline int64_t quant_row_bytes(int64_t kind, int64_t H) { return H / quant_block_elements(kind) * quant_block_bytes(kind); }
 
 // step = d * sc and low = dmin * m of the 8 sub-blocks of a Q4_K super-block (both products exact)
 inline void q4_k_steps(const uint8_t* blk, float* step, float* low) {
@@ -1511,6 +1523,24 @@ inline void q4_k_block(const uint8_t* blk, float* y) {
   }
 }
 
+// one Q5_K super-block (176 bytes: f16 d, f16 dmin, the 12 scale bytes of Q4_K, qh[32], qs[128]) -> 256 values
+// (d * sc) * code - (dmin * m) with a 5-bit code: element 64j + 32t + l has the low bits
+// (qs[32j + l] >> 4t) & 15 and bit 4 from (qh[l] >> (2j + t)) & 1 (ggml's dequantize_row_q5_K); both products
+// exact, one rounding
+inline void q5_k_block(const uint8_t* blk, float* y) {
+  float step[8], low[8];
+  q4_k_steps(blk, step, low);
+  const uint8_t* qh = blk + 16;
+  const uint8_t* qs = blk + 48;
+  for (int s = 0; s < 8; ++s) {
+    const int j = s / 2, t = s % 2;
+    for (int l = 0; l < 32; ++l) {
+      const int code = ((qs[32 * j + l] >> (4 * t)) & 15) | (((qh[l] >> s) & 1) << 4);
+      y[32 * s + l] = step[s] * float(code) - low[s];
+    }
+  }
+}
+
 __attribute__((always_inline)) inline void quant_dequant_row_body(const uint8_t* row, int64_t kind, int64_t H,
                                                                    float* out) {
   if (kind == kQ8_0) {
@@ -1527,6 +1557,24 @@ __attribute__((always_inline)) inline void quant_dequant_row_body(const uint8_t*
   }
   if (kind == kQ4_K) {
     for (int64_t b = 0; b < H / 256; ++b) q4_k_block(row + b * 144, out + b * 256);
+    return;
+  }
+  if (kind == kQ5_K) {
+    for (int64_t b = 0; b < H / 256; ++b) q5_k_block(row + b * 176, out + b * 256);
+    return;
+  }
+  if (kind == kQ4_0) {
+    for (int64_t b = 0; b < H / 32; ++b) {
+      const uint8_t* blk = row + b * 18;
+      uint16_t bits;
+      std::memcpy(&bits, blk, 2);
+      const float d = fp16_to_float(bits);
+      float* y = out + b * 32;
+      for (int l = 0; l < 16; ++l) {
+        y[l] = d * float((blk[2 + l] & 15) - 8);
+        y[l + 16] = d * float((blk[2 + l] >> 4) - 8);
+      }
+    }
     return;
   }
   for (int64_t b = 0; b < H / 256; ++b) {
@@ -1586,6 +1634,10 @@ __attribute__((target("avx2"))) inline __m256i q6_codes_avx2(const uint8_t* ql, 
 // The same values as quant_dequant_row_body (each a product of two floats, rounded once), 8 at a time.
 __attribute__((target("avx2,fma,f16c"))) void quant_dequant_row_avx2(const uint8_t* row, int64_t kind, int64_t H,
                                                                      float* out) {
+  if (kind == kQ5_K || kind == kQ4_0) {  // the scalar body's values (no AVX2 unpacking of these two)
+    quant_dequant_row_body(row, kind, H, out);
+    return;
+  }
   if (kind == kQ4_K) {
     for (int64_t b = 0; b < H / 256; ++b) {
       const uint8_t* blk = row + b * 144;
@@ -1675,7 +1727,32 @@ __attribute__((target("avx2,fma"))) float quant_dot_avx2(const float* h, const f
 // AVX-512, dequantization fused with the dot products of MT rows: each group of 16 values goes
 // straight from the blocks into the FMAs of every row, register (j / 16) mod 4 for element j, so each
 // row gets exactly quant_dot_scalar's sequence of operations on the same values (the same bits); the
-// values are never stored.
+// values are never stored. One vocabulary entry's bytes stream by at a time, so the next entry's are
+// prefetched kQuantPrefetch bytes ahead (one core alone does not keep enough reads in flight to reach
+// the memory's bandwidth); codes are unpacked 64 at a time into a small buffer and widened from there.
+constexpr int64_t kQuantPrefetch = 2048;
+
+// q4_k_steps without branches: the 12 scale bytes as three little-endian words a, b, c hold
+// sc[0..3] = a & 63, sc[4..7] = (c & 15) | (a >> 6) << 4, m[0..3] = b & 63, m[4..7] = (c >> 4) | (b >> 6) << 4,
+// byte by byte; the same exact products d * sc and dmin * m, 8 at a time (low negated for an FMA)
+__attribute__((target("avx2,fma,f16c"))) inline void q4_k_steps_avx2(const uint8_t* blk, float* step, float* neg_low) {
+  uint32_t a, b, c;
+  std::memcpy(&a, blk + 4, 4);
+  std::memcpy(&b, blk + 8, 4);
+  std::memcpy(&c, blk + 12, 4);
+  const uint64_t sc = uint64_t(a & 0x3F3F3F3Fu) | uint64_t((c & 0x0F0F0F0Fu) | ((a >> 2) & 0x30303030u)) << 32;
+  const uint64_t mn = uint64_t(b & 0x3F3F3F3Fu) | uint64_t(((c >> 4) & 0x0F0F0F0Fu) | ((b >> 2) & 0x30303030u)) << 32;
+  uint16_t bits;
+  std::memcpy(&bits, blk, 2);
+  const __m256 d = _mm256_set1_ps(_cvtsh_ss(bits));
+  std::memcpy(&bits, blk + 2, 2);
+  const __m256 dmin = _mm256_set1_ps(_cvtsh_ss(bits));
+  const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(sc))));
+  const __m256 mf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(mn))));
+  _mm256_storeu_ps(step, _mm256_mul_ps(d, scf));
+  _mm256_storeu_ps(neg_low, _mm256_xor_ps(_mm256_mul_ps(dmin, mf), _mm256_set1_ps(-0.0f)));
+}
+
 template <int MT>
 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_tile_avx512(const uint8_t* row, int64_t kind,
                                                                                int64_t H, const float* h,
@@ -1691,65 +1768,138 @@ __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_tile_avx512
     _Pragma("GCC unroll 4") for (int m = 0; m < MT; ++m) acc[m][r] =                                \
         _mm512_fmadd_ps(_mm512_loadu_ps(h + m * H + (j)), w_, acc[m][r]);                          \
   } while (0)
+  const char* ahead = reinterpret_cast<const char*>(row) + kQuantPrefetch;
+  auto widen_signed = [](const int8_t* q) __attribute__((target("avx512f"))) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  };
+  auto half_at = [](const uint8_t* p) __attribute__((target("f16c"))) {
+    uint16_t bits;
+    std::memcpy(&bits, p, 2);
+    return _cvtsh_ss(bits);  // exact, as fp16_to_float
+  };
   if (kind == kQ8_0) {
-    for (int64_t b = 0; b < H / 32; ++b) {
+    const int64_t blocks = H / 32;
+    auto block = [&](int64_t b, int r) __attribute__((always_inline, target("avx512f,avx512bw,avx2,fma,f16c"))) {
       const uint8_t* blk = row + b * 34;
-      uint16_t bits;
-      std::memcpy(&bits, blk, 2);
-      const __m512 d = _mm512_set1_ps(fp16_to_float(bits));
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-      const __m512 w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
-      const __m512 w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
-      if (b & 1) {
-        PYBITNET_QUANT_FEED(2, b * 32, w0);
-        PYBITNET_QUANT_FEED(3, b * 32 + 16, w1);
-      } else {
-        PYBITNET_QUANT_FEED(0, b * 32, w0);
-        PYBITNET_QUANT_FEED(1, b * 32 + 16, w1);
-      }
+      const __m512 d = _mm512_set1_ps(half_at(blk));
+      const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+      PYBITNET_QUANT_FEED(r, b * 32, _mm512_mul_ps(d, widen_signed(q)));
+      PYBITNET_QUANT_FEED(r + 1, b * 32 + 16, _mm512_mul_ps(d, widen_signed(q + 16)));
+    };
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {  // block b feeds registers 0, 1 when b is even, 2, 3 when odd
+      _mm_prefetch(ahead + b * 34, _MM_HINT_T0);
+      _mm_prefetch(ahead + b * 34 + 64, _MM_HINT_T0);
+      block(b, 0);
+      block(b + 1, 2);
     }
+    if (b < blocks) block(b, 0);
   } else if (kind == kQ4_K) {
+    alignas(32) float step[8], neg_low[8];
     for (int64_t b = 0; b < H / 256; ++b) {
       const uint8_t* blk = row + b * 144;
-      float step[8], low[8];
-      q4_k_steps(blk, step, low);
+      _mm_prefetch(ahead + b * 144, _MM_HINT_T0);
+      _mm_prefetch(ahead + b * 144 + 64, _MM_HINT_T0);
+      _mm_prefetch(ahead + b * 144 + 128, _MM_HINT_T0);
+      q4_k_steps_avx2(blk, step, neg_low);
+      #pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {  // sub-blocks 2j (low nibbles) and 2j + 1 (high nibbles)
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * j));
+        const __m256i nibble = _mm256_set1_epi8(15);
+        const __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+        #pragma GCC unroll 4
+        for (int g = 0; g < 4; ++g) {  // element b * 256 + 64j + 16g: register g
+          const __m256i q = g < 2 ? lo : hi;
+          const __m128i q16 = g % 2 ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+          // step * code is exact (at most 21 significant bits), so one FMA rounds as ggml's
+          // product-then-difference does
+          const int s = 2 * j + g / 2;
+          PYBITNET_QUANT_FEED(g, b * 256 + 64 * j + 16 * g,
+                              _mm512_fmadd_ps(_mm512_set1_ps(step[s]), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q16)),
+                                              _mm512_set1_ps(neg_low[s])));
+        }
+      }
+    }
+  } else if (kind == kQ4_0) {
+    const int64_t blocks = H / 32;
+    auto block = [&](int64_t b, int r) __attribute__((always_inline, target("avx512f,avx512bw,avx2,fma,f16c"))) {
+      const uint8_t* blk = row + b * 18;
+      const __m512 d = _mm512_set1_ps(half_at(blk));
+      const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+      const __m128i nibble = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+      const __m128i lo = _mm_sub_epi8(_mm_and_si128(qs, nibble), eight);                      // elements 0..15
+      const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(qs, 4), nibble), eight);  // 16..31
+      PYBITNET_QUANT_FEED(r, b * 32, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo))));
+      PYBITNET_QUANT_FEED(r + 1, b * 32 + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))));
+    };
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {  // block b feeds registers 0, 1 when b is even, 2, 3 when odd
+      _mm_prefetch(ahead + b * 18, _MM_HINT_T0);
+      block(b, 0);
+      block(b + 1, 2);
+    }
+    if (b < blocks) block(b, 0);
+  } else if (kind == kQ5_K) {
+    alignas(32) float step[8], neg_low[8];
+    for (int64_t b = 0; b < H / 256; ++b) {
+      const uint8_t* blk = row + b * 176;
+      #pragma GCC unroll 3
+      for (int c = 0; c < 3; ++c) _mm_prefetch(ahead + b * 176 + 64 * c, _MM_HINT_T0);
+      q4_k_steps_avx2(blk, step, neg_low);
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
+      const __m256i nibble = _mm256_set1_epi8(15), bit4 = _mm256_set1_epi8(16);
       #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * j));
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 48 + 32 * j));
         #pragma GCC unroll 2
-        for (int t = 0; t < 2; ++t) {
-          const __m256i q = _mm256_and_si256(t ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(15));
-          const __m512 st = _mm512_set1_ps(step[2 * j + t]), lo = _mm512_set1_ps(low[2 * j + t]);
-          const int64_t at = b * 256 + 64 * j + 32 * t;  // registers (at / 16) mod 4 = 2t and 2t + 1
-          PYBITNET_QUANT_FEED(2 * t, at,
-                              _mm512_sub_ps(_mm512_mul_ps(st, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                                                   _mm256_castsi256_si128(q)))), lo));
-          PYBITNET_QUANT_FEED(2 * t + 1, at + 16,
-                              _mm512_sub_ps(_mm512_mul_ps(st, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                                                   _mm256_extracti128_si256(q, 1)))), lo));
+        for (int t = 0; t < 2; ++t) {  // sub-block s = 2j + t: bit s of qh moved to bit 4 (16-bit shifts
+          const int s = 2 * j + t;     // that stay within each byte at bit 4)
+          const __m256i high = _mm256_and_si256(s <= 4 ? _mm256_slli_epi16(qh, 4 - s) : _mm256_srli_epi16(qh, s - 4), bit4);
+          const __m256i low4 = _mm256_and_si256(t ? _mm256_srli_epi16(raw, 4) : raw, nibble);
+          const __m256i q = _mm256_or_si256(low4, high);
+          #pragma GCC unroll 2
+          for (int half = 0; half < 2; ++half) {  // element b * 256 + 32s + 16half: register (2s + half) mod 4
+            const __m128i q16 = half ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+            // step * code is exact (at most 22 significant bits): one FMA rounds as ggml's product-then-difference
+            PYBITNET_QUANT_FEED((2 * s + half) & 3, b * 256 + 32 * s + 16 * half,
+                                _mm512_fmadd_ps(_mm512_set1_ps(step[s]), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q16)),
+                                                _mm512_set1_ps(neg_low[s])));
+          }
         }
       }
     }
   } else {
+    alignas(64) float steps[16];
     for (int64_t b = 0; b < H / 256; ++b) {
       const uint8_t* blk = row + b * 210;
-      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-      uint16_t bits;
-      std::memcpy(&bits, blk + 208, 2);
-      const float d = fp16_to_float(bits);
+      #pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm_prefetch(ahead + b * 210 + 64 * c, _MM_HINT_T0);
+      // step = d * scale for the 16 groups: one exact product each, as the scalar body's
+      const __m512 d = _mm512_set1_ps(half_at(blk + 208));
+      _mm512_store_ps(steps, _mm512_mul_ps(d, widen_signed(reinterpret_cast<const int8_t*>(blk + 192))));
       #pragma GCC unroll 2
-      for (int hh = 0; hh < 2; ++hh)
-        #pragma GCC unroll 4
-        for (int k = 0; k < 4; ++k) {
-          const __m256i q = q6_codes_avx2(blk, blk + 128, hh, k);
-          const int64_t j = b * 256 + 128 * hh + 32 * k;
-          PYBITNET_QUANT_FEED((2 * k) & 3, j,
-                              _mm512_mul_ps(_mm512_set1_ps(d * float(sc[8 * hh + 2 * k])),
-                                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)))));
-          PYBITNET_QUANT_FEED((2 * k + 1) & 3, j + 16,
-                              _mm512_mul_ps(_mm512_set1_ps(d * float(sc[8 * hh + 2 * k + 1])),
-                                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)))));
+      for (int hh = 0; hh < 2; ++hh) {
+        // 128 codes 0..63 (then minus 32): ql's low nibbles are quarters k = 0, 1, its high nibbles k = 2, 3; qh's bit pairs
+        // 0-1, 2-3, 4-5, 6-7 are bits 4-5 of k = 0, 1, 2, 3. With qh2 = [qh, qh >> 2], bits 4-5 of qh2 are
+        // those of k = 2, 3 and bits 4-5 of qh2 << 4 those of k = 0, 1 (16-bit shifts; every byte masked after)
+        const __m512i ql = _mm512_loadu_si512(blk + 64 * hh);
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * hh));
+        const __m512i qh2 = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+        const __m512i bits45 = _mm512_set1_epi8(0x30), nibble = _mm512_set1_epi8(15);
+        // 0xCA: nibble ? first : second, bit by bit
+        const __m512i bias = _mm512_set1_epi8(32);
+        const __m512i c01 = _mm512_sub_epi8(
+            _mm512_ternarylogic_epi32(nibble, ql, _mm512_and_si512(_mm512_slli_epi16(qh2, 4), bits45), 0xCA), bias);
+        const __m512i c23 = _mm512_sub_epi8(
+            _mm512_ternarylogic_epi32(nibble, _mm512_srli_epi16(ql, 4), _mm512_and_si512(qh2, bits45), 0xCA), bias);
+        #pragma GCC unroll 8
+        for (int g = 0; g < 8; ++g) {  // element b * 256 + 128hh + 16g: register g mod 4, scale 8hh + g
+          const __m512i c = g < 4 ? c01 : c23;
+          const __m128i q = (g & 3) == 0 ? _mm512_castsi512_si128(c) : _mm512_extracti32x4_epi32(c, g & 3);
+          PYBITNET_QUANT_FEED(g & 3, b * 256 + 128 * hh + 16 * g,
+                              _mm512_mul_ps(_mm512_set1_ps(steps[8 * hh + g]), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))));
         }
+      }
     }
   }
   #pragma GCC unroll 4
@@ -1765,9 +1915,9 @@ __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_tile_avx512
 
 at::Tensor quant_head(const at::Tensor& h, const at::Tensor& blocks, int64_t kind, int64_t isa) {
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat, "pybitnet.quant_head: h must be 2-D float32");
-  TORCH_CHECK(kind == kQ8_0 || kind == kQ6_K || kind == kQ4_K, "pybitnet.quant_head: unknown table kind ", kind);
+  TORCH_CHECK(kind >= kQ8_0 && kind <= kQ4_0, "pybitnet.quant_head: unknown table kind ", kind);
   const int64_t H = h.size(1);
-  TORCH_CHECK(H % (kind == kQ8_0 ? 32 : 256) == 0, "pybitnet.quant_head: ", H, " columns is not a whole number of blocks");
+  TORCH_CHECK(H % quant_block_elements(kind) == 0, "pybitnet.quant_head: ", H, " columns is not a whole number of blocks");
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.size(1) == quant_row_bytes(kind, H),
               "pybitnet.quant_head: blocks must be uint8 (V, ", quant_row_bytes(kind, H), ")");
   const int64_t chosen = resolve_isa(isa);
