@@ -1,11 +1,11 @@
 """Peak resident memory of a process that loads a 2B-4T-shaped I2_S GGUF and decodes a few tokens.
 
 The file is written first (random ternary weights, the embedding table as --embed-type: F16 by
-default, or Q8_0 / Q6_K / Q4_K blocks that the loader keeps as stored) by this script's parent process;
+default, or Q8_0 / Q4_0 / Q6_K / Q5_K / Q4_K blocks that the loader keeps as stored) by this script's parent process;
 a fresh child loads it with `pybitnet.load` and decodes, and its VmHWM (peak RSS) is reported, so
 the figure counts only what loading and decoding need.
 
-    python benchmarks/load_rss.py [--layers 30] [--lm-head exact|int8] [--embed-type f16|q8_0|q6_k|q4_k] [--keep FILE]
+    python benchmarks/load_rss.py [--layers 30] [--lm-head exact|int8] [--embed-type f16|q8_0|q6_k|q5_k|q4_k|q4_0] [--keep FILE]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--lm-head", default="exact", choices=("exact", "int8"))
-    parser.add_argument("--embed-type", default="f16", choices=("f16", "bf16", "f32", "q8_0", "q6_k", "q4_k"),
+    parser.add_argument("--embed-type", default="f16", choices=("f16", "bf16", "f32", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0"),
                         help="type of the embedding table written (a 2B-4T table: q6_k quantizes 328M values first)")
     parser.add_argument("--keep", help="write the GGUF here and keep it (default: a temporary file)")
     args = parser.parse_args()

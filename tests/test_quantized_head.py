@@ -1,7 +1,8 @@
-"""GGUF embedding / output tables in Q8_0, Q6_K and Q4_K kept as stored (quant/ggml_blocks.py): the block
-layouts against gguf-py's dequantize and llama.cpp's quantizer, the native head against the fallback
-on every instruction set, logits against a float64 reference over the dequantized table, decode
-batch invariance, the loader, and `pybitnet convert --embed-type`."""
+"""GGUF embedding / output tables in Q8_0, Q4_0, Q6_K, Q5_K and Q4_K kept as stored (quant/ggml_blocks.py):
+the block layouts against gguf-py's dequantize and quantizer and llama.cpp's quantizer, the native head
+(Q8_0, Q6_K, Q4_K) against the fallback on every instruction set, the torch head of the types it lacks,
+logits against a float64 reference over the dequantized table, decode batch invariance, the loader,
+and `pybitnet convert --embed-type`."""
 
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ from rules import assert_float32_rule, assert_float64_rule
 
 ops = native.ops()
 needs_native = pytest.mark.skipif(ops is None, reason="native kernels not built (no compiler or PYBITNET_NATIVE=0)")
-KINDS = ("Q8_0", "Q6_K", "Q4_K")
+KINDS = ("Q8_0", "Q6_K", "Q4_K", "Q5_K", "Q4_0")
+NATIVE_KINDS = ("Q8_0", "Q6_K", "Q4_K")  # the types the native quant_head takes
+# bytes per block, and where each block's f16 scales (d, then dmin) are: ggml's block_* structs
+BLOCK_BYTES = {"Q8_0": 34, "Q6_K": 210, "Q4_K": 144, "Q5_K": 176, "Q4_0": 18}
+SCALE_OFFSETS = {"Q8_0": (0,), "Q6_K": (208,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q4_0": (0,)}
 # rows of 256 elements: a whole Q6_K super-block; vocab above LM_HEAD_ROWS so the fallback tiles
 CONFIG = preset("tiny").replace(hidden_size=256, intermediate_size=512, head_dim=0, vocab_size=LM_HEAD_ROWS + 300,
                                 max_position_embeddings=256)
@@ -60,8 +65,53 @@ def test_layouts_match_gguf_py_dequantize(kind: str):
     ours = dequantize_rows(torch.from_numpy(data), kind, 512).numpy()
     reference = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, kind))
     assert np.array_equal(ours.view(np.uint32), reference.view(np.uint32))  # the same float32 bits
-    step = np.abs(x).max(axis=1, keepdims=True) / {"Q8_0": 127, "Q6_K": 24, "Q4_K": 6}[kind]
+    step = np.abs(x).max(axis=1, keepdims=True) / {"Q8_0": 127, "Q6_K": 24, "Q4_K": 6, "Q5_K": 12, "Q4_0": 8}[kind]
     assert (np.abs(ours - x) <= step + 1e-6).all()  # a quantization, not garbage (f16 scales flush tiny rows)
+
+
+def _random_blocks(kind: str, rows: int, blocks_per_row: int, seed: int) -> np.ndarray:
+    """Random bytes with finite f16 scales of either sign (subnormals and zeros too): every code, bit and
+    packed scale a valid file can hold, not only those a quantizer writes."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (rows, blocks_per_row, BLOCK_BYTES[kind]), dtype=np.uint8)
+    for offset in SCALE_OFFSETS[kind]:
+        bits = rng.integers(0, 2**16, (rows, blocks_per_row), dtype=np.uint16)
+        bits &= ~np.uint16(0x4000)  # exponent fields below 16: finite, magnitudes below 2
+        bits[:, 0] = 0x8000  # -0
+        bits[:, 1] = 0x0001  # the smallest subnormal
+        data[..., offset : offset + 2] = bits[..., None].view(np.uint8)
+    return data.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_blocks_dequantize_as_gguf_py_does(kind: str):
+    per_block = 32 if kind in ("Q8_0", "Q4_0") else 256
+    data = _random_blocks(kind, 24, 4, seed=7)
+    ours = dequantize_rows(torch.from_numpy(data), kind, 4 * per_block).numpy()
+    reference = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, kind))
+    assert np.isfinite(reference).all()
+    assert np.array_equal(ours.view(np.uint32), reference.view(np.uint32))
+    # and a table reads the same rows, one at a time or all at once
+    table = QuantizedTable(torch.from_numpy(data), kind, 4 * per_block)
+    assert torch.equal(table[torch.tensor([[5, 0], [23, 5]])][1, 1], torch.from_numpy(reference[5]))
+    assert torch.equal(table.dequantize(), torch.from_numpy(reference))
+
+
+def test_q4_0_quantizer_writes_what_gguf_py_writes():
+    x = _table_values(3, 40, 512)
+    x[5, 64:96] = np.abs(x[5, 64:96]).max()  # a block whose values tie in magnitude: the first sets d's sign
+    x[5, 64] = -x[5, 64]
+    assert np.array_equal(quantize_rows(x, "Q4_0"), gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0))
+
+
+def test_q4_0_block_of_zeros_has_the_scale_ggml_gives_it():
+    """ggml keeps max = +0 through a block of zeros, so d = +0 / -8 = -0 even when the first zero is -0
+    (gguf-py takes that -0 and writes +0); the codes are all 8 (value 0)."""
+    x = np.zeros((2, 32), np.float32)
+    x[1, 0] = -0.0
+    data = quantize_rows(x, "Q4_0")
+    assert np.array_equal(data[:, :2], np.array([[0x00, 0x80]] * 2, np.uint8))  # f16 -0, little-endian
+    assert (data[:, 2:] == 0x88).all()
 
 
 def test_q6_k_bytes_per_value():
@@ -103,6 +153,11 @@ def test_quantizers_write_what_llama_cpp_writes(kind: str, tmp_path: Path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     config = CONFIG.replace(vocab_size=512)
     weights = synthetic.random_weights(config, 0)
+    table = weights["embed_tokens"]
+    table[1] = -0.0  # a row of zeros whose first zero is negative
+    table[2, :48] = 0  # zero blocks and groups beside live ones
+    table[3, 5] = 1.0  # one outlier
+    table[4, 32:64] = table[4, 32:64].abs().neg()  # a block of negative values only: no positive code range
     write_gguf(tmp_path / "f32.gguf", config, weights, "f16", embed_type="f32")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(gguf.LlamaFileType.MOSTLY_F16)  # the F16 projections stay; only the embedding changes
@@ -119,7 +174,7 @@ def test_quantizers_write_what_llama_cpp_writes(kind: str, tmp_path: Path):
 
 
 @needs_native
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
 def test_native_head_equals_fallback_on_every_instruction_set(kind: str, monkeypatch):
     cols = 480 if kind == "Q8_0" else 512  # Q8_0: rows not a multiple of 64
     table = QuantizedTable.quantize(torch.from_numpy(_table_values(2, LM_HEAD_ROWS + 77, cols)), kind)
@@ -144,6 +199,25 @@ def test_native_head_equals_fallback_on_every_instruction_set(kind: str, monkeyp
             assert torch.equal(head(h[rows]), logits[rows]), isa  # row independent
         direct = ops.quant_head(h, table.data, NATIVE_KIND[kind], {"scalar": 1, "avx2": 2, "avx512": 3}[isa])
         assert torch.equal(direct, logits)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k not in NATIVE_KINDS])
+def test_a_type_without_a_native_head_runs_the_torch_head(kind: str):
+    """Q5_K and Q4_0 have no native body: the head dequantizes tiles in torch (the values are the same),
+    and says that its rows are not independent of the batch (a BLAS GEMM's kernel depends on the rows)."""
+    assert kind not in NATIVE_KIND
+    table = QuantizedTable.quantize(torch.from_numpy(_table_values(2, LM_HEAD_ROWS + 77, 512)), kind)
+    head = LMHead(table)
+    h = torch.randn(9, 512, generator=torch.Generator().manual_seed(3))
+    values = table.dequantize(torch.float64)
+    exact = h.double() @ values.t()
+    bound = 512 * 2.0**-23 * (h.double().abs() @ values.abs().t())
+    logits = head(h)  # with the native library present, asking it for this type would fail
+    assert ((logits.double() - exact).abs() <= bound).all()
+    assert torch.equal(logits, head._widened_logits(h))
+    assert head.row_independent(torch.float32) is False
+    native_table = QuantizedTable.quantize(torch.from_numpy(_table_values(2, 8, 512)), "Q4_K")
+    assert LMHead(native_table).row_independent(torch.float32) is (ops is not None)
 
 
 def _write(tmp_path: Path, kind: str, tied: bool, qtype: str = "i2_s") -> tuple[Path, dict]:
@@ -181,7 +255,7 @@ def test_logits_equal_a_float64_reference_over_the_dequantized_table(kind: str, 
 
 
 @needs_native
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", NATIVE_KINDS)
 def test_decode_gives_a_row_the_same_bits_in_any_batch(kind: str, tmp_path: Path, one_thread):
     path, _ = _write(tmp_path, kind, tied=kind == "Q6_K")
     model = pybitnet.load(path)
@@ -215,24 +289,25 @@ def test_int8_head_mode_takes_a_quantized_table(tmp_path: Path):
 
 def test_other_block_types_load_dequantized_with_one_line(tmp_path: Path, capsys):
     path, _ = _write(tmp_path, "Q8_0", tied=True)
-    q5k = tmp_path / "q5_k.gguf"
+    q5_0 = tmp_path / "q5_0.gguf"
     rng = np.random.default_rng(0)
-    with GGUFReader(path) as reader:  # the same file with a Q5_K token_embd of random blocks
+    with GGUFReader(path) as reader:  # the same file with a Q5_0 token_embd of random blocks
         specs = []
         for info in reader.tensors.values():
-            if info.name == "token_embd.weight":
-                blocks = rng.integers(0, 256, (CONFIG.vocab_size, 176), dtype=np.uint8)
-                blocks[:, 0:4] = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)  # d, dmin
-                specs.append(TensorSpec(info.name, info.shape, TYPE_BY_NAME["Q5_K"], lambda b=blocks: b))
+            if info.name == "token_embd.weight":  # 8 blocks of 22 bytes a row: f16 d, qh[4], qs[16]
+                blocks = rng.integers(0, 256, (CONFIG.vocab_size, 8, 22), dtype=np.uint8)
+                blocks[..., 0:2] = np.array([0.01], dtype=np.float16).view(np.uint8)
+                blocks = blocks.reshape(CONFIG.vocab_size, -1)
+                specs.append(TensorSpec(info.name, info.shape, TYPE_BY_NAME["Q5_0"], lambda b=blocks: b))
             else:
                 specs.append(TensorSpec(info.name, info.shape, info.type, lambda i=info: reader.tensor_bytes(i).copy()))
-        write_gguf_file(q5k, reader.fields, specs)
+        write_gguf_file(q5_0, reader.fields, specs)
     capsys.readouterr()
-    _, weights = load_gguf_weights(q5k)
+    _, weights = load_gguf_weights(q5_0)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "token_embd.weight is Q5_K, loaded dequantized to float32" in lines[0]
+    assert len(lines) == 1 and "token_embd.weight is Q5_0, loaded dequantized to float32" in lines[0]
     assert weights["embed_tokens"].dtype == torch.float32
-    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q5_K)
+    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q5_0)
     assert np.array_equal(weights["embed_tokens"].numpy(), expected)
 
 
@@ -264,6 +339,23 @@ def test_convert_round_trip(tmp_path: Path, tied: bool):
     model, hf_model = pybitnet.load(q6), pybitnet.load(hf)
     tokens = torch.randint(0, CONFIG.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2))
     assert_float32_rule(model.forward_full(tokens), hf_model.forward_full(tokens))  # two head kernels, one table
+
+
+@pytest.mark.parametrize("kind", ["Q5_K", "Q4_0"])
+def test_convert_writes_q5_k_and_q4_0(tmp_path: Path, kind: str):
+    source, weights = _write(tmp_path, "Q8_0", tied=False)
+    out = tmp_path / f"{kind}.gguf"
+    result = runner.invoke(app, ["convert", str(source), str(out), "--embed-type", kind.lower()])
+    assert result.exit_code == 0, result.output
+    with GGUFReader(out) as reader:
+        assert reader.tensors["token_embd.weight"].type.name == kind
+        assert reader.tensors["output.weight"].type.name == kind
+    _, loaded = load_gguf_weights(out)
+    for name in ("embed_tokens", "lm_head"):  # the Q8_0 values, requantized
+        table = loaded[name]
+        assert isinstance(table, QuantizedTable) and table.type_name == kind
+        expected = quantize_rows(QuantizedTable.quantize(weights[name], "Q8_0").dequantize(), kind)
+        assert np.array_equal(table.data.numpy(), expected)
 
 
 def test_a_model_with_a_block_table_exports_its_values(tmp_path: Path):
@@ -311,14 +403,17 @@ def test_llama_cpp_runs_our_quantized_tables(kind: str, tmp_path: Path):
     print(f"\nllama.cpp vs pybitnet ({kind}): max relative difference {rel:.2e}, top-1 {agree:.1%}")
 
 
-def test_a_table_with_a_non_finite_scale_is_refused(tmp_path: Path):
+@pytest.mark.parametrize("kind, offset, value", [("Q8_0", 0, np.inf), ("Q4_0", 0, np.nan), ("Q6_K", 208, -np.inf),
+                                                ("Q4_K", 2, np.nan), ("Q5_K", 0, np.inf), ("Q5_K", 2, np.nan)])
+def test_a_table_with_a_non_finite_scale_is_refused(tmp_path: Path, kind: str, offset: int, value: float):
+    """A non-finite d (offset 0, or Q6_K's at the end of its block) or dmin (offset 2) in block 3."""
     from pybitnet.errors import CheckpointError
 
-    path, _ = _write(tmp_path, "Q8_0", tied=True)
+    path, _ = _write(tmp_path, kind, tied=True)
     with GGUFReader(path) as reader:
-        start = reader.tensors["token_embd.weight"].data_offset + 34 * 3  # block 3's f16 d
+        start = reader.tensors["token_embd.weight"].data_offset + BLOCK_BYTES[kind] * 3 + offset
     raw = bytearray(path.read_bytes())
-    raw[start : start + 2] = np.array([np.inf], dtype=np.float16).tobytes()
+    raw[start : start + 2] = np.array([value], dtype=np.float16).tobytes()
     path.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="token_embd.weight"):
+    with pytest.raises(CheckpointError, match="token_embd.weight.*non-finite"):
         load_gguf_weights(path)

@@ -72,7 +72,7 @@ class LMHead(nn.Module):
             return self._int8_logits(h)
         ops = native.ops() if h.device.type == "cpu" else None
         if isinstance(self.weight, QuantizedTable):
-            if ops is not None and h.dtype == torch.float32:
+            if ops is not None and h.dtype == torch.float32 and self.weight.type_name in NATIVE_KIND:
                 return ops.quant_head(h.contiguous(), self.weight.data, NATIVE_KIND[self.weight.type_name], native.isa())
             return self._widened_logits(h)
         if ops is not None and h.dtype == torch.float32 and self.weight.dtype in NATIVE_HEAD_DTYPES:
@@ -87,7 +87,8 @@ class LMHead(nn.Module):
         if self.mode == "int8":
             return True
         if isinstance(self.weight, QuantizedTable):
-            return dtype == torch.float32 and self.weight.device.type == "cpu" and native.ops() is not None
+            return (dtype == torch.float32 and self.weight.device.type == "cpu" and self.weight.type_name in NATIVE_KIND
+                    and native.ops() is not None)
         return (dtype == torch.float32 and self.weight.device.type == "cpu" and self.weight.dtype in NATIVE_HEAD_DTYPES
                 and native.ops() is not None)
 

@@ -372,8 +372,9 @@ def _on(weight: TernaryWeight, device: torch.device) -> TernaryWeight:
 
 def _embedding_storage(weight: torch.Tensor | QuantizedTable, dtype: torch.dtype,
                        device: torch.device) -> torch.Tensor | QuantizedTable:
-    """Keep 16-bit embeddings as they are for fp32 models (memory); widen for float64 models. A Q8_0/Q6_K/Q4_K
-    table stays as stored for any dtype: its rows are dequantized (to float32, exact in float64) as used."""
+    """Keep 16-bit embeddings as they are for fp32 models (memory); widen for float64 models. A GGUF block
+    table (QuantizedTable) stays as stored for any dtype: its rows are dequantized (to float32, exact in
+    float64) as used."""
     if isinstance(weight, QuantizedTable):
         return weight.to(device)
     if weight.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32:

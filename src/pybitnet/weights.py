@@ -2,7 +2,7 @@
 
 Names are internal and format-free (`loaders/names.py` maps HF and GGUF names onto them):
     embed_tokens [V, H] float     lm_head [V, H] float (untied only)     norm [H]
-        (embed_tokens / lm_head may be a QuantizedTable: GGUF Q8_0 / Q6_K / Q4_K blocks kept as stored)
+        (embed_tokens / lm_head may be a QuantizedTable: GGUF Q8_0 / Q4_0 / Q6_K / Q5_K / Q4_K blocks kept as stored)
     layers.N.input_layernorm [H]  layers.N.attn_sub_norm [Hq*D]  layers.N.post_attention_layernorm [H]
     layers.N.ffn_sub_norm [F]     layers.N.{q,k,v,o,gate,up,down}_proj -> TernaryWeight
 """

@@ -18,7 +18,7 @@ def convert(
                                help="a .gguf file, or a directory for the Hugging Face packed layout"),
     qtype: str = typer.Option("i2_s", "--type", help="GGUF projection type: i2_s (bitnet.cpp), tq2_0, tq1_0, f16 (llama.cpp)"),
     embed_type: str = typer.Option("f16", "--embed-type", help="GGUF embedding and output type: f16, bf16, f32, "
-                                    "q8_0, q6_k, q4_k (ggml blocks, quantized as llama.cpp does)"),
+                                    "q8_0, q6_k, q5_k, q4_k, q4_0 (ggml blocks, quantized as llama.cpp does)"),
     force: bool = typer.Option(False, "--force", help="replace DST if it exists"),
 ) -> None:
     """Write a model as GGUF (DST ending in .gguf) or as a Hugging Face directory, with its tokenizer.

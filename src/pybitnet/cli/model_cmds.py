@@ -43,7 +43,7 @@ def info(model: str = ModelArg, dtype: str = DtypeOpt):
     m = open_model_showing_progress(model, dtype)
     c = m.config
     ternary_bytes = sum(b.nbytes for name, b in m.named_buffers() if name.endswith("ternary_weights"))
-    tables = [t for t in m.modules() if isinstance(t, QuantizedTable)]  # GGUF Q8_0 / Q6_K / Q4_K kept as stored
+    tables = [t for t in m.modules() if isinstance(t, QuantizedTable)]  # GGUF block tables kept as stored
     float_bytes = sum(p.nbytes for p in m.parameters()) + sum(t.nbytes for t in tables)
     table = Table(title=f"pybitnet model: {model}", show_header=False)
     rows = [

@@ -27,7 +27,7 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, qtype:
             embed_type: str = "f16", overwrite: bool = False) -> Path:
     """Write the model `source` names (an HF directory, a .gguf file, `synthetic:PRESET[:LAYERS]` or a Hub
     repo id) to `destination`: a `.gguf` file with projections as `qtype` (i2_s, tq2_0, tq1_0, f16) and the
-    embedding as `embed_type` (f16, bf16, f32, q8_0, q6_k, q4_k), or for any other name a Hugging Face directory in the packed
+    embedding as `embed_type` (f16, bf16, f32, q8_0, q6_k, q5_k, q4_k, q4_0), or for any other name a Hugging Face directory in the packed
     layout transformers loads. The tokenizer goes along when the source has one. Returns `destination`."""
     from ..tokenizer import gguf_tokenizer_metadata, save_tokenizer
     from .gguf import EMBED_TYPES, QTYPES, write_gguf
@@ -61,7 +61,7 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, qtype:
         return destination
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
-        # GGUF Q8_0 / Q6_K / Q4_K tables kept as stored go to safetensors as their float32 values
+        # GGUF block tables kept as stored go to safetensors as their float32 values
         weights = {k: w.dequantize() if isinstance(w, QuantizedTable) else w for k, w in weights.items()}
         # float tensors are written in the one dtype that holds them all exactly (transformers wants one)
         floats = {w.dtype for w in weights.values() if isinstance(w, torch.Tensor)}

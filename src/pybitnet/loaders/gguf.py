@@ -6,8 +6,8 @@ Architectures (docs/formats.md):
                               "relu2"; TQ1_0 / TQ2_0 / F16 / F32 projections
 Ternary projections decode tensor by tensor straight to int8 values + beta; the mapped file's pages
 are released after each tensor, so loading holds the decoded model and little else. token_embd and
-output in Q8_0, Q6_K or Q4_K stay as stored (quant/ggml_blocks.QuantizedTable); other block types are
-dequantized to float32, with one line on stderr saying so.
+output in Q8_0, Q4_0, Q6_K, Q5_K or Q4_K stay as stored (quant/ggml_blocks.QuantizedTable); other block
+types are dequantized to float32, with one line on stderr saying so.
 """
 
 from __future__ import annotations
@@ -189,8 +189,9 @@ def _dense(reader: GGUFReader, info: TensorInfo) -> torch.Tensor:
 
 
 def _table(reader: GGUFReader, info: TensorInfo, shape: tuple[int, ...]) -> torch.Tensor | QuantizedTable:
-    """token_embd / output: Q8_0, Q6_K and Q4_K as stored (a copy of the blocks, not of the mapping), 16-bit
-    and float32 as stored, other block types dequantized to float32 with one line on stderr."""
+    """token_embd / output: the KEPT_TYPES (Q8_0, Q4_0, Q6_K, Q5_K, Q4_K) as stored (a copy of the blocks,
+    not of the mapping), 16-bit and float32 as stored, other block types dequantized to float32 with one
+    line on stderr."""
     kind = info.type.name
     if kind in KEPT_TYPES:
         rows, per_row = shape[0], row_bytes(kind, shape[1])
@@ -316,7 +317,8 @@ QTYPES: dict[str, tuple[str, Callable[[torch.Tensor, float], np.ndarray], int]] 
 }
 # embedding / output types: float types as (ggml name, torch dtype); block types (ggml name, None)
 EMBED_TYPES = {"f16": ("F16", torch.float16), "bf16": ("BF16", torch.bfloat16), "f32": ("F32", torch.float32),
-               "q8_0": ("Q8_0", None), "q6_k": ("Q6_K", None), "q4_k": ("Q4_K", None)}
+               "q8_0": ("Q8_0", None), "q6_k": ("Q6_K", None), "q4_k": ("Q4_K", None), "q5_k": ("Q5_K", None),
+               "q4_0": ("Q4_0", None)}
 # tokenizer keys whose GGUF type llama.cpp checks; python values are stored with these types
 _TOKENIZER_TYPES = {
     "tokenizer.ggml.token_type": (ValueType.ARRAY, ValueType.INT32),
@@ -437,7 +439,7 @@ def write_gguf(
 
     i2_s writes bitnet.cpp's layout and arch (`bitnet-b1.58` for relu²); the others write
     mainline llama.cpp's `bitnet` arch with `bitnet.hidden_activation = "relu2"` for relu² models.
-    Norms are F32; the embedding (and an untied `output`) is `embed_type` (f16 | bf16 | f32 | q8_0 | q6_k | q4_k;
+    Norms are F32; the embedding (and an untied `output`) is `embed_type` (f16 | bf16 | f32 | q8_0 | q6_k | q5_k | q4_k | q4_0;
     a table already in the block type is written as it is, else quantized as llama.cpp does).
     Without tokenizer metadata the file says `tokenizer.ggml.model = "no_vocab"`.
     """

@@ -1,4 +1,4 @@
-"""ggml's Q8_0, Q6_K and Q4_K block layouts (docs/formats.md), and a float table held in them.
+"""ggml's Q8_0, Q4_0, Q6_K, Q5_K and Q4_K block layouts (docs/formats.md), and a float table held in them.
 
 A GGUF embedding or output table quantized by llama.cpp is kept as it is stored: a uint8 tensor
 (rows, bytes per row) that `QuantizedTable` dequantizes a few rows at a time (an embedding lookup, a
@@ -6,6 +6,9 @@ tile of the head) instead of a float32 copy of the whole table (a Q6_K table is 
 float32 is 4).
 
 Q8_0 (34 bytes per block of 32): f16 d, then 32 int8 q;  value = d * q.
+Q4_0 (18 bytes per block of 32): f16 d, qs[16]. Element l < 16 has the code qs[l] & 15, element
+  l + 16 the code qs[l] >> 4, and the value d * (code - 8): exact in float32 (an 11-bit significand
+  times a 4-bit integer), no rounding at all (ggml's dequantize_row_q4_0).
 Q6_K (210 bytes per super-block of 256): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16],
   f16 d. Element 128h + 32k + l (h < 2, k < 4, l < 32) has the 6-bit code
       (ql[64h + 32(k % 2) + l] >> 4(k // 2)) & 15  |  ((qh[32h + l] >> 2k) & 3) << 4
@@ -17,10 +20,15 @@ Q4_K (144 bytes per super-block of 256): f16 d, f16 dmin, scales[12] (eight 6-bi
   m = scales[s + 4] >> 4 | (scales[s] >> 6) << 4. Element 64j + 32t + l (j < 4, t < 2, l < 32) is in
   sub-block 2j + t with the code (qs[32j + l] >> 4t) & 15 and the value
   (d * sc) * code - (dmin * m): both products exact, the difference rounds once (ggml's dequantize_row_q4_K).
+Q5_K (176 bytes per super-block of 256): f16 d, f16 dmin, scales[12] (packed as Q4_K's), qh[32],
+  qs[128]. Element 64j + 32t + l is in sub-block s = 2j + t with the 5-bit code
+      (qs[32j + l] >> 4t) & 15  |  ((qh[l] >> s) & 1) << 4
+  and the value (d * sc) * code - (dmin * m): d * sc has at most 17 significant bits and the code 5,
+  so every product is exact and only the difference rounds, once (ggml's dequantize_row_q5_K).
 
-The quantizers follow ggml's reference rounding (quantize_row_q8_0_ref, quantize_row_q6_K_ref with
-its make_qx_quants search, quantize_row_q4_K_ref with make_qkx2_quants), so a table written here holds
-the bytes llama.cpp would write.
+The quantizers follow ggml's reference rounding (quantize_row_q8_0_ref, quantize_row_q4_0_ref,
+quantize_row_q6_K_ref with its make_qx_quants search, quantize_row_q4_K_ref and quantize_row_q5_K_ref
+with make_qkx2_quants), so a table written here holds the bytes llama.cpp would write.
 
 Layering: a byte format. It imports torch, numpy and gguf-py only.
 """
@@ -34,10 +42,14 @@ from torch import nn
 
 QK_K = 256
 # type name -> (elements per block, bytes per block)
-BLOCKS = {"Q8_0": (32, 34), "Q6_K": (256, 210), "Q4_K": (256, 144)}
+BLOCKS = {"Q8_0": (32, 34), "Q6_K": (256, 210), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q4_0": (32, 18)}
 KEPT_TYPES = tuple(BLOCKS)
-# the kind argument of the native quant_head op
+# the kind argument of the native quant_head op; a type without one runs the head in torch (head.LMHead)
 NATIVE_KIND = {"Q8_0": 0, "Q6_K": 1, "Q4_K": 2}
+# byte range of each block's f16 scales: d, and dmin after it for the types with a min
+_SCALE_BYTES = {"Q8_0": (0, 2), "Q4_0": (0, 2), "Q6_K": (208, 210), "Q4_K": (0, 4), "Q5_K": (0, 4)}
+# the make_qkx2_quants search of the types with a scale and a min: (nmax, rmin, rdelta, nstep)
+_QKX2_SEARCH = {"Q4_K": (15, -1.0, 0.1, 20), "Q5_K": (31, -0.5, 0.1, 15)}
 _GROUP_MAX_EPS = np.float32(1e-15)
 
 
@@ -66,14 +78,23 @@ def dequantize_rows(data: torch.Tensor, type_name: str, cols: int) -> torch.Tens
         d = _f16(blocks[..., :2])  # (n, nb)
         q = blocks[..., 2:].contiguous().view(torch.int8).float()  # (n, nb, 32)
         return (q * d[..., None]).reshape(n, cols)
+    if type_name == "Q4_0":
+        d = _f16(blocks[..., :2])  # (n, nb)
+        qs = blocks[..., 2:]  # (n, nb, 16)
+        q = torch.cat([qs & 15, qs >> 4], dim=2).float() - 8.0  # (n, nb, 32): low nibbles first
+        return (q * d[..., None]).reshape(n, cols)
     nb = cols // QK_K
-    if type_name == "Q4_K":
+    if type_name in ("Q4_K", "Q5_K"):
         d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])  # (n, nb)
         sc, m = _q4_k_scales(blocks[..., 4:16])  # (n, nb, 8) each
-        qs = blocks[..., 16:144].reshape(n, nb, 4, 1, 32)
-        q = torch.cat([qs & 15, qs >> 4], dim=3).reshape(n, nb, 8, 32).float()  # sub-block 2j + t
+        qs = blocks[..., nbytes - 128 :].reshape(n, nb, 4, 1, 32)
+        q = torch.cat([qs & 15, qs >> 4], dim=3).reshape(n, nb, 8, 32)  # sub-block 2j + t
+        if type_name == "Q5_K":  # bit s of qh[l] is the fifth bit of element l of sub-block s
+            qh = blocks[..., 16:48].reshape(n, nb, 1, 32)
+            shifts = torch.arange(8, dtype=torch.uint8, device=data.device).reshape(1, 1, 8, 1)
+            q = q | (((qh >> shifts) & 1) << 4)
         step, low = d[..., None] * sc.float(), dmin[..., None] * m.float()  # exact products
-        return (step[..., None] * q - low[..., None]).reshape(n, cols)
+        return (step[..., None] * q.float() - low[..., None]).reshape(n, cols)
     ql = blocks[..., :128].reshape(n, nb, 2, 2, 32)  # [h, k % 2, l]
     qh = blocks[..., 128:192].reshape(n, nb, 2, 1, 32)  # [h, ., l]
     scales = blocks[..., 192:208].contiguous().view(torch.int8).float()  # (n, nb, 16)
@@ -239,16 +260,19 @@ def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int = 15, rmin: 
     return scale, (-low).astype(f32), np.ascontiguousarray(L.T)
 
 
-def _quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    """(n, cols) float32 -> (n, cols / 256 * 144) uint8: ggml's quantize_row_q4_K_ref."""
+def _quantize_scale_min_k(x: np.ndarray, type_name: str) -> np.ndarray:
+    """(n, cols) float32 -> (n, cols / 256 * bytes per block) uint8: ggml's quantize_row_q4_K_ref or
+    quantize_row_q5_K_ref, which differ only in the code range (15 or 31), the make_qkx2_quants search
+    and where the codes go."""
     f32 = np.float32
     n, cols = x.shape
+    nmax, rmin, rdelta, nstep = _QKX2_SEARCH[type_name]
     groups = x.reshape(-1, 32)  # (S, 32), 8 per block
     sum_x2 = np.zeros(len(groups), f32)
     for i in range(32):
         sum_x2 += groups[:, i] * groups[:, i]
     av_x = np.sqrt(sum_x2 / f32(32))
-    scales, mins, L = _make_qkx2_quants(groups, av_x[:, None] + np.abs(groups))
+    scales, mins, L = _make_qkx2_quants(groups, av_x[:, None] + np.abs(groups), nmax, rmin, rdelta, nstep)
     scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
     max_scale = np.maximum(scales.max(axis=1), f32(0))  # ggml: the largest above 0, else 0
     max_min = np.maximum(mins.max(axis=1), f32(0))
@@ -268,11 +292,36 @@ def _quantize_q4_k(x: np.ndarray) -> np.ndarray:
         dm = dmin16.astype(f32)[:, None] * m.astype(f32)
         live = d != 0
         blocks = x.reshape(-1, 8, 32)
-        fresh = np.clip(_nearest_int((blocks + dm[..., None]) / np.where(live, d, f32(1))[..., None]), 0, 15)
-    L = np.where(live[..., None], fresh, L.reshape(-1, 8, 32)).astype(np.uint8).reshape(-1, 4, 2, 32)
-    qs = (L[:, :, 0] | L[:, :, 1] << 4).reshape(-1, 128)
-    out = np.concatenate([d16.reshape(-1, 1).view(np.uint8), dmin16.reshape(-1, 1).view(np.uint8), packed, qs], axis=1)
-    return out.reshape(n, cols // QK_K * 144)
+        fresh = np.clip(_nearest_int((blocks + dm[..., None]) / np.where(live, d, f32(1))[..., None]), 0, nmax)
+    L = np.where(live[..., None], fresh, L.reshape(-1, 8, 32)).astype(np.uint8)  # (B, sub-block, element)
+    pairs = L.reshape(-1, 4, 2, 32)  # sub-blocks 2j and 2j + 1 share the bytes qs[32j : 32j + 32]
+    qs = ((pairs[:, :, 0] & 15) | (pairs[:, :, 1] & 15) << 4).reshape(-1, 128)
+    parts = [d16.reshape(-1, 1).view(np.uint8), dmin16.reshape(-1, 1).view(np.uint8), packed]
+    if type_name == "Q5_K":  # the fifth bit of element l of sub-block s is bit s of qh[l]
+        high = (L >> 4).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]
+        parts.append(np.bitwise_or.reduce(high, axis=1))  # (B, 32)
+    out = np.concatenate(parts + [qs], axis=1)
+    return out.reshape(n, -1)
+
+
+def _quantize_q4_0(x: np.ndarray) -> np.ndarray:
+    """(n, cols) float32 -> (n, cols / 32 * 18) uint8: ggml's quantize_row_q4_0_ref."""
+    f32 = np.float32
+    n, cols = x.shape
+    blocks = x.reshape(-1, 32)
+    ax = np.abs(blocks)
+    first = np.argmax(ax, axis=1)  # the first element of largest magnitude, as ggml's strict '<' keeps it
+    rows = np.arange(len(blocks))
+    # ggml starts from max = +0 and never replaces it in a block of zeros: d is then -0, whatever the zeros' signs
+    peak = np.where(ax[rows, first] > 0, blocks[rows, first], f32(0))
+    d = (peak / f32(-8)).astype(f32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.where(d != 0, f32(1) / np.where(d != 0, d, f32(1)), f32(0)).astype(f32)
+        shifted = (blocks * inv[:, None] + f32(8.5)).astype(f32)  # in [0.5, 16.5]: (int8_t) truncates it
+    codes = np.minimum(15, np.trunc(shifted).astype(np.int32)).astype(np.uint8)
+    qs = codes[:, :16] | codes[:, 16:] << 4
+    out = np.concatenate([d.astype(np.float16).reshape(-1, 1).view(np.uint8), qs], axis=1)
+    return out.reshape(n, cols // 32 * 18)
 
 
 def quantize_rows(x: np.ndarray | torch.Tensor, type_name: str, chunk: int = 1024) -> np.ndarray:
@@ -288,10 +337,12 @@ def quantize_rows(x: np.ndarray | torch.Tensor, type_name: str, chunk: int = 102
         part = np.ascontiguousarray(part, dtype=np.float32)
         if type_name == "Q8_0":
             out[start : start + chunk] = gguf.quants.quantize(part, gguf.GGMLQuantizationType.Q8_0).reshape(len(part), -1)
+        elif type_name == "Q4_0":
+            out[start : start + chunk] = _quantize_q4_0(part)
         elif type_name == "Q6_K":
             out[start : start + chunk] = _quantize_q6_k(part)
         else:
-            out[start : start + chunk] = _quantize_q4_k(part)
+            out[start : start + chunk] = _quantize_scale_min_k(part, type_name)
     return out
 
 
@@ -301,7 +352,7 @@ def quantize_rows(x: np.ndarray | torch.Tensor, type_name: str, chunk: int = 102
 
 class QuantizedTable(nn.Module):
     """A (rows, cols) float table held as ggml blocks: `data` (rows, bytes per row) uint8, `type_name`
-    Q8_0, Q6_K or Q4_K. Indexing it (`table[ids]`, `table[a:b]`) dequantizes only those rows, to float32.
+    one of BLOCKS. Indexing it (`table[ids]`, `table[a:b]`) dequantizes only those rows, to float32.
 
     It carries no autograd graph: `detach()` is the table itself."""
 
@@ -351,12 +402,12 @@ class QuantizedTable(nn.Module):
         return out
 
     def scales(self) -> torch.Tensor:
-        """Every block's f16 scale d as float32 (the finite check of a loaded table)."""
-        block, nbytes = BLOCKS[self.type_name]
-        blocks = self.data.reshape(-1, nbytes)
-        if self.type_name == "Q4_K":  # d and dmin
-            return _f16(blocks[:, :4].reshape(-1, 2, 2)).reshape(-1)
-        return _f16(blocks[:, :2] if self.type_name == "Q8_0" else blocks[:, nbytes - 2 :])
+        """Every block's f16 scales (d, and dmin where the type has one) as float32 (the finite check of a
+        loaded table)."""
+        nbytes = BLOCKS[self.type_name][1]
+        first, end = _SCALE_BYTES[self.type_name]
+        scales = self.data.reshape(-1, nbytes)[:, first:end]
+        return _f16(scales.reshape(-1, (end - first) // 2, 2)).reshape(-1)
 
     def extra_repr(self) -> str:
         return f"{self.type_name}, shape={list(self.shape)}"
