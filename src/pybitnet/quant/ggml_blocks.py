@@ -45,7 +45,7 @@ QK_K = 256
 BLOCKS = {"Q8_0": (32, 34), "Q6_K": (256, 210), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q4_0": (32, 18)}
 KEPT_TYPES = tuple(BLOCKS)
 # the kind argument of the native quant_head op; a type without one runs the head in torch (head.LMHead)
-NATIVE_KIND = {"Q8_0": 0, "Q6_K": 1, "Q4_K": 2}
+NATIVE_KIND = {"Q8_0": 0, "Q6_K": 1, "Q4_K": 2, "Q5_K": 3, "Q4_0": 4}
 # byte range of each block's f16 scales: d, and dmin after it for the types with a min
 _SCALE_BYTES = {"Q8_0": (0, 2), "Q4_0": (0, 2), "Q6_K": (208, 210), "Q4_K": (0, 4), "Q5_K": (0, 4)}
 # the make_qkx2_quants search of the types with a scale and a min: (nmax, rmin, rdelta, nstep)
