@@ -1,6 +1,6 @@
 """GGUF embedding / output tables in Q8_0, Q4_0, Q6_K, Q5_K and Q4_K kept as stored (quant/ggml_blocks.py):
 the block layouts against gguf-py's dequantize and quantizer and llama.cpp's quantizer, the native head
-(Q8_0, Q6_K, Q4_K) against the fallback on every instruction set, the torch head of the types it lacks,
+against the fallback on every instruction set, lm_head="int8" on the blocks,
 logits against a float64 reference over the dequantized table, decode batch invariance, the loader,
 and `pybitnet convert --embed-type`."""
 
@@ -198,6 +198,42 @@ def test_native_head_equals_fallback_on_every_instruction_set(kind: str, monkeyp
             assert torch.equal(head(h[rows]), logits[rows]), isa  # row independent
         direct = ops.quant_head(h, table.data, NATIVE_KIND[kind], {"scalar": 1, "avx2": 2, "avx512": 3}[isa])
         assert torch.equal(direct, logits)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", KINDS)
+def test_int8_head_runs_on_the_blocks_with_one_summation_order(kind: str, monkeypatch):
+    """lm_head="int8" over a block table: int8 activations against the blocks themselves (no copy), the
+    dot product of the activations' integers with the dequantized values over act_scale, the same bits
+    in every body and alone or in any batch."""
+    from pybitnet.quant.activations import quantize_activations
+
+    table = QuantizedTable.quantize(torch.from_numpy(_table_values(4, LM_HEAD_ROWS + 77, 512)), kind)
+    head = LMHead(table, "int8")
+    assert not hasattr(head, "int8_weight")  # no second copy of the table
+    h = torch.randn(9, 512, generator=torch.Generator().manual_seed(5))
+    h[3] *= 1e-3
+    q, act_scale = quantize_activations(h)
+    values = table.dequantize(torch.float64)
+    exact = (q.double() @ values.t()) / act_scale.double()
+    bound = 512 * 2.0**-22 * ((q.double().abs() @ values.abs().t()) / act_scale.double())
+    monkeypatch.setenv("PYBITNET_NATIVE_ISA", "scalar")  # no VNNI: the torch path over dequantized tiles
+    assert not head.row_independent(torch.float32)
+    fallback = head(h)
+    assert ((fallback.double() - exact).abs() <= bound).all()
+    first = None
+    for isa in _isas():
+        monkeypatch.setenv("PYBITNET_NATIVE_ISA", isa)
+        logits = ops.quant_head_int8(h, table.data, NATIVE_KIND[kind], {"scalar": 1, "avx2": 2, "avx512": 3}[isa])
+        assert ((logits.double() - exact).abs() <= bound).all(), isa
+        first = logits if first is None else first
+        assert torch.equal(logits, first), isa
+        for rows in (slice(0, 1), slice(3, 4), slice(2, 8)):
+            assert torch.equal(ops.quant_head_int8(h[rows], table.data, NATIVE_KIND[kind], 0), first[rows])
+    monkeypatch.setenv("PYBITNET_NATIVE_ISA", "auto")
+    if native.has_avx512_vnni():
+        assert head.row_independent(torch.float32)
+        assert torch.equal(head(h), first)
 
 
 def _write(tmp_path: Path, kind: str, tied: bool, qtype: str = "i2_s") -> tuple[Path, dict]:

@@ -6,9 +6,12 @@ Two modes, chosen at load (`pybitnet.load(..., lm_head=...)`):
             float32 checkpoints) and fp32 products and sums. On CPU with the native kernels, a GEMV
             (native/kernels.cpp) widens each weight once and runs every row of the batch against it,
             reading W once per call.
-    int8    opt-in and lossy: a per-row int8 copy of W (scale = absmax/127 per vocabulary row)
-            against per-row int8 activations, exact int32 sums, like llama.cpp's quantized output
-            tensors; half the bytes of bf16 per token. scripts: benchmarks/head_agreement.py.
+    int8    opt-in and lossy: per-row int8 activations against a per-row int8 copy of W (scale =
+            absmax/127 per vocabulary row), exact int32 sums, like llama.cpp's quantized output
+            tensors; half the bytes of bf16 per token. A GGUF block table (below) is not copied: the
+            int8 activations run against its blocks (native `quant_head_int8`: exact integer sums per
+            lane of 4 elements, each scaled by its group's step and low in one fixed float order), as
+            llama.cpp does with its 8-bit activations. scripts: benchmarks/head_agreement.py.
 
 Row independence: a row's logits never depend on the other rows of the batch (a server batches
 unrelated requests). The native GEMV computes each (row, vocabulary entry) dot product in one fixed
@@ -60,7 +63,7 @@ class LMHead(nn.Module):
         else:
             self.weight = nn.Parameter(weight, requires_grad=False)  # (V, H)
         self.mode = check_head_mode(mode)
-        if mode == "int8":
+        if mode == "int8" and not isinstance(weight, QuantizedTable):  # a block table is used as it is
             codes, scales = quantize_rows_int8(weight)
             self.register_buffer("int8_weight", codes)  # (V, H) int8
             self.register_buffer("int8_scale", scales)  # (V,) float32: W[v] ≈ int8_weight[v] * int8_scale[v]
@@ -85,6 +88,8 @@ class LMHead(nn.Module):
         """Whether rows of `dtype` get logits that do not depend on the rest of the batch: the int8
         head (exact integer sums), or the native GEMV (fp32 rows on CPU)."""
         if self.mode == "int8":
+            if isinstance(self.weight, QuantizedTable):  # exact integers, then one fixed float order
+                return self.weight.device.type == "cpu" and self._native_int8_blocks(native.ops())
             return True
         if isinstance(self.weight, QuantizedTable):
             return (dtype == torch.float32 and self.weight.device.type == "cpu" and self.weight.type_name in NATIVE_KIND
@@ -94,11 +99,22 @@ class LMHead(nn.Module):
 
     def _int8_logits(self, h: torch.Tensor) -> torch.Tensor:
         ops = native.ops() if h.device.type == "cpu" else None
+        if isinstance(self.weight, QuantizedTable):
+            if self._native_int8_blocks(ops):
+                return ops.quant_head_int8(h.float().contiguous(), self.weight.data, NATIVE_KIND[self.weight.type_name],
+                                           native.isa()).to(h.dtype)
+            q, act_scale = quantize_activations(h.float())  # (M, H) integer values, (M, 1)
+            return (self._widened_logits(q) / act_scale).to(h.dtype)
         if ops is not None and native.has_avx512_vnni():  # the same integers and formula, at bandwidth
             return ops.int8_head(h.float(), self.int8_weight, self.int8_scale, self.int8_sum, native.isa()).to(h.dtype)
         q, act_scale = quantize_activations(h.float(), as_int8=True)  # (M, H) int8, (M, 1)
         acc = torch._int_mm(q, self.int8_weight.t())  # (M, V) int32, exact
         return (acc.float() * (self.int8_scale / act_scale)).to(h.dtype)
+
+    def _native_int8_blocks(self, ops) -> bool:
+        """Whether quant_head_int8 runs this block table: AVX-512 VNNI, a native type, rows of 64s."""
+        return (ops is not None and native.has_avx512_vnni() and self.weight.type_name in NATIVE_KIND
+                and self.weight.shape[1] % 64 == 0)
 
     def _widened_logits(self, h: torch.Tensor) -> torch.Tensor:
         vocab, width = self.weight.shape

@@ -1958,6 +1958,277 @@ at::Tensor quant_head(const at::Tensor& h, const at::Tensor& blocks, int64_t kin
   return out;
 }
 
+// ------------------------------------------------------------------------------------------
+// lm_head="int8" over a table kept as stored: per-row int8 activations a (quantize_rows, as the int8
+// head) against the blocks themselves, no copy. Every type writes value = step * code - low with an
+// unsigned code and (step, low) shared by a group of 16 or 32 elements (Q8_0: code = q + 128, low =
+// 128 d; Q4_0: low = 8 d; Q6_K: low = 32 * step). Per chunk of 64 elements and lane of 4, C = sum of
+// code * a is an exact integer (vpdpbusd) and A = sum of a is one too, so a lane takes
+// acc = fma(step, C, acc), acc = fma(-low, A, acc); chunks alternate between two sets of 16 lanes,
+// which are added, halved pairwise (as quant_head) and divided by the row's act_scale. The same float
+// operations in every body and batch size: rows are independent of each other. H: a multiple of 64.
+
+struct Int8Chunk {
+  uint8_t codes[64];  // elements 64c .. 64c + 63, unsigned
+  float step[16];     // per lane of 4 elements
+  float neg_low[16];
+};
+
+// chunk c of a row of blocks, one element at a time (the scalar body, and the reference for the others)
+void int8_chunk_scalar(const uint8_t* row, int64_t kind, int64_t c, Int8Chunk& out) {
+  uint16_t bits;
+  if (kind == kQ8_0 || kind == kQ4_0) {
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* blk = row + (2 * c + half) * quant_block_bytes(kind);
+      std::memcpy(&bits, blk, 2);
+      const float d = fp16_to_float(bits);
+      for (int l = 0; l < 32; ++l)
+        out.codes[32 * half + l] = kind == kQ8_0 ? uint8_t(int(int8_t(blk[2 + l])) + 128)
+                                                 : uint8_t(l < 16 ? blk[2 + l] & 15 : blk[2 + l - 16] >> 4);
+      for (int li = 8 * half; li < 8 * half + 8; ++li) {
+        out.step[li] = d;
+        out.neg_low[li] = d * (kind == kQ8_0 ? -128.0f : -8.0f);
+      }
+    }
+    return;
+  }
+  const int64_t b = c / 4, part = c % 4;
+  if (kind == kQ6_K) {
+    const uint8_t* blk = row + b * 210;
+    std::memcpy(&bits, blk + 208, 2);
+    const float d = fp16_to_float(bits);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    for (int i = 0; i < 64; ++i) {
+      const int e = 64 * part + i, h = e / 128, k = (e % 128) / 32, l = e % 32;
+      out.codes[i] = uint8_t(((blk[64 * h + 32 * (k & 1) + l] >> (4 * (k >> 1))) & 15) |
+                             (((blk[128 + 32 * h + l] >> (2 * k)) & 3) << 4));
+    }
+    for (int li = 0; li < 16; ++li) {
+      const float step = d * float(sc[4 * part + li / 4]);
+      out.step[li] = step;
+      out.neg_low[li] = step * -32.0f;
+    }
+    return;
+  }
+  const uint8_t* blk = row + b * quant_block_bytes(kind);  // Q4_K, Q5_K
+  float step[8], low[8];
+  q4_k_steps(blk, step, low);
+  const uint8_t* qs = blk + (kind == kQ5_K ? 48 : 16);
+  for (int i = 0; i < 64; ++i) {
+    const int t = i / 32, l = i % 32;
+    int code = (qs[32 * part + l] >> (4 * t)) & 15;
+    if (kind == kQ5_K) code |= ((blk[16 + l] >> (2 * part + t)) & 1) << 4;
+    out.codes[i] = uint8_t(code);
+  }
+  for (int li = 0; li < 16; ++li) {
+    out.step[li] = step[2 * part + li / 8];
+    out.neg_low[li] = -low[2 * part + li / 8];
+  }
+}
+
+struct QuantInt8Args {
+  const int8_t* q;        // (M, H) activations
+  const float* lane_sum;  // (M, H / 4) sums of 4 activations, exact
+  const float* act_scale; // (M,)
+  const uint8_t* blocks;  // (V, row_bytes)
+  float* out;             // (M, V)
+  int64_t kind, M, V, H, row_bytes;
+};
+
+inline void quant_int8_store(const QuantInt8Args& a, int64_t m, int64_t v, float* lanes0, const float* lanes1) {
+  for (int li = 0; li < 16; ++li) lanes0[li] = lanes0[li] + lanes1[li];
+  a.out[m * a.V + v] = quant_halve(lanes0, 16) / a.act_scale[m];
+}
+
+void quant_int8_scalar(const QuantInt8Args& a, int64_t v0, int64_t v1) {
+  Int8Chunk chunk;
+  std::vector<float> acc(a.M * 32);
+  for (int64_t v = v0; v < v1; ++v) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    const uint8_t* row = a.blocks + v * a.row_bytes;
+    for (int64_t c = 0; c < a.H / 64; ++c) {
+      int8_chunk_scalar(row, a.kind, c, chunk);
+      for (int64_t m = 0; m < a.M; ++m) {
+        float* lanes = acc.data() + m * 32 + 16 * (c & 1);
+        const int8_t* q = a.q + m * a.H + 64 * c;
+        for (int li = 0; li < 16; ++li) {
+          int32_t sum = 0;
+          for (int t = 0; t < 4; ++t) sum += int32_t(chunk.codes[4 * li + t]) * int32_t(q[4 * li + t]);
+          lanes[li] = std::fma(chunk.step[li], float(sum), lanes[li]);
+          lanes[li] = std::fma(chunk.neg_low[li], a.lane_sum[m * (a.H / 4) + 16 * c + li], lanes[li]);
+        }
+      }
+    }
+    for (int64_t m = 0; m < a.M; ++m) quant_int8_store(a, m, v, acc.data() + m * 32, acc.data() + m * 32 + 16);
+  }
+}
+
+#ifdef PYBITNET_X86
+// MT rows against one entry: each chunk's codes, steps and lows built once in registers, the same values
+// as int8_chunk_scalar
+template <int MT>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_int8_tile_avx512(
+    const QuantInt8Args& a, const uint8_t* row, int64_t m0, int64_t v) {
+  __m512 acc[MT][2];
+  #pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const char* ahead = reinterpret_cast<const char*>(row) + kQuantPrefetch;
+  auto feed = [&](int64_t c, __m512i codes, __m512 step, __m512 neg_low)
+      __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni,fma"))) {
+    #pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      const __m512i q = _mm512_loadu_si512(a.q + (m0 + m) * a.H + 64 * c);
+      const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, q);
+      __m512& lanes = acc[m][c & 1];
+      lanes = _mm512_fmadd_ps(step, _mm512_cvtepi32_ps(sum), lanes);
+      lanes = _mm512_fmadd_ps(neg_low, _mm512_loadu_ps(a.lane_sum + (m0 + m) * (a.H / 4) + 16 * c), lanes);
+    }
+  };
+  auto half_at = [](const uint8_t* p) __attribute__((target("f16c"))) {
+    uint16_t bits;
+    std::memcpy(&bits, p, 2);
+    return _cvtsh_ss(bits);
+  };
+  const int64_t chunks = a.H / 64;
+  if (a.kind == kQ8_0 || a.kind == kQ4_0) {
+    const int64_t nb = quant_block_bytes(a.kind);
+    const __m512 low_factor = _mm512_set1_ps(a.kind == kQ8_0 ? -128.0f : -8.0f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const uint8_t* b0 = row + 2 * c * nb;
+      const uint8_t* b1 = b0 + nb;
+      _mm_prefetch(ahead + 2 * c * nb, _MM_HINT_T0);
+      _mm_prefetch(ahead + 2 * c * nb + 63, _MM_HINT_T0);
+      __m512i codes;
+      if (a.kind == kQ8_0) {
+        const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2));
+        const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2));
+        codes = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), _mm512_set1_epi8(-128));
+      } else {
+        const __m128i nibble = _mm_set1_epi8(15);
+        const __m128i x0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + 2));
+        const __m128i x1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + 2));
+        const __m256i y0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x0, 4), nibble), _mm_and_si128(x0, nibble));
+        const __m256i y1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x1, 4), nibble), _mm_and_si128(x1, nibble));
+        codes = _mm512_inserti64x4(_mm512_castsi256_si512(y0), y1, 1);
+      }
+      const __m512 step = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(half_at(b0)), _mm512_set1_ps(half_at(b1)));
+      feed(c, codes, step, _mm512_mul_ps(step, low_factor));
+    }
+  } else if (a.kind == kQ6_K) {
+    const __m512i quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  // lane / 4
+    for (int64_t b = 0; b < chunks / 4; ++b) {
+      const uint8_t* blk = row + b * 210;
+      #pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm_prefetch(ahead + b * 210 + 64 * c, _MM_HINT_T0);
+      const __m512 steps = _mm512_mul_ps(_mm512_set1_ps(half_at(blk + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)))));
+      #pragma GCC unroll 2
+      for (int hh = 0; hh < 2; ++hh) {
+        const __m512i ql = _mm512_loadu_si512(blk + 64 * hh);
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * hh));
+        const __m512i qh2 = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+        const __m512i bits45 = _mm512_set1_epi8(0x30), nibble = _mm512_set1_epi8(15);
+        const __m512i c01 = _mm512_ternarylogic_epi32(nibble, ql, _mm512_and_si512(_mm512_slli_epi16(qh2, 4), bits45), 0xCA);
+        const __m512i c23 = _mm512_ternarylogic_epi32(nibble, _mm512_srli_epi16(ql, 4), _mm512_and_si512(qh2, bits45), 0xCA);
+        #pragma GCC unroll 2
+        for (int odd = 0; odd < 2; ++odd) {
+          const int part = 2 * hh + odd;  // groups 4 part .. 4 part + 3
+          const __m512 step = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * part)), steps);
+          feed(4 * b + part, odd ? c23 : c01, step, _mm512_mul_ps(step, _mm512_set1_ps(-32.0f)));
+        }
+      }
+    }
+  } else {  // Q4_K, Q5_K
+    const int64_t nb = quant_block_bytes(a.kind);
+    const int qs_at = a.kind == kQ5_K ? 48 : 16;
+    const __m512i eighth = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // lane / 8
+    alignas(32) float step8[8], neg_low8[8];
+    for (int64_t b = 0; b < chunks / 4; ++b) {
+      const uint8_t* blk = row + b * nb;
+      #pragma GCC unroll 3
+      for (int c = 0; c < 3; ++c) _mm_prefetch(ahead + b * nb + 64 * c, _MM_HINT_T0);
+      q4_k_steps_avx2(blk, step8, neg_low8);
+      const __m512 steps = _mm512_castps256_ps512(_mm256_load_ps(step8));
+      const __m512 neg_lows = _mm512_castps256_ps512(_mm256_load_ps(neg_low8));
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
+      const __m256i nibble = _mm256_set1_epi8(15), bit4 = _mm256_set1_epi8(16);
+      #pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qs_at + 32 * j));
+        __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+        if (a.kind == kQ5_K) {  // bit 2j (2j + 1) of qh moved to bit 4, as quant_tile_avx512 does
+          const int s = 2 * j;
+          lo = _mm256_or_si256(lo, _mm256_and_si256(s <= 4 ? _mm256_slli_epi16(qh, 4 - s) : _mm256_srli_epi16(qh, s - 4), bit4));
+          hi = _mm256_or_si256(hi, _mm256_and_si256(s + 1 <= 4 ? _mm256_slli_epi16(qh, 3 - s) : _mm256_srli_epi16(qh, s - 3), bit4));
+        }
+        const __m512i index = _mm512_add_epi32(eighth, _mm512_set1_epi32(2 * j));
+        feed(4 * b + j, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_permutexvar_ps(index, steps),
+             _mm512_permutexvar_ps(index, neg_lows));
+      }
+    }
+  }
+  #pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) {
+    alignas(64) float lanes0[16], lanes1[16];
+    _mm512_store_ps(lanes0, acc[m][0]);
+    _mm512_store_ps(lanes1, acc[m][1]);
+    quant_int8_store(a, m0 + m, v, lanes0, lanes1);
+  }
+}
+#endif
+
+at::Tensor quant_head_int8(const at::Tensor& h, const at::Tensor& blocks, int64_t kind, int64_t isa) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.device().is_cpu(),
+              "pybitnet.quant_head_int8: h must be 2-D float32 on CPU");
+  TORCH_CHECK(kind >= kQ8_0 && kind <= kQ4_0, "pybitnet.quant_head_int8: unknown table kind ", kind);
+  const int64_t H = h.size(1);
+  TORCH_CHECK(H % 64 == 0 && H % quant_block_elements(kind) == 0, "pybitnet.quant_head_int8: ", H,
+              " columns: need a multiple of 64 and a whole number of blocks");
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.size(1) == quant_row_bytes(kind, H),
+              "pybitnet.quant_head_int8: blocks must be uint8 (V, ", quant_row_bytes(kind, H), ")");
+  const int64_t chosen = resolve_isa(isa);
+  at::Tensor hc = h.contiguous(), bc = blocks.contiguous();
+  const int64_t M = hc.size(0), V = bc.size(0);
+  at::Tensor q = at::empty({M, H}, h.options().dtype(at::kChar));
+  at::Tensor act = at::empty({M}, h.options());
+  QuantArgs qa;
+  qa.x = hc.data_ptr<float>();
+  qa.M = M;
+  qa.K = H;
+  qa.q_stride = H;
+  qa.q = q.data_ptr<int8_t>();
+  qa.act_scale = act.data_ptr<float>();
+  quantize_rows_into(qa, chosen);
+  at::Tensor lane_sum = at::empty({M, H / 4}, h.options());
+  const int8_t* qd = q.data_ptr<int8_t>();
+  float* ls = lane_sum.data_ptr<float>();
+  for (int64_t i = 0; i < M * H / 4; ++i) ls[i] = float(int(qd[4 * i]) + qd[4 * i + 1] + qd[4 * i + 2] + qd[4 * i + 3]);
+  at::Tensor out = at::empty({M, V}, h.options());
+  if (M == 0 || V == 0) return out;
+  const QuantInt8Args a{qd, ls, act.data_ptr<float>(), bc.data_ptr<uint8_t>(), out.data_ptr<float>(), kind, M, V, H,
+                        bc.size(1)};
+  at::parallel_for(0, V, 64, [&](int64_t v0, int64_t v1) {
+#ifdef PYBITNET_X86
+    if (chosen == kAvx512) {  // AVX-512 is chosen only with VNNI
+      for (int64_t v = v0; v < v1; ++v) {
+        const uint8_t* row = a.blocks + v * a.row_bytes;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) quant_int8_tile_avx512<4>(a, row, m, v);
+        switch (M - m) {
+          case 3: quant_int8_tile_avx512<3>(a, row, m, v); break;
+          case 2: quant_int8_tile_avx512<2>(a, row, m, v); break;
+          case 1: quant_int8_tile_avx512<1>(a, row, m, v); break;
+          default: break;
+        }
+      }
+      return;
+    }
+#endif
+    quant_int8_scalar(a, v0, v1);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pybitnet, m) {
@@ -1976,6 +2247,7 @@ TORCH_LIBRARY(pybitnet, m) {
         "Tensor(a!)[] keys, Tensor(b!)[] values, Tensor positions, int num_heads, int num_kv_heads, float scale, "
         "int isa=0) -> Tensor");
   m.def("quant_head(Tensor h, Tensor blocks, int kind, int isa=0) -> Tensor");
+  m.def("quant_head_int8(Tensor h, Tensor blocks, int kind, int isa=0) -> Tensor");
   m.def("cpu_features() -> int", &cpu_features);
 }
 
@@ -1990,4 +2262,5 @@ TORCH_LIBRARY_IMPL(pybitnet, CPU, m) {
   m.impl("int8_head", &int8_head);
   m.impl("decode_stack", &decode_stack);
   m.impl("quant_head", &quant_head);
+  m.impl("quant_head_int8", &quant_head_int8);
 }
