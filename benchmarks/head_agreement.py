@@ -3,7 +3,8 @@
 Both heads see the same final hidden states (the int8 head changes nothing else), over every
 position of a set of prompts. With a real checkpoint and its tokenizer, the prompts are text lines
 (held-out text: a file given with --prompts, else a few built-in lines); with `synthetic:PRESET`
-they are random token ids (a random model's logits say little about a trained one).
+they are random token ids (a random model's logits say little about a trained one). `compare_heads` holds
+any set of heads to a reference head (benchmarks/head_types.py uses it for every head type).
 
     python benchmarks/head_agreement.py MODEL [--prompts FILE] [--max-tokens 256] [--json OUT]
 """
@@ -15,6 +16,9 @@ import json
 import sys
 
 import torch
+
+from pybitnet import bench
+from pybitnet.head import LMHead
 
 PROMPTS = [
     "The capital of France is Paris, and the capital of Germany is",
@@ -46,20 +50,62 @@ def _load(source: str):
     return pybitnet.load(source)
 
 
-def agreement(model, batches: list[torch.Tensor]) -> dict:
-    from pybitnet.head import LMHead
+# Rows of hidden states per head call: a (rows, vocabulary) float64 log-softmax of a 128k vocabulary is
+# 1 MB per row, and several of them exist at once.
+COMPARE_ROWS = 256
 
-    int8_head = LMHead(model.lm_head.weight, "int8")
-    agree, kl, positions = 0, 0.0, 0
+
+def final_hidden(model, batches: list[torch.Tensor], targets: bool = False):
+    """Yield (final-normed hidden states (N, H), next tokens (N,) or None) over the positions of `batches`,
+    chunk by chunk; with `targets`, each row's last position has no next token and is left out."""
     for tokens in batches:
-        for _, hidden in model.hidden_states(tokens):  # (1, C, H) final-normed
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            exact = model.lm_head(flat).double().log_softmax(-1)
-            lossy = int8_head(flat).double().log_softmax(-1)
-            agree += int((exact.argmax(-1) == lossy.argmax(-1)).sum())
-            kl += float((exact.exp() * (exact - lossy)).sum())
+        for start, hidden in model.hidden_states(tokens):  # (B, C, H)
+            if not targets:
+                yield hidden.reshape(-1, hidden.shape[-1]), None
+                continue
+            width = min(hidden.shape[1], tokens.shape[1] - 1 - start)  # positions with a next token
+            if width > 0:
+                yield (hidden[:, :width].reshape(-1, hidden.shape[-1]),
+                       tokens[:, start + 1 : start + 1 + width].reshape(-1))
+
+
+def compare_heads(reference, heads: dict, chunks) -> dict[str, dict]:
+    """Each head's next-token distribution against `reference`'s on the same hidden states: per head,
+    top-1 agreement and mean KL(reference || head) per position, in nats. `chunks` yields (hidden (N, H),
+    next tokens (N,) or None); where the next tokens are given, each head's mean NLL of them too.
+
+    The reference's log-probabilities are computed once per chunk and every head is held to them."""
+    names = list(heads)
+    agree = dict.fromkeys(names, 0)
+    kl = dict.fromkeys(names, 0.0)
+    nll = dict.fromkeys(names, 0.0)
+    positions, scored = 0, 0
+    for hidden, next_tokens in chunks:
+        for start in range(0, hidden.shape[0], COMPARE_ROWS):
+            flat = hidden[start : start + COMPARE_ROWS]
+            exact = reference(flat).double().log_softmax(-1)  # (n, V)
+            exact_top, exact_p = exact.argmax(-1), exact.exp()
+            for name in names:
+                other = heads[name](flat).double().log_softmax(-1)
+                agree[name] += int((other.argmax(-1) == exact_top).sum())
+                kl[name] += float((exact_p * (exact - other)).sum())
+                if next_tokens is not None:
+                    nll[name] -= float(other.gather(1, next_tokens[start : start + COMPARE_ROWS, None]).sum())
             positions += flat.shape[0]
-    return {"positions": positions, "top1_agreement": agree / positions, "mean_kl_nats": kl / positions}
+            scored += flat.shape[0] if next_tokens is not None else 0
+    result = {}
+    for name in names:
+        result[name] = {"positions": positions, "top1_agreement": agree[name] / positions,
+                        "mean_kl_nats": kl[name] / positions}
+        if scored:
+            result[name]["mean_nll_nats"] = nll[name] / scored
+    return result
+
+
+def agreement(model, batches: list[torch.Tensor]) -> dict:
+    """The int8 head against the model's exact head over every position of `batches`."""
+    int8_head = LMHead(model.lm_head.weight, "int8")
+    return compare_heads(model.lm_head, {"int8": int8_head}, final_hidden(model, batches))["int8"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"int8 head vs exact: top-1 agreement {100 * result['top1_agreement']:.2f}% over {result['positions']} "
           f"positions, mean KL {result['mean_kl_nats']:.3e} nats")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        bench._write_atomically(args.json, bench._write_text(json.dumps(result, indent=2)))
     return 0
 
 

@@ -159,9 +159,13 @@ def weight_bytes_per_step(model) -> int:
     from .layers import BitLinear
 
     ternary = sum(m.ternary_weights.nbytes for m in model.modules() if isinstance(m, BitLinear))
-    head = model.lm_head
-    head_bytes = head.int8_weight.nbytes + head.int8_scale.nbytes if head.mode == "int8" else head.weight.nbytes
-    return ternary + head_bytes
+    return ternary + head_weight_bytes(model.lm_head)
+
+
+def head_weight_bytes(head) -> int:
+    """Bytes of weights one call of an LMHead reads: its table as stored (ggml blocks for a quantized
+    table), or its int8 copy and scales for lm_head="int8"."""
+    return head.int8_weight.nbytes + head.int8_scale.nbytes if head.mode == "int8" else head.weight.nbytes
 
 
 def gemm_peak(rows: int = 512, repeats: int = 5) -> dict:
