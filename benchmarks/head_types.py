@@ -2,7 +2,8 @@
 
 Head types (HEAD_TYPES: a name -> the table type the GGUF file stores and the lm_head mode it loads with):
 f16 (the reference), bf16, q8_0, q6_k, q4_k (tables kept as stored, quant/ggml_blocks.QuantizedTable),
-int8 (lm_head="int8" on the F16 file), and any type added to the table; a type this pybitnet cannot
+int8 (lm_head="int8" on the F16 file), q8_0+int8 / q6_k+int8 / q4_k+int8 (lm_head="int8" over the block
+table: int8 activations against the blocks), and any type added to the table; a type this pybitnet cannot
 write (loaders/gguf.EMBED_TYPES) is skipped with a note, and listed under "skipped" in the JSON.
 
 Part A, cost, on the 2B-4T shape (--layers of it, random ternary weights, tied table):
@@ -84,6 +85,10 @@ HEAD_TYPES = {
     "q4_k": ("q4_k", "exact"),
     "q4_0": ("q4_0", "exact"),
     "int8": ("f16", "int8"),
+    # lm_head="int8" over a block table: int8 activations against the file's blocks, no copy
+    "q8_0+int8": ("q8_0", "int8"),
+    "q6_k+int8": ("q6_k", "int8"),
+    "q4_k+int8": ("q4_k", "int8"),
 }
 REFERENCE = "f16"
 PRESET = "bitnet-b1.58-2b-4t"
