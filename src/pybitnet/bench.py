@@ -164,8 +164,10 @@ def weight_bytes_per_step(model) -> int:
 
 def head_weight_bytes(head) -> int:
     """Bytes of weights one call of an LMHead reads: its table as stored (ggml blocks for a quantized
-    table), or its int8 copy and scales for lm_head="int8"."""
-    return head.int8_weight.nbytes + head.int8_scale.nbytes if head.mode == "int8" else head.weight.nbytes
+    table, in either mode), or its int8 copy and scales for lm_head="int8" over a float table."""
+    if head.mode == "int8" and hasattr(head, "int8_weight"):
+        return head.int8_weight.nbytes + head.int8_scale.nbytes
+    return head.weight.nbytes
 
 
 def gemm_peak(rows: int = 512, repeats: int = 5) -> dict:
