@@ -118,33 +118,46 @@ def test_q6_k_bytes_per_value():
     assert table.nbytes / (8 * 1024) == 210 / 256  # 0.82 bytes per value
 
 
-def test_a_loaded_q6_k_table_costs_its_stored_bytes_in_rss(tmp_path: Path):
-    """Loading keeps the blocks (0.82 bytes per value), not a float32 copy (4): measured in a fresh process."""
+def test_a_loaded_q6_k_table_stays_in_the_mapping(tmp_path: Path):
+    """Loading maps the blocks instead of copying them (nor widening them to float32): measured in a fresh
+    process, RSS grows by the pages read: a few for an embedding lookup, every block for a head call."""
     import subprocess
     import sys
     import textwrap
 
     config = CONFIG.replace(vocab_size=32768, hidden_size=1024, intermediate_size=256, num_layers=1)
-    weights = synthetic.random_weights(config, 0)
     blocks = np.random.default_rng(0).integers(0, 256, (config.vocab_size, 4 * 210), dtype=np.uint8)
     blocks.reshape(config.vocab_size, 4, 210)[..., 208:] = np.array([1e-3], dtype=np.float16).view(np.uint8)
-    weights["embed_tokens"] = QuantizedTable(torch.from_numpy(blocks), "Q6_K", config.hidden_size)
-    path = tmp_path / "q6_k.gguf"
-    write_gguf(path, config, weights, "i2_s", embed_type="q6_k")
-    script = textwrap.dedent(f"""
-        import pybitnet
+    table_bytes = blocks.nbytes  # 27 MiB as Q6_K, 128 MiB as float32
+    script = textwrap.dedent("""
+        import sys, torch, pybitnet
         def rss():
             return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+        torch.zeros(8, 8) @ torch.zeros(8, 8)  # library pages a first matmul and the native library map
+        pybitnet.native.ops()
         before = rss()
-        model = pybitnet.load({str(path)!r})
-        grown = rss() - before  # before any forward: a first matmul maps library pages of its own
-        model.forward_full([[1, 2, 3]], logits="last")
-        print(grown)
+        model = pybitnet.load(sys.argv[1])
+        loaded = rss() - before
+        model.embed_tokens[torch.tensor([1, 2, 3])]
+        looked_up = rss() - before
+        model.lm_head(torch.zeros(1, model.config.hidden_size))
+        print(loaded, looked_up, rss() - before, int(model.embed_tokens.data.is_shared() or 0))
     """)
-    grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()[-1])
-    values = config.vocab_size * config.hidden_size  # 32 Mi: 27 MiB as Q6_K, 128 MiB as float32
-    print(f"\nloading grew RSS by {grown / 2**20:.1f} MiB, {grown / values:.2f} bytes per table value")
-    assert grown < 2 * values, f"loading grew RSS by {grown / values:.2f} bytes per table value"
+    for tied in (False, True):
+        weights = synthetic.random_weights(config.replace(tie_word_embeddings=tied), 0)
+        weights["embed_tokens"] = QuantizedTable(torch.from_numpy(blocks), "Q6_K", config.hidden_size)
+        if not tied:
+            weights["lm_head"] = QuantizedTable(torch.from_numpy(blocks[::-1].copy()), "Q6_K", config.hidden_size)
+        path = tmp_path / f"q6_k-{tied}.gguf"
+        write_gguf(path, config.replace(tie_word_embeddings=tied), weights, "i2_s", embed_type="q6_k")
+        out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+        loaded, looked_up, after_head, _ = map(int, out.stdout.split()[-4:])
+        print(f"\ntied={tied}: RSS +{loaded / 2**20:.1f} MiB loaded, +{looked_up / 2**20:.1f} after a lookup, "
+              f"+{after_head / 2**20:.1f} after a head call (table {table_bytes / 2**20:.1f} MiB)")
+        # a copy of either table would add table_bytes; the tables together are twice that
+        assert loaded < table_bytes / 2, "loading copied a table"
+        assert looked_up - loaded < table_bytes / 8, "a lookup of 3 rows brought in the table"
+        assert after_head - looked_up > table_bytes / 2, "the head did not read its table from the mapping"
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -165,6 +165,8 @@ def check_weights(config: ModelConfig, weights: Weights, source: str = "checkpoi
             if not (math.isfinite(beta) and beta > 0):
                 raise CheckpointError(f"{source}: tensor {label} has scale {beta}; a scale must be a finite number > 0")
         elif isinstance(weight, QuantizedTable):
-            require_finite(weight.scales(), label, source)  # finite scales: finite values
+            if not weight.scales_finite:
+                require_finite(weight.scales(), label, source)  # finite scales: finite values
+                weight.scales_finite = True
         else:
             require_finite(weight, label, source)

@@ -12,9 +12,9 @@ types are dequantized to float32, with one line on stderr saying so.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
+import warnings
 from typing import Any, Callable, Mapping
 
 import gguf
@@ -48,7 +48,6 @@ _INT_TYPES = {ValueType.UINT8, ValueType.INT8, ValueType.UINT16, ValueType.INT16
               ValueType.INT32, ValueType.UINT64, ValueType.INT64}
 _FLOAT_TYPES = {ValueType.FLOAT32, ValueType.FLOAT64}
 _DENSE_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
-_TABLE_CHUNK_BYTES = 16 << 20  # a block table is copied out of the mapping this much at a time
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,25 +188,27 @@ def _dense(reader: GGUFReader, info: TensorInfo) -> torch.Tensor:
 
 
 def _table(reader: GGUFReader, info: TensorInfo, shape: tuple[int, ...]) -> torch.Tensor | QuantizedTable:
-    """token_embd / output: the KEPT_TYPES (Q8_0, Q4_0, Q6_K, Q5_K, Q4_K) as stored (a copy of the blocks,
-    not of the mapping), 16-bit and float32 as stored, other block types dequantized to float32 with one
-    line on stderr."""
+    """token_embd / output: the KEPT_TYPES (Q8_0, Q4_0, Q6_K, Q5_K, Q4_K) as stored, left in the file's
+    mapping; 16-bit and float32 as stored; other block types dequantized to float32 with one line on stderr."""
     kind = info.type.name
     if kind in KEPT_TYPES:
-        rows, per_row = shape[0], row_bytes(kind, shape[1])
-        blocks = reader.tensor_bytes(info).reshape(rows, per_row)
-        data = torch.empty(rows, per_row, dtype=torch.uint8)
-        target = data.numpy()
-        step = max(1, _TABLE_CHUNK_BYTES // per_row)
-        for start in range(0, rows, step):  # copied in chunks, each chunk's pages of the mapping released
-            n = min(step, rows - start)
-            target[start : start + n] = blocks[start : start + n]
-            reader.release(dataclasses.replace(info, data_offset=info.data_offset + start * per_row, nbytes=n * per_row))
-        return QuantizedTable(data, kind, shape[1])
+        return QuantizedTable(_mapped_rows(reader, info, shape[0], row_bytes(kind, shape[1])), kind, shape[1])
     if kind not in _DENSE_DTYPES and kind != "BF16":
         print(f"pybitnet: {reader.path}: {info.name} is {kind}, loaded dequantized to float32 "
               f"({4 * info.n_elements / 2**20:,.1f} MiB; kept as stored: {', '.join(KEPT_TYPES)})", file=sys.stderr)
     return _dense(reader, info).reshape(shape)
+
+def _mapped_rows(reader: GGUFReader, info: TensorInfo, rows: int, per_row: int) -> torch.Tensor:
+    """A block table as a read-only (rows, bytes per row) uint8 view of the file's mapping, not a copy: the
+    process holds only the pages it reads (an embedding's looked-up rows; all of a head's), as clean file
+    pages that other processes mapping the file share. The view keeps the mapping alive after the reader
+    closes. Nothing writes to a table; writers replace files by rename, so a mapped file is never
+    rewritten under a running model."""
+    blocks = reader.tensor_bytes(info).reshape(rows, per_row)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note that the array is not writable
+        return torch.from_numpy(blocks)
+
 
 
 def _ternary_from_float(weight: torch.Tensor, name: str, path: str) -> TernaryWeight:
@@ -298,9 +299,12 @@ def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, Weights]:
             else:
                 weights[name] = _dense(reader, info).reshape(shape).float()
             reader.release(info)
+        check_weights(config, weights, source=path, stored_name=internal_to_gguf)
+        for name in ("embed_tokens", "lm_head"):  # the check read every block's scales: a mapped table's pages
+            if isinstance(weights.get(name), QuantizedTable):  # come back as its rows are read
+                reader.release(reader.tensors[internal_to_gguf(name)])
     finally:
         reader.close()
-    check_weights(config, weights, source=path, stored_name=internal_to_gguf)
     return config, weights
 
 

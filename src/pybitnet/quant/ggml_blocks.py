@@ -366,6 +366,9 @@ class QuantizedTable(nn.Module):
         self.type_name = type_name
         self.cols = int(cols)
         self.register_buffer("data", data)
+        # set once every scale was seen finite: the blocks are never written, and a second look at a
+        # mapped table would bring all its pages back into the process
+        self.scales_finite = False
 
     @classmethod
     def quantize(cls, table: torch.Tensor, type_name: str) -> "QuantizedTable":
