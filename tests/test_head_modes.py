@@ -1,6 +1,6 @@
 """lm_head modes chosen at load (head.py): q8_0 / q6_k / q4_k quantize a float output table (HF safetensors,
-GGUF F16 / BF16 / F32) to ggml's blocks and keep only the blocks, a tied embedding sharing them; and what
-loading costs in memory (no float copy of the whole table, at any point)."""
+GGUF F16 / BF16 / F32) to ggml's blocks and keep only the blocks, a tied embedding sharing them; the int8
+head; and what loading costs in memory (no float32 copy of a table, at any point)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import pybitnet
 from pybitnet import CheckpointError, ConfigError, preset, synthetic
 from pybitnet.cli import app
-from pybitnet.head import HEAD_MODES, QUANTIZE_ROWS
+from pybitnet.head import HEAD_MODES, QUANTIZE_ROWS, LMHead, quantize_rows_int8
 from pybitnet.loaders.gguf import load_gguf_weights, write_gguf
 from pybitnet.loaders.gguf_file import GGUFReader
 from pybitnet.loaders.hf import load_hf_weights, save_hf
@@ -195,6 +195,22 @@ def test_a_non_finite_float_table_is_refused_by_name(tmp_path: Path):
         pybitnet.load(path, lm_head="q6_k")
 
 
+def test_the_int8_head_build_matches_a_whole_table_reference():
+    rng = np.random.default_rng(0)
+    table = torch.from_numpy(rng.standard_normal((1500, 96)).astype(np.float32)).half()
+    table[7] = 0  # an all-zero row
+    codes, scales, sums = quantize_rows_int8(table, chunk=256)
+    live = torch.arange(len(table)) != 7
+    # absmax / 127 in float64, rounded once to float32: the float32 quotient, correctly rounded
+    scale = (table.double().abs().amax(dim=1) / 127.0).float()
+    assert torch.equal(scales[live], scale[live]) and scales[7] > 0 and not codes[7].any()
+    expected = torch.round(table.float() / scales[:, None]).clamp(-127, 127)  # half to even, as ggml's rounding
+    assert torch.equal(codes.float(), expected) and codes.abs().amax(dim=1)[live].eq(127).all()
+    assert torch.equal(sums.long(), codes.long().sum(dim=1))
+    head = LMHead(table, "int8")
+    assert torch.equal(head.int8_weight, codes) and torch.equal(head.int8_sum, sums)
+
+
 def _grown_during(setup: str, action: str) -> int:
     """Bytes the peak RSS of a fresh process rises above its RSS while `action` runs, after `setup`."""
     script = textwrap.dedent(setup) + textwrap.dedent("""
@@ -209,6 +225,21 @@ def _grown_during(setup: str, action: str) -> int:
 
 
 VOCAB, WIDTH = 32768, 1024  # a 64 MB f16 table: 128 MB in float32
+
+
+def test_building_the_int8_head_never_widens_the_whole_table():
+    """The int8 copy (32 MB) is all the build adds: not a float32 copy of the table (128 MB), nor an int32 one
+    of the codes for their row sums (128 MB)."""
+    setup = f"""
+        import torch
+        from pybitnet.head import LMHead
+        table = torch.randn({VOCAB}, {WIDTH}, generator=torch.Generator().manual_seed(0)).half()
+        LMHead(table[:64].clone(), "int8")  # whatever the first build maps once (libraries, thread pools)
+    """
+    grown = _grown_during(setup, 'head = LMHead(table, "int8")')
+    codes = VOCAB * WIDTH
+    print(f"\nbuilding the int8 head grew the peak RSS by {grown / 2**20:.1f} MiB ({codes / 2**20:.0f} MiB of codes)")
+    assert grown < codes + VOCAB * WIDTH * 4 // 4, f"{grown / 2**20:.1f} MiB for {codes / 2**20:.0f} MiB of codes"
 
 
 def test_loading_a_quantized_head_never_holds_the_float_table(tmp_path: Path):

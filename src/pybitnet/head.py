@@ -53,6 +53,8 @@ HEAD_MODES = ("exact", "int8", *BLOCK_HEAD_MODES)
 # A float table is quantized this many rows at a time: the Q6_K / Q4_K quantizers hold ~20 float32
 # temporaries of a chunk's size, ~50 MB at 256 rows of 2560, a few percent of a 2B-4T model's RSS.
 QUANTIZE_ROWS = 256
+# The int8 head is built this many rows at a time: three float32 temporaries of 1024 x 2560 are ~30 MB.
+INT8_ROWS = 1024
 # weight dtypes the native GEMV takes against fp32 rows
 NATIVE_HEAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # A bf16/f16 head without the native kernels is computed in fp32 this many vocabulary rows at a time.
@@ -133,10 +135,10 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(weight, requires_grad=False)  # (V, H)
         self.mode = check_head_mode(mode)
         if mode == "int8":
-            codes, scales = quantize_rows_int8(weight)
+            codes, scales, sums = quantize_rows_int8(weight)
             self.register_buffer("int8_weight", codes)  # (V, H) int8
             self.register_buffer("int8_scale", scales)  # (V,) float32: W[v] ≈ int8_weight[v] * int8_scale[v]
-            self.register_buffer("int8_sum", codes.sum(dim=1, dtype=torch.int32))  # (V,): the native GEMV's offset term
+            self.register_buffer("int8_sum", sums)  # (V,) int32: the native GEMV's offset term
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h (M, H) -> (M, V) in h's dtype."""
@@ -186,15 +188,22 @@ class LMHead(nn.Module):
         return out
 
 
-def quantize_rows_int8(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (V, H) float -> (codes (V, H) int8, scales (V,) float32) with W[v] ≈ codes[v] * scales[v],
-    scale = absmax(W[v]) / 127, in row chunks so no fp32 copy of the whole matrix exists."""
+def quantize_rows_int8(weight: torch.Tensor | QuantizedTable,
+                       chunk: int = INT8_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (V, H) float -> (codes (V, H) int8, scales (V,) float32, sums (V,) int32) with
+    W[v] ≈ codes[v] * scales[v], scale = absmax(W[v]) / 127, sums[v] = Σ codes[v].
+
+    Everything runs in row chunks: no fp32 copy of W exists, nor an int32 one of the codes (a whole-matrix
+    `codes.sum(dim=1, dtype=torch.int32)` widens all of them first: 1.3 GB for a 2B-4T head)."""
     vocab, width = weight.shape
     codes = torch.empty(vocab, width, dtype=torch.int8, device=weight.device)
     scales = torch.empty(vocab, dtype=torch.float32, device=weight.device)
+    sums = torch.empty(vocab, dtype=torch.int32, device=weight.device)
     for start in range(0, vocab, chunk):
         rows = weight[start : start + chunk].float()
         scale = rows.abs().amax(dim=1).clamp_(min=1e-30) / 127.0  # (n,)
-        codes[start : start + chunk] = (rows / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        part = codes[start : start + chunk]
+        part.copy_((rows / scale[:, None]).round_().clamp_(-127, 127))
         scales[start : start + chunk] = scale
-    return codes, scales
+        sums[start : start + chunk] = part.sum(dim=1, dtype=torch.int32)
+    return codes, scales, sums

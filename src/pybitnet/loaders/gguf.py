@@ -50,7 +50,7 @@ _INT_TYPES = {ValueType.UINT8, ValueType.INT8, ValueType.UINT16, ValueType.INT16
 _FLOAT_TYPES = {ValueType.FLOAT32, ValueType.FLOAT64}
 _DENSE_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "F64": torch.float64, "BF16": torch.bfloat16}
-_TABLE_CHUNK_BYTES = 16 << 20  # a block table is copied out of the mapping this much at a time
+_TABLE_CHUNK_BYTES = 16 << 20  # a table is copied out of the mapping this much at a time
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,20 +203,27 @@ def _table(reader: GGUFReader, info: TensorInfo, shape: tuple[int, ...], lm_head
         return quantize_table(lambda start, stop: _float_rows(reader, info, shape, start, stop), shape, block_type,
                               repr(info.name), reader.path)
     if kind in KEPT_TYPES:
-        rows, per_row = shape[0], row_bytes(kind, shape[1])
-        blocks = reader.tensor_bytes(info).reshape(rows, per_row)
-        data = torch.empty(rows, per_row, dtype=torch.uint8)
-        target = data.numpy()
-        step = max(1, _TABLE_CHUNK_BYTES // per_row)
-        for start in range(0, rows, step):  # copied in chunks, each chunk's pages of the mapping released
-            n = min(step, rows - start)
-            target[start : start + n] = blocks[start : start + n]
-            _release_rows(reader, info, per_row, start, start + n)
-        return QuantizedTable(data, kind, shape[1])
-    if not floats:
-        print(f"pybitnet: {reader.path}: {info.name} is {kind}, loaded dequantized to float32 "
-              f"({4 * info.n_elements / 2**20:,.1f} MiB; kept as stored: {', '.join(KEPT_TYPES)})", file=sys.stderr)
+        return QuantizedTable(_table_bytes(reader, info, shape[0]), kind, shape[1])
+    if floats:  # as stored, copied out the same way: a whole copy beside the mapping's pages would be the table twice
+        return _table_bytes(reader, info, shape[0]).view(_TORCH_DTYPES[kind]).reshape(shape)
+    print(f"pybitnet: {reader.path}: {info.name} is {kind}, loaded dequantized to float32 "
+          f"({4 * info.n_elements / 2**20:,.1f} MiB; kept as stored: {', '.join(KEPT_TYPES)})", file=sys.stderr)
     return _dense(reader, info).reshape(shape)
+
+
+def _table_bytes(reader: GGUFReader, info: TensorInfo, rows: int) -> torch.Tensor:
+    """A table's bytes as (rows, bytes per row) uint8, copied out of the mapping _TABLE_CHUNK_BYTES at a time,
+    each piece's pages released after it."""
+    per_row = info.nbytes // rows
+    stored = reader.tensor_bytes(info).reshape(rows, per_row)
+    data = torch.empty(rows, per_row, dtype=torch.uint8)
+    target = data.numpy()
+    step = max(1, _TABLE_CHUNK_BYTES // per_row)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        target[start:stop] = stored[start:stop]
+        _release_rows(reader, info, per_row, start, stop)
+    return data
 
 
 def _release_rows(reader: GGUFReader, info: TensorInfo, per_row: int, start: int, stop: int) -> None:
