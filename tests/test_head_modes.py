@@ -255,3 +255,42 @@ def test_loading_a_quantized_head_never_holds_the_float_table(tmp_path: Path):
     blocks, table = VOCAB * WIDTH // 32 * 34, VOCAB * WIDTH * 2
     print(f"\nloading grew the peak RSS by {grown / 2**20:.1f} MiB ({blocks / 2**20:.0f} MiB of blocks)")
     assert grown < blocks + table // 2, f"{grown / 2**20:.1f} MiB for {blocks / 2**20:.0f} MiB of blocks"
+
+
+def test_while_loading_large_blocks_get_mappings_of_their_own():
+    """runtime.loading(): while a model loads, a block of 1 MiB or more that the heap has no room for is mmapped
+    (freed, it leaves no hole in the heap) instead of growing the heap; afterwards, and before, tune_allocator's
+    thresholds have the heap grow for it. Nested loads keep the policy until the outer one ends."""
+    script = textwrap.dedent("""
+        import ctypes, torch
+        from pybitnet import runtime
+
+        class Mallinfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = Mallinfo2
+
+        def mapped_by_a_block(size):  # bytes of mmapped chunks a tensor of `size` bytes adds while it lives
+            before = libc.mallinfo2().hblkhd
+            block = torch.ones(size, dtype=torch.uint8)
+            return libc.mallinfo2().hblkhd - before
+
+        runtime.tune_allocator()
+        seen = []
+        with runtime.loading():  # first: a block the heap's free top would hold is served from there
+            seen.append(mapped_by_a_block(64 << 20))
+            with runtime.loading():
+                pass
+            seen.append(mapped_by_a_block(96 << 20))
+        seen.append(mapped_by_a_block(128 << 20))
+        print(*seen)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if "mallinfo2" in out.stderr:
+        pytest.skip("not glibc 2.33 or later (no mallinfo2)")
+    assert out.returncode == 0, out.stderr
+    loading, after_nested, after = map(int, out.stdout.split())
+    assert loading >= 64 << 20 and after_nested >= 96 << 20  # mappings of their own, inside the outer load too
+    assert after == 0  # tune_allocator's 1 GiB threshold: from the heap

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .. import kernels
+from .. import kernels, runtime
 from ..config import ModelConfig
 from ..head import check_head_mode
 from ..tokenizer import Tokenizer
@@ -54,9 +54,10 @@ def load(spec: str | os.PathLike = BUILTIN, device: str | torch.device = "cpu", 
     from ..model import Transformer, check_dtype
 
     check_dtype(dtype)  # before reading gigabytes of weights
-    config, weights, info = load_weights(spec, lm_head)
-    model = Transformer(config, weights, dtype=dtype, device=device, backend=backend, release_weights=True,
-                        lm_head=lm_head)
+    with runtime.loading():  # temporaries in mappings of their own: no holes left between the tensors kept
+        config, weights, info = load_weights(spec, lm_head)
+        model = Transformer(config, weights, dtype=dtype, device=device, backend=backend, release_weights=True,
+                            lm_head=lm_head)
     model.source = {"path": os.fspath(spec), **info}
     return model
 
