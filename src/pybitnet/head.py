@@ -1,17 +1,27 @@
 """The output projection (lm_head): final-normed hidden states -> logits over the vocabulary.
 
-Two modes, chosen at load (`pybitnet.load(..., lm_head=...)`):
+Modes, chosen at load (`pybitnet.load(..., lm_head=...)`):
 
-    exact   logits = h @ Wᵀ with W in its checkpoint dtype (bf16 for 2B-4T, fp16 in GGUF files, fp32 for
-            float32 checkpoints) and fp32 products and sums. On CPU with the native kernels, a GEMV
-            (native/kernels.cpp) widens each weight once and runs every row of the batch against it,
-            reading W once per call.
+    exact   logits = h @ Wᵀ with W as the file holds it: bf16 for 2B-4T, fp16 in GGUF files, fp32 for
+            float32 checkpoints, or a GGUF block table (Q8_0, Q6_K, Q5_K, Q4_K, Q4_0) kept as stored (below). fp32 products
+            and sums. On CPU with the native kernels, a GEMV (native/kernels.cpp) widens each weight once
+            and runs every row of the batch against it, reading W once per call.
     int8    opt-in and lossy: per-row int8 activations against a per-row int8 copy of W (scale =
             absmax/127 per vocabulary row), exact int32 sums, like llama.cpp's quantized output
             tensors; half the bytes of bf16 per token. A GGUF block table (below) is not copied: the
             int8 activations run against its blocks (native `quant_head_int8`: exact integer sums per
             lane of 4 elements, each scaled by its group's step and low in one fixed float order), as
-            llama.cpp does with its 8-bit activations. scripts: benchmarks/head_agreement.py.
+            llama.cpp does with its 8-bit activations. scripts: benchmarks/head_types.py.
+    q8_0, q6_k, q5_k, q4_k, q4_0
+            opt-in and lossy: a float W (HF `lm_head` or tied `embed_tokens`, GGUF F16 / BF16 / F32
+            `output` or `token_embd`) is quantized at load to ggml's Q8_0 / Q6_K / Q4_K blocks with
+            ggml's reference rounding (the bytes `pybitnet convert --embed-type` and llama.cpp write), a
+            few rows at a time, and the model keeps the blocks instead of W: 1.06 / 0.82 / 0.56 bytes per
+            value against 2 for bf16. The head is then the exact head of the dequantized values, as for a
+            GGUF file whose table is stored that way; a tied embedding looks its rows up in the same blocks.
+            A table already stored in that block type is kept as it is; one stored in another block type
+            is refused (`head_block_type`): quantizing quantized values rounds them twice. Load it with
+            lm_head="exact" to run it as stored, or requantize it on purpose with `pybitnet convert`.
 
 Row independence: a row's logits never depend on the other rows of the batch (a server batches
 unrelated requests). The native GEMV computes each (row, vocabulary entry) dot product in one fixed
@@ -19,23 +29,35 @@ order whatever the batch size, for bf16, fp16 and fp32 heads alike (a BLAS GEMM 
 kernel for 1-3 rows rounds differently from the one for 4 or more); the int8 head's sums are exact
 integers. `LMHead.row_independent` says whether a head runs that way.
 
-A GGUF table kept in Q8_0, Q6_K or Q4_K (quant/ggml_blocks.QuantizedTable) is the exact head of its
-dequantized values: the native `quant_head` dequantizes each vocabulary row once per call and runs every
-row of the batch against it in one fixed order (row independent, the same bits on every instruction
-set); without the native kernels LM_HEAD_ROWS vocabulary rows at a time are dequantized and multiplied.
+A table kept in Q8_0, Q6_K or Q4_K (quant/ggml_blocks.QuantizedTable: a GGUF file's, or one quantized
+at load) is the exact head of its dequantized values: the native `quant_head` dequantizes each vocabulary
+row once per call and runs every row of the batch against it in one fixed order (row independent, the same
+bits on every instruction set); without the native kernels LM_HEAD_ROWS vocabulary rows at a time are
+dequantized and multiplied.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 from torch import nn
 
 from . import native
 from .errors import ConfigError
 from .quant.activations import quantize_activations
-from .quant.ggml_blocks import NATIVE_KIND, QuantizedTable
+from .quant.ggml_blocks import BLOCKS, NATIVE_KIND, QuantizedTable, quantize_rows, row_bytes
+from .weights import require_finite
 
-HEAD_MODES = ("exact", "int8")
+# lm_head modes that keep the output table in a ggml block type -> that type
+BLOCK_HEAD_MODES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k": "Q5_K", "q4_k": "Q4_K", "q4_0": "Q4_0"}
+HEAD_MODES = ("exact", "int8", *BLOCK_HEAD_MODES)
+# A float table is quantized this many rows at a time: the Q6_K / Q4_K quantizers hold ~20 float32
+# temporaries of a chunk's size, ~50 MB at 256 rows of 2560, a few percent of a 2B-4T model's RSS.
+QUANTIZE_ROWS = 256
+# The int8 head is built this many rows at a time: three float32 temporaries of 1024 x 2560 are ~30 MB.
+INT8_ROWS = 1024
 # weight dtypes the native GEMV takes against fp32 rows
 NATIVE_HEAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # A bf16/f16 head without the native kernels is computed in fp32 this many vocabulary rows at a time.
@@ -43,9 +65,60 @@ LM_HEAD_ROWS = 1024
 
 
 def check_head_mode(mode: str) -> str:
-    if mode not in HEAD_MODES:
+    if not isinstance(mode, str) or mode not in HEAD_MODES:
         raise ConfigError(f"unknown lm_head mode {mode!r}; choose one of: {', '.join(HEAD_MODES)}")
     return mode
+
+
+def head_block_type(mode: str, cols: int | None = None, stored: str | None = None, label: str = "the output table") -> str | None:
+    """The ggml block type lm_head `mode` keeps the output table in, None for exact and int8.
+
+    With `cols`, ConfigError unless rows of that many elements are whole blocks; with `stored` (the ggml
+    type the table is stored in, when a block type), ConfigError unless it is that very type: the
+    values are already rounded to one grid, and a second quantization would round them again."""
+    type_name = BLOCK_HEAD_MODES.get(check_head_mode(mode))
+    if type_name is None:
+        return None
+    block = BLOCKS[type_name][0]
+    if cols is not None and cols % block:
+        raise ConfigError(f"lm_head={mode!r} needs rows that are whole {type_name} blocks of {block} values; "
+                          f"{label} has rows of {cols}")
+    if stored is not None and stored != type_name:
+        raise ConfigError(f"lm_head={mode!r}: {label} is stored as {stored} already, and quantizing it to {type_name} "
+                          f"would round its values twice; load it with lm_head='exact' (the table as stored) "
+                          f"or 'int8', or requantize it on purpose with `pybitnet convert --embed-type`")
+    return type_name
+
+
+def quantize_table(read_rows: Callable[[int, int], torch.Tensor | np.ndarray], shape: tuple[int, int], type_name: str,
+                   label: str, source: str = "weights", chunk: int = QUANTIZE_ROWS) -> QuantizedTable:
+    """A float table quantized to ggml's `type_name` blocks (ggml's reference rounding, the bytes of
+    `quantize_rows`), read `chunk` rows at a time: `read_rows(start, stop)` gives rows [start, stop) in any
+    float dtype, so the whole table never exists in float32 (nor, from a file, in any float at all).
+
+    Each chunk is checked finite first (CheckpointError naming `label`): a NaN would otherwise turn into
+    blocks that look valid."""
+    rows, cols = shape
+    data = torch.empty(rows, row_bytes(type_name, cols), dtype=torch.uint8)
+    out = data.numpy()
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        part = read_rows(start, stop)
+        part = torch.from_numpy(part) if isinstance(part, np.ndarray) else part
+        require_finite(part, label, source)
+        out[start:stop] = quantize_rows(part, type_name, chunk=chunk)
+    return QuantizedTable(data, type_name, cols)
+
+
+def head_table(table: torch.Tensor | QuantizedTable, mode: str, label: str = "the output table",
+               source: str = "weights") -> torch.Tensor | QuantizedTable:
+    """The table lm_head `mode` runs over: `table` itself for exact and int8, or for a block mode its
+    blocks (`table` itself when already stored in that type; a float table quantized in row chunks)."""
+    stored = table.type_name if isinstance(table, QuantizedTable) else None
+    type_name = head_block_type(mode, table.shape[1], stored, label)
+    if type_name is None or stored is not None:
+        return table
+    return quantize_table(lambda start, stop: table[start:stop], tuple(table.shape), type_name, label, source)
 
 
 class LMHead(nn.Module):
@@ -58,16 +131,17 @@ class LMHead(nn.Module):
 
     def __init__(self, weight: torch.Tensor | QuantizedTable, mode: str = "exact"):
         super().__init__()
+        weight = head_table(weight, mode)  # a block mode's blocks (a loader or the model made them already)
         if isinstance(weight, QuantizedTable):  # kept as stored; a module, shared with a tied embedding
             self.weight = weight
         else:
             self.weight = nn.Parameter(weight, requires_grad=False)  # (V, H)
         self.mode = check_head_mode(mode)
         if mode == "int8" and not isinstance(weight, QuantizedTable):  # a block table is used as it is
-            codes, scales = quantize_rows_int8(weight)
+            codes, scales, sums = quantize_rows_int8(weight)
             self.register_buffer("int8_weight", codes)  # (V, H) int8
             self.register_buffer("int8_scale", scales)  # (V,) float32: W[v] ≈ int8_weight[v] * int8_scale[v]
-            self.register_buffer("int8_sum", codes.sum(dim=1, dtype=torch.int32))  # (V,): the native GEMV's offset term
+            self.register_buffer("int8_sum", sums)  # (V,) int32: the native GEMV's offset term
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h (M, H) -> (M, V) in h's dtype."""
@@ -131,15 +205,22 @@ class LMHead(nn.Module):
         return out
 
 
-def quantize_rows_int8(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (V, H) float -> (codes (V, H) int8, scales (V,) float32) with W[v] ≈ codes[v] * scales[v],
-    scale = absmax(W[v]) / 127, in row chunks so no fp32 copy of the whole matrix exists."""
+def quantize_rows_int8(weight: torch.Tensor | QuantizedTable,
+                       chunk: int = INT8_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (V, H) float -> (codes (V, H) int8, scales (V,) float32, sums (V,) int32) with
+    W[v] ≈ codes[v] * scales[v], scale = absmax(W[v]) / 127, sums[v] = Σ codes[v].
+
+    Everything runs in row chunks: no fp32 copy of W exists, nor an int32 one of the codes (a whole-matrix
+    `codes.sum(dim=1, dtype=torch.int32)` widens all of them first: 1.3 GB for a 2B-4T head)."""
     vocab, width = weight.shape
     codes = torch.empty(vocab, width, dtype=torch.int8, device=weight.device)
     scales = torch.empty(vocab, dtype=torch.float32, device=weight.device)
+    sums = torch.empty(vocab, dtype=torch.int32, device=weight.device)
     for start in range(0, vocab, chunk):
         rows = weight[start : start + chunk].float()
         scale = rows.abs().amax(dim=1).clamp_(min=1e-30) / 127.0  # (n,)
-        codes[start : start + chunk] = (rows / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        part = codes[start : start + chunk]
+        part.copy_((rows / scale[:, None]).round_().clamp_(-127, 127))
         scales[start : start + chunk] = scale
-    return codes, scales
+        sums[start : start + chunk] = part.sum(dim=1, dtype=torch.int32)
+    return codes, scales, sums

@@ -19,7 +19,7 @@ from . import kernels, native, runtime
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import ConfigError, InputError
-from .head import LMHead
+from .head import LMHead, check_head_mode, head_table
 from .layers import Attention, AttentionMask, BitLinear, Block, DecodeStack, FeedForward, RMSNorm, RotaryTables
 from .quant.ggml_blocks import QuantizedTable
 from .weights import PROJECTIONS, TernaryWeight, Weights, check_weights
@@ -50,8 +50,16 @@ class Transformer(nn.Module):
         loader's copy and the model's fused copy of a layer never both exist for the whole model."""
         super().__init__()
         check_dtype(dtype)
+        check_head_mode(lm_head)
         runtime.tune_allocator()
         check_weights(config, weights, source="weights")
+        # A block lm_head mode quantizes the float head table (tied: the embedding) first, before the layers are
+        # built, so the float table is gone (with release_weights) before any fused layer adds to memory.
+        # The loaders hand over the blocks already, read from the file a few rows at a time.
+        head_name = "embed_tokens" if config.tie_word_embeddings else "lm_head"
+        head_weight = head_table(weights[head_name], lm_head, repr(head_name))
+        if release_weights:
+            weights[head_name] = head_weight
         self.config = config
         self.dtype = dtype
         device = torch.device(device)
@@ -91,12 +99,12 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(floats("norm"), eps)
         # The embedding stays in its checkpoint dtype (bf16 for 2B-4T) unless the model runs in a
         # wider float that the exactness tests need; rows are upcast as they are looked up.
-        self.embed_tokens = _embedding_table(_embedding_storage(weights["embed_tokens"], dtype, device))
-        head = weights["embed_tokens"] if config.tie_word_embeddings else weights["lm_head"]
+        embedding = head_weight if config.tie_word_embeddings else weights["embed_tokens"]
+        self.embed_tokens = _embedding_table(_embedding_storage(embedding, dtype, device))
         if config.tie_word_embeddings:
             self.lm_head = LMHead(self.embed_tokens, lm_head)
         else:
-            self.lm_head = LMHead(_embedding_storage(head, dtype, device), lm_head)
+            self.lm_head = LMHead(_embedding_storage(head_weight, dtype, device), lm_head)
         self.rope = RotaryTables(config.head_dim, config.rope_theta, dtype, device,
                                  min(config.max_position_embeddings, 8192))
 

@@ -12,6 +12,7 @@ types are dequantized to float32, with one line on stderr saying so.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -23,6 +24,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError, GGUFError
+from ..head import head_block_type, quantize_table
 from ..quant.ggml_blocks import KEPT_TYPES, QuantizedTable, quantize_rows, row_bytes
 from ..quant.i2s import decode_i2s, encode_i2s
 from ..quant.tq import TQ1_0_BLOCK_BYTES, TQ2_0_BLOCK_BYTES, decode_tq1_0, decode_tq2_0, encode_tq1_0, encode_tq2_0
@@ -48,6 +50,8 @@ _INT_TYPES = {ValueType.UINT8, ValueType.INT8, ValueType.UINT16, ValueType.INT16
               ValueType.INT32, ValueType.UINT64, ValueType.INT64}
 _FLOAT_TYPES = {ValueType.FLOAT32, ValueType.FLOAT64}
 _DENSE_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "F64": torch.float64, "BF16": torch.bfloat16}
+_TABLE_CHUNK_BYTES = 16 << 20  # a table is copied out of the mapping this much at a time
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,16 +191,27 @@ def _dense(reader: GGUFReader, info: TensorInfo) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(info.shape))
 
 
-def _table(reader: GGUFReader, info: TensorInfo, shape: tuple[int, ...]) -> torch.Tensor | QuantizedTable:
+def _table(reader: GGUFReader, info: TensorInfo, shape: tuple[int, ...], lm_head: str = "exact") -> torch.Tensor | QuantizedTable:
     """token_embd / output: the KEPT_TYPES (Q8_0, Q4_0, Q6_K, Q5_K, Q4_K) as stored, left in the file's
-    mapping; 16-bit and float32 as stored; other block types dequantized to float32 with one line on stderr."""
+    mapping; 16-bit and float32 as stored (copied); other block types dequantized to float32 with one line
+    on stderr.
+
+    For the table the head runs over, a block lm_head mode (head.py) quantizes a float table to its type as
+    the rows are read; a table stored in another block type is refused (it would be rounded twice)."""
     kind = info.type.name
+    floats = kind in _DENSE_DTYPES or kind == "BF16"
+    block_type = head_block_type(lm_head, shape[1], None if floats else kind, f"{info.name} of {reader.path}")
+    if block_type is not None and floats:
+        return quantize_table(lambda start, stop: _float_rows(reader, info, shape, start, stop), shape, block_type,
+                              repr(info.name), reader.path)
     if kind in KEPT_TYPES:
         return QuantizedTable(_mapped_rows(reader, info, shape[0], row_bytes(kind, shape[1])), kind, shape[1])
-    if kind not in _DENSE_DTYPES and kind != "BF16":
-        print(f"pybitnet: {reader.path}: {info.name} is {kind}, loaded dequantized to float32 "
-              f"({4 * info.n_elements / 2**20:,.1f} MiB; kept as stored: {', '.join(KEPT_TYPES)})", file=sys.stderr)
+    if floats:  # as stored, copied out in pieces: a whole copy beside the mapping's pages would be the table twice
+        return _table_bytes(reader, info, shape[0]).view(_TORCH_DTYPES[kind]).reshape(shape)
+    print(f"pybitnet: {reader.path}: {info.name} is {kind}, loaded dequantized to float32 "
+          f"({4 * info.n_elements / 2**20:,.1f} MiB; kept as stored: {', '.join(KEPT_TYPES)})", file=sys.stderr)
     return _dense(reader, info).reshape(shape)
+
 
 def _mapped_rows(reader: GGUFReader, info: TensorInfo, rows: int, per_row: int) -> torch.Tensor:
     """A block table as a read-only (rows, bytes per row) uint8 view of the file's mapping, not a copy: the
@@ -209,6 +224,34 @@ def _mapped_rows(reader: GGUFReader, info: TensorInfo, rows: int, per_row: int) 
         warnings.simplefilter("ignore", UserWarning)  # torch's note that the array is not writable
         return torch.from_numpy(blocks)
 
+
+def _table_bytes(reader: GGUFReader, info: TensorInfo, rows: int) -> torch.Tensor:
+    """A table's bytes as (rows, bytes per row) uint8, copied out of the mapping _TABLE_CHUNK_BYTES at a time,
+    each piece's pages released after it."""
+    per_row = info.nbytes // rows
+    stored = reader.tensor_bytes(info).reshape(rows, per_row)
+    data = torch.empty(rows, per_row, dtype=torch.uint8)
+    target = data.numpy()
+    step = max(1, _TABLE_CHUNK_BYTES // per_row)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        target[start:stop] = stored[start:stop]
+        _release_rows(reader, info, per_row, start, stop)
+    return data
+
+
+def _release_rows(reader: GGUFReader, info: TensorInfo, per_row: int, start: int, stop: int) -> None:
+    """Drop the mapping's pages of a table's rows [start, stop) from the resident set."""
+    reader.release(dataclasses.replace(info, data_offset=info.data_offset + start * per_row, nbytes=(stop - start) * per_row))
+
+
+def _float_rows(reader: GGUFReader, info: TensorInfo, shape: tuple[int, int], start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a float table as float32, copied out of the mapping, whose pages are then released."""
+    per_row = info.nbytes // shape[0]
+    raw = reader.tensor_bytes(info)[start * per_row : stop * per_row]
+    rows = torch.from_numpy(raw.copy()).view(_TORCH_DTYPES[info.type.name]).reshape(stop - start, shape[1]).float()
+    _release_rows(reader, info, per_row, start, stop)
+    return rows
 
 
 def _ternary_from_float(weight: torch.Tensor, name: str, path: str) -> TernaryWeight:
@@ -274,8 +317,10 @@ def _shape_of(info: TensorInfo) -> tuple[int, ...]:
     return shape
 
 
-def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, Weights]:
-    """(config, weights) of a BitNet GGUF file, config from its metadata only (docs/formats.md)."""
+def load_gguf_weights(path: str | os.PathLike, lm_head: str = "exact") -> tuple[ModelConfig, Weights]:
+    """(config, weights) of a BitNet GGUF file, config from its metadata only (docs/formats.md).
+    With a block `lm_head` mode (head.py) the table the head runs over (`output`, else `token_embd`) is
+    returned in that block type, quantized from the file's float rows a chunk at a time."""
     path = str(path)
     reader = GGUFReader(path)
     try:
@@ -295,7 +340,9 @@ def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, Weights]:
             if is_projection(name):
                 weights[name] = _projection(reader, info, shape)
             elif name in ("embed_tokens", "lm_head"):
-                weights[name] = _table(reader, info, shape)  # kept in its stored 16-bit or block type
+                head = name == ("embed_tokens" if config.tie_word_embeddings else "lm_head")
+                # kept in its stored 16-bit or block type, or quantized for a block lm_head mode
+                weights[name] = _table(reader, info, shape, lm_head if head else "exact")
             else:
                 weights[name] = _dense(reader, info).reshape(shape).float()
             reader.release(info)

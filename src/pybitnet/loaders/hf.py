@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..head import head_block_type, quantize_table
 from ..quant.ggml_blocks import QuantizedTable
 from ..quant.hf_pack import pack_hf, unpack_hf
 from ..quant.ternary import absmean_ternarize
@@ -31,6 +32,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": False,  # HF1BitLLM Llama3-8B-1.58, Falcon3-*-1.58bit (bitnet quantization_config)
 }
 HF_ACTIVATIONS = {"relu2": "relu2", "silu": "silu", "swish": "silu"}
+_FLOAT_SAFETENSORS = ("F64", "F32", "F16", "BF16")  # safetensors dtype names a float table may have
 
 
 def _read_json_file(file: Path, what: str) -> Any:
@@ -159,15 +161,19 @@ def _shard_files(path: Path) -> list[Path]:
     return files
 
 
-def load_hf_weights(path: str | Path) -> tuple[ModelConfig, Weights, dict]:
-    """Read an HF directory into (config, internal weights, info)."""
+def load_hf_weights(path: str | Path, lm_head: str = "exact") -> tuple[ModelConfig, Weights, dict]:
+    """Read an HF directory into (config, internal weights, info). With a block `lm_head` mode (head.py) the
+    table the head runs over (`lm_head`, tied: `embed_tokens`) comes back in that block type, quantized from
+    the file's rows a chunk at a time."""
     path = Path(path)
     raw = read_config(path)
     config = config_from_hf(raw, str(path / "config.json"))
+    head_block_type(lm_head, config.hidden_size, label=f"the output table of {path}")  # before reading gigabytes
     inverse_scale = config.extra["linear_class"] != "autobitlinear"
     tensors: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
+    tables: dict[str, Path] = {}  # embed_tokens / lm_head -> its shard: read once the tying is known
     files = _shard_files(path)
     for file in files:
         try:
@@ -177,17 +183,23 @@ def load_hf_weights(path: str | Path) -> tuple[ModelConfig, Weights, dict]:
                         scales[hf_name[: -len("_scale")]] = handle.get_tensor(hf_name)
                         continue
                     name = hf_to_internal(hf_name)
-                    if name is not None:
+                    if name in ("embed_tokens", "lm_head"):
+                        tables[name] = file
+                        origin[name] = hf_name
+                    elif name is not None:
                         tensors[name] = handle.get_tensor(hf_name)
                         origin[name] = hf_name
         except SafetensorError as err:
             raise CheckpointError(f"{file}: cannot read safetensors file (truncated or corrupt?): {err}") from None
     # before any per-layer table is built: a corrupt layer count must cost nothing
     check_layer_count(config.num_layers, tensors, f"{path / 'config.json'}: num_hidden_layers")
-    if "lm_head" in tensors and config.tie_word_embeddings and "tie_word_embeddings" not in raw:
+    if "lm_head" in tables and config.tie_word_embeddings and "tie_word_embeddings" not in raw:
         config = config.replace(tie_word_embeddings=False)
     if config.tie_word_embeddings:
-        tensors.pop("lm_head", None)
+        tables.pop("lm_head", None)  # a tied checkpoint's stray lm_head is never read
+    head_name = "embed_tokens" if config.tie_word_embeddings else "lm_head"
+    for name, file in tables.items():
+        tensors[name] = _read_table(file, origin[name], lm_head if name == head_name else "exact", path)
     shapes = expected_shapes(config.replace(tie_word_embeddings=False))
 
     weights: Weights = {}
@@ -221,9 +233,25 @@ def load_hf_weights(path: str | Path) -> tuple[ModelConfig, Weights, dict]:
         else:
             raise CheckpointError(f"{path}: tensor {hf_name!r} has unsupported dtype {tensor.dtype}")
     check_weights(config, weights, source=str(path), stored_name=lambda name: origin.get(name, internal_to_hf(name)))
+    embed = weights["embed_tokens"]
     info = {"format": "hf", "packed": packed_count > 0, "files": len(files),
-            "embed_dtype": str(weights["embed_tokens"].dtype).replace("torch.", "")}
+            "embed_dtype": embed.type_name if isinstance(embed, QuantizedTable) else str(embed.dtype).replace("torch.", "")}
     return config, weights, info
+
+
+def _read_table(file: Path, hf_name: str, lm_head: str, path: Path) -> torch.Tensor | QuantizedTable:
+    """An embedding / lm_head tensor as stored, or for a block `lm_head` mode its blocks, quantized from rows
+    read a chunk at a time (safetensors slices), so the float table is never held whole."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            stored = handle.get_slice(hf_name)
+            shape, dtype = tuple(stored.get_shape()), stored.get_dtype()
+            if head_block_type(lm_head) is None or len(shape) != 2 or dtype not in _FLOAT_SAFETENSORS:
+                return handle.get_tensor(hf_name)  # check_weights names a wrong shape or dtype
+            type_name = head_block_type(lm_head, shape[1], label=f"{hf_name!r} of {file}")
+            return quantize_table(lambda start, stop: stored[start:stop], shape, type_name, repr(hf_name), str(path))
+    except SafetensorError as err:
+        raise CheckpointError(f"{file}: cannot read safetensors file (truncated or corrupt?): {err}") from None
 
 
 def hf_config_dict(config: ModelConfig, linear_class: str = "autobitlinear", torch_dtype: str = "bfloat16") -> dict:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .. import kernels
+from .. import kernels, runtime
 from ..config import ModelConfig
+from ..head import check_head_mode
 from ..tokenizer import Tokenizer
 from ..weights import Weights
 from .spec import BUILTIN, resolve_model_spec
@@ -18,9 +19,14 @@ from .spec import BUILTIN, resolve_model_spec
 SYNTHETIC_SEED = 0  # synthetic:PRESET specs always name the same weights
 
 
-def load_weights(spec: str | os.PathLike = BUILTIN) -> tuple[ModelConfig, Weights, dict]:
+def load_weights(spec: str | os.PathLike = BUILTIN, lm_head: str = "exact") -> tuple[ModelConfig, Weights, dict]:
     """(config, weights, info) of an HF directory, a .gguf file, `synthetic:PRESET[:LAYERS]`, a Hub repo id,
-    or `builtin` (the default: the small trained model shipped with the package)."""
+    or `builtin` (the default: the small trained model shipped with the package).
+
+    A block `lm_head` mode (q8_0, q6_k, q4_k: head.py) has the file loaders return the table the head runs over
+    in that block type, quantized from the file's rows a chunk at a time; synthetic weights, drawn in memory,
+    stay float (the model quantizes them)."""
+    check_head_mode(lm_head)
     model = resolve_model_spec(spec)
     hub = {"repo_id": model.repo_id} if model.repo_id else {}
     if model.kind == "synthetic":
@@ -31,24 +37,27 @@ def load_weights(spec: str | os.PathLike = BUILTIN) -> tuple[ModelConfig, Weight
     if model.kind == "hf":
         from .hf import load_hf_weights
 
-        config, weights, info = load_hf_weights(model.path)
+        config, weights, info = load_hf_weights(model.path, lm_head)
         return config, weights, {**info, **hub}
     from .gguf import load_gguf_weights
 
-    config, weights = load_gguf_weights(model.path)
+    config, weights = load_gguf_weights(model.path, lm_head)
     return config, weights, {"format": "gguf", **hub}
 
 
 def load(spec: str | os.PathLike = BUILTIN, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          backend: str = kernels.AUTO, lm_head: str = "exact"):
     """A ready-to-run Transformer for any MODEL spec (see `load_weights`).
-    `lm_head="int8"` trades exact logits for a faster, smaller output projection (see head.py)."""
+    `lm_head` (head.py): "exact" (default) runs the output table as the file holds it; "int8" trades exact
+    logits for a faster, smaller output projection; "q8_0", "q6_k" and "q4_k" quantize a float output table
+    (tied: the embedding too) to ggml's blocks at load and keep only the blocks."""
     from ..model import Transformer, check_dtype
 
     check_dtype(dtype)  # before reading gigabytes of weights
-    config, weights, info = load_weights(spec)
-    model = Transformer(config, weights, dtype=dtype, device=device, backend=backend, release_weights=True,
-                        lm_head=lm_head)
+    with runtime.loading():  # temporaries in mappings of their own: no holes left between the tensors kept
+        config, weights, info = load_weights(spec, lm_head)
+        model = Transformer(config, weights, dtype=dtype, device=device, backend=backend, release_weights=True,
+                            lm_head=lm_head)
     model.source = {"path": os.fspath(spec), **info}
     return model
 
