@@ -51,7 +51,7 @@ def _float_tensors(model: Transformer) -> list[tuple[str, tuple[int, ...]]]:
             if t.is_floating_point() and tuple(t.shape) == (CONFIG.vocab_size, CONFIG.hidden_size)]
 
 
-@pytest.mark.parametrize(("mode", "tied"), [("q8_0", True), ("q6_k", True), ("q4_k", True), ("q6_k", False)])
+@pytest.mark.parametrize(("mode", "tied"), [("q8_0", True), ("q6_k", True), ("q5_k", True), ("q4_k", True), ("q4_0", True), ("q6_k", False)])
 def test_logits_equal_a_float64_reference_over_the_dequantized_table(mode: str, tied: bool, tmp_path: Path):
     path, weights = _hf(tmp_path, tied)
     ours64 = pybitnet.load(path, dtype=torch.float64, lm_head=mode)
@@ -155,12 +155,13 @@ def test_an_untied_model_quantizes_only_its_head_and_exports_its_blocks(tmp_path
 
 def test_a_bad_mode_names_the_choices(tmp_path: Path):
     path, weights = _hf(tmp_path, tied=True)
-    for bad in ("q5_k", "Q6_K", "", None):
-        with pytest.raises(ConfigError, match="choose one of: exact, int8, q8_0, q6_k, q4_k"):
+    choices = "choose one of: exact, int8, q8_0, q6_k, q5_k, q4_k, q4_0"
+    for bad in ("q3_k", "Q6_K", "", None):
+        with pytest.raises(ConfigError, match=choices):
             pybitnet.load(path, lm_head=bad)
-    with pytest.raises(ConfigError, match="choose one of: exact, int8, q8_0, q6_k, q4_k"):
+    with pytest.raises(ConfigError, match=choices):
         Transformer(CONFIG, weights, lm_head="q4")
-    assert HEAD_MODES == ("exact", "int8", "q8_0", "q6_k", "q4_k")
+    assert HEAD_MODES == ("exact", "int8", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0")
 
 
 def test_rows_that_are_not_whole_blocks_are_refused_before_reading(tmp_path: Path):
