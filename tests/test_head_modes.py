@@ -28,7 +28,7 @@ from pybitnet.quant.ggml_blocks import BLOCKS, QuantizedTable, quantize_rows
 from reference_numpy import ReferenceModel
 from rules import assert_float32_rule, assert_float64_rule
 
-MODES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q4_k": "Q4_K"}
+MODES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k": "Q5_K", "q4_k": "Q4_K", "q4_0": "Q4_0"}
 # rows of 256 values (whole Q6_K / Q4_K super-blocks); a vocabulary of several quantization chunks and a partial one
 CONFIG = preset("tiny").replace(hidden_size=256, intermediate_size=512, head_dim=0, vocab_size=2 * QUANTIZE_ROWS + 77,
                                 max_position_embeddings=64)
