@@ -26,14 +26,14 @@ Each runs in a child process that runs a decode round when told, so the interlea
 must (its libllama.so/libggml.so carry the sonames of llama-cpp-python's, and one process would bind
 both to whichever loaded first).
 ik_llama_cpp  ik_llama.cpp, a llama.cpp fork with its own CPU kernels, through ik-llama-cpp-python 0.1.5,
-              whose PyPI sdist vendors ik_llama.cpp's source and builds it with its `llama-quantize`:
-                  CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 \\
-                      pip install --no-deps --no-binary ik-llama-cpp-python ik-llama-cpp-python==0.1.5
-              (its PyPI wheel is a generic AVX2 build, no AVX-512/VNNI). Its ggml has no TQ types and
-              only dequantizes I2_S, so it runs the I2_S twin of the same weights (our writer, the same
-              embedding bytes) repacked losslessly to its ternary IQ2_BN by its llama-quantize, the
-              table copied as stored; its own defaults otherwise (flash attention on). Its
-              `bitnet-b1.58` graph computes relu², so its logits are checked against pybitnet's own.
+              whose PyPI sdist vendors ik_llama.cpp's source and builds it with its `llama-quantize`;
+              `bash benchmarks/install_ik_llama_cpp.sh` builds it for this CPU (the PyPI wheel is a
+              generic AVX2 build, no AVX-512/VNNI; the sdist misses one CMake script, which the
+              installer adds). Its ggml has no TQ types and only dequantizes I2_S, so it runs the I2_S
+              twin of the same weights (our writer, the same embedding bytes) repacked losslessly to
+              its ternary IQ2_BN by its llama-quantize, the table copied as stored; its own defaults
+              otherwise (flash attention on). Its `bitnet-b1.58` graph computes relu², so its logits
+              are checked against pybitnet's own.
 tritium       Tritium, a Rust engine, from the prebuilt PyPI wheel (no sdist):
                   pip install --no-deps pytritium==1.1.0rc2
               It reads the same TQ2_0 file (F16 table only: Q8_0/Q6_K/Q4_K tables are "unsupported
@@ -262,8 +262,8 @@ class _Child:
         if not line:
             self.process.wait()
             with open(self.log_path, errors="replace") as log:
-                tail = log.read()[-2000:]
-            raise RuntimeError(f"worker exited with {self.process.returncode}; its log ends:\n{tail}")
+                last = (log.read().strip().splitlines() or ["(empty)"])[-1]  # the exception, where it raised one
+            raise RuntimeError(f"worker exited with {self.process.returncode}: {last}")
         return json.loads(line)
 
     def decode_round(self) -> float:
