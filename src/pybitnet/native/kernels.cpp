@@ -929,6 +929,23 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_head_rows_avx51
 }
 #endif
 
+// Per-row int8 activations of an int8 head (quantize_rows without a norm): q (M, stride) int8, zero past
+// H when stride > H, and act_scale (M,) float32
+std::tuple<at::Tensor, at::Tensor> head_activations(const at::Tensor& h, int64_t stride, int64_t isa) {
+  const int64_t M = h.size(0);
+  at::Tensor q = at::zeros({M, stride}, h.options().dtype(at::kChar));
+  at::Tensor act = at::empty({M}, h.options());
+  QuantArgs qa;
+  qa.x = h.data_ptr<float>();
+  qa.M = M;
+  qa.K = h.size(1);
+  qa.q_stride = stride;
+  qa.q = q.data_ptr<int8_t>();
+  qa.act_scale = act.data_ptr<float>();
+  quantize_rows_into(qa, isa);
+  return {q, act};
+}
+
 at::Tensor int8_head(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& w_scale, const at::Tensor& w_sum,
                      int64_t isa) {
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.device().is_cpu(),
@@ -941,16 +958,7 @@ at::Tensor int8_head(const at::Tensor& h, const at::Tensor& weight, const at::Te
               "pybitnet.int8_head: w_scale (float32) and w_sum (int32) need one value per vocabulary row");
   const int64_t chosen = resolve_isa(isa);
   at::Tensor hc = h.contiguous(), wc = weight.contiguous(), sc = w_scale.contiguous(), uc = w_sum.contiguous();
-  at::Tensor q = at::empty({M, Hp}, h.options().dtype(at::kChar));
-  at::Tensor act = at::empty({M}, h.options());
-  QuantArgs qa;
-  qa.x = hc.data_ptr<float>();
-  qa.M = M;
-  qa.K = H;
-  qa.q_stride = Hp;
-  qa.q = q.data_ptr<int8_t>();
-  qa.act_scale = act.data_ptr<float>();
-  quantize_rows_into(qa, chosen);
+  const auto [q, act] = head_activations(hc, Hp, chosen);
   uint8_t* qu = reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t i = 0; i < H; ++i) qu[m * Hp + i] ^= 0x80;  // two's complement + 128 as unsigned
@@ -2189,16 +2197,7 @@ at::Tensor quant_head_int8(const at::Tensor& h, const at::Tensor& blocks, int64_
   const int64_t chosen = resolve_isa(isa);
   at::Tensor hc = h.contiguous(), bc = blocks.contiguous();
   const int64_t M = hc.size(0), V = bc.size(0);
-  at::Tensor q = at::empty({M, H}, h.options().dtype(at::kChar));
-  at::Tensor act = at::empty({M}, h.options());
-  QuantArgs qa;
-  qa.x = hc.data_ptr<float>();
-  qa.M = M;
-  qa.K = H;
-  qa.q_stride = H;
-  qa.q = q.data_ptr<int8_t>();
-  qa.act_scale = act.data_ptr<float>();
-  quantize_rows_into(qa, chosen);
+  const auto [q, act] = head_activations(hc, H, chosen);
   at::Tensor lane_sum = at::empty({M, H / 4}, h.options());
   const int8_t* qd = q.data_ptr<int8_t>();
   float* ls = lane_sum.data_ptr<float>();
