@@ -240,7 +240,9 @@ def test_building_the_int8_head_never_widens_the_whole_table():
     grown = _grown_during(setup, 'head = LMHead(table, "int8")')
     codes = VOCAB * WIDTH
     print(f"\nbuilding the int8 head grew the peak RSS by {grown / 2**20:.1f} MiB ({codes / 2**20:.0f} MiB of codes)")
-    assert grown < codes + VOCAB * WIDTH * 4 // 4, f"{grown / 2**20:.1f} MiB for {codes / 2**20:.0f} MiB of codes"
+    # the codes and a few chunks' float32 temporaries (up to 64 MiB seen), far from the codes plus any whole-table
+    # widening (float32 or int32: 128 MiB more)
+    assert grown < codes + VOCAB * WIDTH * 3, f"{grown / 2**20:.1f} MiB for {codes / 2**20:.0f} MiB of codes"
 
 
 def test_loading_a_quantized_head_never_holds_the_float_table(tmp_path: Path):
