@@ -241,3 +241,22 @@ def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(checkpoint, run_cli):
     code, out, err = run_cli("chat", str(checkpoint), "-n", "3", "--temperature", "0", "--threads", "1",
                              stdin="hello\n\udcff\udcfe\nagain\n")
     assert code == 0 and "[that line is not valid UTF-8 text" in err and out.count("bitnet> ") == 2
+
+
+def test_generate_takes_the_output_head_mode(checkpoint, run_cli, monkeypatch):
+    """--lm-head reaches pybitnet.load: the model runs the int8 head, its greedy text is the library's with
+    lm_head="int8"; a bad mode names the choices."""
+    from pybitnet.cli import model_spec
+
+    heads = []
+    real_load = model_spec.load
+    monkeypatch.setattr(model_spec, "load", lambda *a, **k: heads.append(k.get("lm_head")) or real_load(*a, **k))
+    code, out, err = run_cli("generate", str(checkpoint), "Hello world", "-n", "10", "--temperature", "0",
+                             "--no-stream", "--threads", "1", "--lm-head", "int8")
+    assert code == 0, err
+    assert heads == ["int8"]
+    model = pybitnet.load(checkpoint, lm_head="int8")
+    expected = generate(model, load_tokenizer(checkpoint), ["Hello world"], max_new_tokens=10)
+    assert out == expected.texts[0] + "\n"
+    code, _, err = run_cli("generate", str(checkpoint), "Hello world", "-n", "2", "--lm-head", "q3_k")
+    assert code == 1 and "choose one of: exact, int8, q8_0, q6_k, q5_k, q4_k, q4_0" in err

@@ -23,9 +23,11 @@ def split_model(arguments: list[str]) -> tuple[str, list[str]]:
     return BUILTIN, arguments
 
 
-def open_model(spec: str, dtype: str | torch.dtype = "float32", backend: str = kernels.AUTO):
-    """The model a MODEL argument names, with float work in `dtype` (a torch dtype or its name)."""
-    return load(spec, dtype=dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype), backend=backend)
+def open_model(spec: str, dtype: str | torch.dtype = "float32", backend: str = kernels.AUTO, lm_head: str = "exact"):
+    """The model a MODEL argument names, with float work in `dtype` (a torch dtype or its name) and the output
+    head `lm_head` (head.HEAD_MODES)."""
+    return load(spec, dtype=dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype), backend=backend,
+                lm_head=lm_head)
 
 
 # The tokenizer of the model a MODEL argument names; CheckpointError naming the path when it has none.

@@ -29,6 +29,10 @@ ModelArg = typer.Argument("builtin", help=MODEL_HELP, metavar="[MODEL]")
 MAX_THREADS = 1024  # more would only ask the OS for threads no machine here has cores for
 ThreadsOpt = typer.Option(None, "--threads", "-t", min=1, max=MAX_THREADS, help="torch threads (default: all cores)")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 (fast) or float64 (exactness checks)")
+LmHeadOpt = typer.Option("exact", "--lm-head",
+                         help="output head: exact (the table as the file holds it), int8 (lossy int8 activations; "
+                              "on a GGUF block table, against its blocks), or q8_0, q6_k, q5_k, q4_k, q4_0 (a float "
+                              "table quantized to ggml blocks at load)")
 BackendOpt = typer.Option("auto", "--backend", help=f"kernel backend: auto, {', '.join(kernels.BACKENDS)}")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 

@@ -13,7 +13,7 @@ import typer
 from ..errors import CheckpointError, InputError
 from .app import app
 from .model_spec import SYNTHETIC_PREFIX, open_model, open_tokenizer
-from .options import DtypeOpt, ModelArg, ThreadsOpt, parse_dtype, set_threads
+from .options import DtypeOpt, LmHeadOpt, ModelArg, ThreadsOpt, parse_dtype, set_threads
 
 
 @app.command("serve")
@@ -50,6 +50,7 @@ def serve_cmd(
                                                                   "(default: a local Ray instance)"),
     threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
+    lm_head: str = LmHeadOpt,
 ) -> None:
     """Serve MODEL over HTTP with the OpenAI API (completions, chat, models, tokenize, health, metrics)."""
     if batch_invariant and "MKL_CBWR" not in os.environ:
@@ -76,7 +77,7 @@ def serve_cmd(
     set_threads(threads)
 
     def load():
-        loaded = open_model(model, dtype)
+        loaded = open_model(model, dtype, lm_head=lm_head)
         if model.startswith(SYNTHETIC_PREFIX):
             return loaded, None
         try:

@@ -21,7 +21,8 @@ from ..sampling import SamplingParams
 from ..session import Conversation
 from .app import INTERRUPTED_EXIT_CODE, app, one_line
 from .model_spec import open_model, open_tokenizer, split_model
-from .options import MODEL_HELP, DtypeOpt, ModelArg, ThreadsOpt, check_text, parse_token_ids, sampling_options, set_threads
+from .options import (MODEL_HELP, DtypeOpt, LmHeadOpt, ModelArg, ThreadsOpt, check_text, parse_token_ids, sampling_options,
+                      set_threads)
 
 
 # C0 control characters other than tab/newline (and DEL): a model can emit ESC sequences that would drive the
@@ -59,6 +60,7 @@ def generate_cmd(
                                            help="the output follows the Lark (or GBNF) grammar in FILE"),
     threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
+    lm_head: str = LmHeadOpt,
     sampling: SamplingParams = None,
     seed: Optional[int] = None,
 ):
@@ -80,7 +82,7 @@ def generate_cmd(
     wanted = _constraint_source(json_schema, regex, grammar)
     prompt_ids = parse_token_ids(tokens) if tokens is not None else None
     set_threads(threads)
-    m = open_model(model, dtype)  # a bad MODEL is reported as such, before any tokenizer question
+    m = open_model(model, dtype, lm_head=lm_head)  # a bad MODEL is reported as such, before any tokenizer question
     if prompt_ids is None or chat or stop or wanted is not None:
         tokenizer = open_tokenizer(model)  # CheckpointError naming the path when there is none
     else:
@@ -149,6 +151,7 @@ def chat_cmd(
     show_stats: bool = typer.Option(False, "--stats", help="print tokens/s after each reply"),
     threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
+    lm_head: str = LmHeadOpt,
     sampling: SamplingParams = None,
     seed: Optional[int] = None,
 ):
@@ -156,7 +159,7 @@ def chat_cmd(
     if system is not None:
         check_text(system, "--system")
     set_threads(threads)
-    m = open_model(model, dtype)
+    m = open_model(model, dtype, lm_head=lm_head)
     tokenizer = open_tokenizer(model)  # CheckpointError naming the path when there is none: chat needs one
     try:
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
