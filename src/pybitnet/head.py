@@ -14,10 +14,10 @@ Modes, chosen at load (`pybitnet.load(..., lm_head=...)`):
             llama.cpp does with its 8-bit activations. scripts: benchmarks/head_types.py.
     q8_0, q6_k, q5_k, q4_k, q4_0
             opt-in and lossy: a float W (HF `lm_head` or tied `embed_tokens`, GGUF F16 / BF16 / F32
-            `output` or `token_embd`) is quantized at load to ggml's Q8_0 / Q6_K / Q4_K blocks with
+            `output` or `token_embd`) is quantized at load to ggml's blocks of that type with
             ggml's reference rounding (the bytes `pybitnet convert --embed-type` and llama.cpp write), a
-            few rows at a time, and the model keeps the blocks instead of W: 1.06 / 0.82 / 0.56 bytes per
-            value against 2 for bf16. The head is then the exact head of the dequantized values, as for a
+            few rows at a time, and the model keeps the blocks instead of W: 1.06 (Q8_0), 0.82 (Q6_K), 0.69
+            (Q5_K), 0.56 (Q4_K, Q4_0) bytes per value against 2 for bf16. The head is then the exact head of the dequantized values, as for a
             GGUF file whose table is stored that way; a tied embedding looks its rows up in the same blocks.
             A table already stored in that block type is kept as it is; one stored in another block type
             is refused (`head_block_type`): quantizing quantized values rounds them twice. Load it with
@@ -29,7 +29,7 @@ order whatever the batch size, for bf16, fp16 and fp32 heads alike (a BLAS GEMM 
 kernel for 1-3 rows rounds differently from the one for 4 or more); the int8 head's sums are exact
 integers. `LMHead.row_independent` says whether a head runs that way.
 
-A table kept in Q8_0, Q6_K or Q4_K (quant/ggml_blocks.QuantizedTable: a GGUF file's, or one quantized
+A table kept in Q8_0, Q6_K, Q5_K, Q4_K or Q4_0 (quant/ggml_blocks.QuantizedTable: a GGUF file's, or one quantized
 at load) is the exact head of its dequantized values: the native `quant_head` dequantizes each vocabulary
 row once per call and runs every row of the batch against it in one fixed order (row independent, the same
 bits on every instruction set); without the native kernels LM_HEAD_ROWS vocabulary rows at a time are
