@@ -1761,6 +1761,34 @@ __attribute__((target("avx2,fma,f16c"))) inline void q4_k_steps_avx2(const uint8
   _mm256_storeu_ps(neg_low, _mm256_xor_ps(_mm256_mul_ps(dmin, mf), _mm256_set1_ps(-0.0f)));
 }
 
+// an f16 scale of a block, exact, as fp16_to_float
+__attribute__((always_inline, target("f16c"))) inline float f16_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
+// The 128 codes 0..63 of half hh of a Q6_K super-block, in element order: ql's low nibbles are quarters
+// k = 0, 1, its high nibbles k = 2, 3; qh's bit pairs 0-1, 2-3, 4-5, 6-7 are bits 4-5 of k = 0, 1, 2, 3.
+// With qh2 = [qh, qh >> 2], bits 4-5 of qh2 are those of k = 2, 3 and bits 4-5 of qh2 << 4 those of
+// k = 0, 1 (16-bit shifts; every byte masked after). c01 holds k = 0, 1, c23 k = 2, 3.
+__attribute__((target("avx512f,avx512bw,avx2"))) inline void q6_k_codes_avx512(const uint8_t* blk, int hh, __m512i& c01,
+                                                                               __m512i& c23) {
+  const __m512i ql = _mm512_loadu_si512(blk + 64 * hh);
+  const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * hh));
+  const __m512i qh2 = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+  const __m512i bits45 = _mm512_set1_epi8(0x30), nibble = _mm512_set1_epi8(15);
+  // 0xCA: nibble ? first : second, bit by bit
+  c01 = _mm512_ternarylogic_epi32(nibble, ql, _mm512_and_si512(_mm512_slli_epi16(qh2, 4), bits45), 0xCA);
+  c23 = _mm512_ternarylogic_epi32(nibble, _mm512_srli_epi16(ql, 4), _mm512_and_si512(qh2, bits45), 0xCA);
+}
+
+// bit s of each of a Q5_K super-block's 32 qh bytes, moved to bit 4 (16-bit shifts that keep every byte's
+// bit s in that byte's bit 4; masked after): the fifth code bit of sub-block s
+__attribute__((target("avx2"))) inline __m256i q5_k_high_bits(__m256i qh, int s) {
+  return _mm256_and_si256(s <= 4 ? _mm256_slli_epi16(qh, 4 - s) : _mm256_srli_epi16(qh, s - 4), _mm256_set1_epi8(16));
+}
+
 template <int MT>
 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_tile_avx512(const uint8_t* row, int64_t kind,
                                                                                int64_t H, const float* h,
@@ -1780,91 +1808,49 @@ __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_tile_avx512
   auto widen_signed = [](const int8_t* q) __attribute__((target("avx512f"))) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
   };
-  auto half_at = [](const uint8_t* p) __attribute__((target("f16c"))) {
-    uint16_t bits;
-    std::memcpy(&bits, p, 2);
-    return _cvtsh_ss(bits);  // exact, as fp16_to_float
-  };
-  if (kind == kQ8_0) {
-    const int64_t blocks = H / 32;
+  if (kind == kQ8_0 || kind == kQ4_0) {  // blocks of 32: d * q, or d * (code - 8); both exact
+    const int64_t blocks = H / 32, nb = quant_block_bytes(kind);
     auto block = [&](int64_t b, int r) __attribute__((always_inline, target("avx512f,avx512bw,avx2,fma,f16c"))) {
-      const uint8_t* blk = row + b * 34;
-      const __m512 d = _mm512_set1_ps(half_at(blk));
-      const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-      PYBITNET_QUANT_FEED(r, b * 32, _mm512_mul_ps(d, widen_signed(q)));
-      PYBITNET_QUANT_FEED(r + 1, b * 32 + 16, _mm512_mul_ps(d, widen_signed(q + 16)));
-    };
-    int64_t b = 0;
-    for (; b + 2 <= blocks; b += 2) {  // block b feeds registers 0, 1 when b is even, 2, 3 when odd
-      _mm_prefetch(ahead + b * 34, _MM_HINT_T0);
-      _mm_prefetch(ahead + b * 34 + 64, _MM_HINT_T0);
-      block(b, 0);
-      block(b + 1, 2);
-    }
-    if (b < blocks) block(b, 0);
-  } else if (kind == kQ4_K) {
-    alignas(32) float step[8], neg_low[8];
-    for (int64_t b = 0; b < H / 256; ++b) {
-      const uint8_t* blk = row + b * 144;
-      _mm_prefetch(ahead + b * 144, _MM_HINT_T0);
-      _mm_prefetch(ahead + b * 144 + 64, _MM_HINT_T0);
-      _mm_prefetch(ahead + b * 144 + 128, _MM_HINT_T0);
-      q4_k_steps_avx2(blk, step, neg_low);
-      #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {  // sub-blocks 2j (low nibbles) and 2j + 1 (high nibbles)
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * j));
-        const __m256i nibble = _mm256_set1_epi8(15);
-        const __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
-        #pragma GCC unroll 4
-        for (int g = 0; g < 4; ++g) {  // element b * 256 + 64j + 16g: register g
-          const __m256i q = g < 2 ? lo : hi;
-          const __m128i q16 = g % 2 ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
-          // step * code is exact (at most 21 significant bits), so one FMA rounds as ggml's
-          // product-then-difference does
-          const int s = 2 * j + g / 2;
-          PYBITNET_QUANT_FEED(g, b * 256 + 64 * j + 16 * g,
-                              _mm512_fmadd_ps(_mm512_set1_ps(step[s]), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q16)),
-                                              _mm512_set1_ps(neg_low[s])));
-        }
+      const uint8_t* blk = row + b * nb;
+      const __m512 d = _mm512_set1_ps(f16_at(blk));
+      __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)), hi;  // elements 0..15, 16..31
+      if (kind == kQ8_0) {
+        hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18));
+      } else {
+        const __m128i nibble = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+        hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(lo, 4), nibble), eight);
+        lo = _mm_sub_epi8(_mm_and_si128(lo, nibble), eight);
       }
-    }
-  } else if (kind == kQ4_0) {
-    const int64_t blocks = H / 32;
-    auto block = [&](int64_t b, int r) __attribute__((always_inline, target("avx512f,avx512bw,avx2,fma,f16c"))) {
-      const uint8_t* blk = row + b * 18;
-      const __m512 d = _mm512_set1_ps(half_at(blk));
-      const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-      const __m128i nibble = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-      const __m128i lo = _mm_sub_epi8(_mm_and_si128(qs, nibble), eight);                      // elements 0..15
-      const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(qs, 4), nibble), eight);  // 16..31
       PYBITNET_QUANT_FEED(r, b * 32, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo))));
       PYBITNET_QUANT_FEED(r + 1, b * 32 + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))));
     };
     int64_t b = 0;
     for (; b + 2 <= blocks; b += 2) {  // block b feeds registers 0, 1 when b is even, 2, 3 when odd
-      _mm_prefetch(ahead + b * 18, _MM_HINT_T0);
+      _mm_prefetch(ahead + b * nb, _MM_HINT_T0);
+      _mm_prefetch(ahead + b * nb + 64, _MM_HINT_T0);
       block(b, 0);
       block(b + 1, 2);
     }
     if (b < blocks) block(b, 0);
-  } else if (kind == kQ5_K) {
+  } else if (kind == kQ4_K || kind == kQ5_K) {
+    const int64_t nb = quant_block_bytes(kind);
+    const int qs_at = kind == kQ5_K ? 48 : 16;
     alignas(32) float step[8], neg_low[8];
     for (int64_t b = 0; b < H / 256; ++b) {
-      const uint8_t* blk = row + b * 176;
+      const uint8_t* blk = row + b * nb;
       #pragma GCC unroll 3
-      for (int c = 0; c < 3; ++c) _mm_prefetch(ahead + b * 176 + 64 * c, _MM_HINT_T0);
+      for (int c = 0; c < 3; ++c) _mm_prefetch(ahead + b * nb + 64 * c, _MM_HINT_T0);
       q4_k_steps_avx2(blk, step, neg_low);
-      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
-      const __m256i nibble = _mm256_set1_epi8(15), bit4 = _mm256_set1_epi8(16);
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));  // Q5_K only
+      const __m256i nibble = _mm256_set1_epi8(15);
       #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 48 + 32 * j));
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qs_at + 32 * j));
         #pragma GCC unroll 2
-        for (int t = 0; t < 2; ++t) {  // sub-block s = 2j + t: bit s of qh moved to bit 4 (16-bit shifts
-          const int s = 2 * j + t;     // that stay within each byte at bit 4)
-          const __m256i high = _mm256_and_si256(s <= 4 ? _mm256_slli_epi16(qh, 4 - s) : _mm256_srli_epi16(qh, s - 4), bit4);
-          const __m256i low4 = _mm256_and_si256(t ? _mm256_srli_epi16(raw, 4) : raw, nibble);
-          const __m256i q = _mm256_or_si256(low4, high);
+        for (int t = 0; t < 2; ++t) {  // sub-block s = 2j + t: low nibbles, then high
+          const int s = 2 * j + t;
+          __m256i q = _mm256_and_si256(t ? _mm256_srli_epi16(raw, 4) : raw, nibble);
+          if (kind == kQ5_K) q = _mm256_or_si256(q, q5_k_high_bits(qh, s));
           #pragma GCC unroll 2
           for (int half = 0; half < 2; ++half) {  // element b * 256 + 32s + 16half: register (2s + half) mod 4
             const __m128i q16 = half ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
@@ -1883,23 +1869,15 @@ __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_tile_avx512
       #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) _mm_prefetch(ahead + b * 210 + 64 * c, _MM_HINT_T0);
       // step = d * scale for the 16 groups: one exact product each, as the scalar body's
-      const __m512 d = _mm512_set1_ps(half_at(blk + 208));
+      const __m512 d = _mm512_set1_ps(f16_at(blk + 208));
       _mm512_store_ps(steps, _mm512_mul_ps(d, widen_signed(reinterpret_cast<const int8_t*>(blk + 192))));
       #pragma GCC unroll 2
       for (int hh = 0; hh < 2; ++hh) {
-        // 128 codes 0..63 (then minus 32): ql's low nibbles are quarters k = 0, 1, its high nibbles k = 2, 3; qh's bit pairs
-        // 0-1, 2-3, 4-5, 6-7 are bits 4-5 of k = 0, 1, 2, 3. With qh2 = [qh, qh >> 2], bits 4-5 of qh2 are
-        // those of k = 2, 3 and bits 4-5 of qh2 << 4 those of k = 0, 1 (16-bit shifts; every byte masked after)
-        const __m512i ql = _mm512_loadu_si512(blk + 64 * hh);
-        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * hh));
-        const __m512i qh2 = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
-        const __m512i bits45 = _mm512_set1_epi8(0x30), nibble = _mm512_set1_epi8(15);
-        // 0xCA: nibble ? first : second, bit by bit
-        const __m512i bias = _mm512_set1_epi8(32);
-        const __m512i c01 = _mm512_sub_epi8(
-            _mm512_ternarylogic_epi32(nibble, ql, _mm512_and_si512(_mm512_slli_epi16(qh2, 4), bits45), 0xCA), bias);
-        const __m512i c23 = _mm512_sub_epi8(
-            _mm512_ternarylogic_epi32(nibble, _mm512_srli_epi16(ql, 4), _mm512_and_si512(qh2, bits45), 0xCA), bias);
+        __m512i c01, c23;
+        q6_k_codes_avx512(blk, hh, c01, c23);
+        const __m512i bias = _mm512_set1_epi8(32);  // codes 0..63 minus 32
+        c01 = _mm512_sub_epi8(c01, bias);
+        c23 = _mm512_sub_epi8(c23, bias);
         #pragma GCC unroll 8
         for (int g = 0; g < 8; ++g) {  // element b * 256 + 128hh + 16g: register g mod 4, scale 8hh + g
           const __m512i c = g < 4 ? c01 : c23;
@@ -2092,11 +2070,6 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
       lanes = _mm512_fmadd_ps(neg_low, _mm512_loadu_ps(a.lane_sum + (m0 + m) * (a.H / 4) + 16 * c), lanes);
     }
   };
-  auto half_at = [](const uint8_t* p) __attribute__((target("f16c"))) {
-    uint16_t bits;
-    std::memcpy(&bits, p, 2);
-    return _cvtsh_ss(bits);
-  };
   const int64_t chunks = a.H / 64;
   if (a.kind == kQ8_0 || a.kind == kQ4_0) {
     const int64_t nb = quant_block_bytes(a.kind);
@@ -2119,7 +2092,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
         const __m256i y1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x1, 4), nibble), _mm_and_si128(x1, nibble));
         codes = _mm512_inserti64x4(_mm512_castsi256_si512(y0), y1, 1);
       }
-      const __m512 step = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(half_at(b0)), _mm512_set1_ps(half_at(b1)));
+      const __m512 step = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(f16_at(b0)), _mm512_set1_ps(f16_at(b1)));
       feed(c, codes, step, _mm512_mul_ps(step, low_factor));
     }
   } else if (a.kind == kQ6_K) {
@@ -2128,16 +2101,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
       const uint8_t* blk = row + b * 210;
       #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) _mm_prefetch(ahead + b * 210 + 64 * c, _MM_HINT_T0);
-      const __m512 steps = _mm512_mul_ps(_mm512_set1_ps(half_at(blk + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+      const __m512 steps = _mm512_mul_ps(_mm512_set1_ps(f16_at(blk + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                                                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)))));
       #pragma GCC unroll 2
       for (int hh = 0; hh < 2; ++hh) {
-        const __m512i ql = _mm512_loadu_si512(blk + 64 * hh);
-        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * hh));
-        const __m512i qh2 = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
-        const __m512i bits45 = _mm512_set1_epi8(0x30), nibble = _mm512_set1_epi8(15);
-        const __m512i c01 = _mm512_ternarylogic_epi32(nibble, ql, _mm512_and_si512(_mm512_slli_epi16(qh2, 4), bits45), 0xCA);
-        const __m512i c23 = _mm512_ternarylogic_epi32(nibble, _mm512_srli_epi16(ql, 4), _mm512_and_si512(qh2, bits45), 0xCA);
+        __m512i c01, c23;
+        q6_k_codes_avx512(blk, hh, c01, c23);
         #pragma GCC unroll 2
         for (int odd = 0; odd < 2; ++odd) {
           const int part = 2 * hh + odd;  // groups 4 part .. 4 part + 3
@@ -2159,15 +2128,15 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
       const __m512 steps = _mm512_castps256_ps512(_mm256_load_ps(step8));
       const __m512 neg_lows = _mm512_castps256_ps512(_mm256_load_ps(neg_low8));
       const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
-      const __m256i nibble = _mm256_set1_epi8(15), bit4 = _mm256_set1_epi8(16);
+      const __m256i nibble = _mm256_set1_epi8(15);
       #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qs_at + 32 * j));
         __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
-        if (a.kind == kQ5_K) {  // bit 2j (2j + 1) of qh moved to bit 4, as quant_tile_avx512 does
+        if (a.kind == kQ5_K) {  // the fifth code bits of sub-blocks 2j and 2j + 1
           const int s = 2 * j;
-          lo = _mm256_or_si256(lo, _mm256_and_si256(s <= 4 ? _mm256_slli_epi16(qh, 4 - s) : _mm256_srli_epi16(qh, s - 4), bit4));
-          hi = _mm256_or_si256(hi, _mm256_and_si256(s + 1 <= 4 ? _mm256_slli_epi16(qh, 3 - s) : _mm256_srli_epi16(qh, s - 3), bit4));
+          lo = _mm256_or_si256(lo, q5_k_high_bits(qh, s));
+          hi = _mm256_or_si256(hi, q5_k_high_bits(qh, s + 1));
         }
         const __m512i index = _mm512_add_epi32(eighth, _mm512_set1_epi32(2 * j));
         feed(4 * b + j, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_permutexvar_ps(index, steps),
