@@ -624,6 +624,12 @@ inline float bf16_to_float(uint16_t bits) {
 }
 
 inline float fp16_to_float(uint16_t bits) { return float(c10::Half(bits, c10::Half::from_bits())); }
+// the f16 stored (little-endian) at p
+inline float fp16_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return fp16_to_float(bits);
+}
 
 // element i of the head's weights as fp32
 template <int kW>
@@ -1504,11 +1510,8 @@ inline int64_t quant_row_bytes(int64_t kind, int64_t H) { return H / quant_block
 
 // step = d * sc and low = dmin * m of the 8 sub-blocks of a Q4_K super-block (both products exact)
 inline void q4_k_steps(const uint8_t* blk, float* step, float* low) {
-  uint16_t bits;
-  std::memcpy(&bits, blk, 2);
-  const float d = fp16_to_float(bits);
-  std::memcpy(&bits, blk + 2, 2);
-  const float dmin = fp16_to_float(bits);
+  const float d = fp16_at(blk);
+  const float dmin = fp16_at(blk + 2);
   const uint8_t* sc = blk + 4;
   for (int s = 0; s < 8; ++s) {
     const int scale = s < 4 ? sc[s] & 63 : (sc[s + 4] & 15) | ((sc[s - 4] >> 6) << 4);
@@ -1554,9 +1557,7 @@ __attribute__((always_inline)) inline void quant_dequant_row_body(const uint8_t*
   if (kind == kQ8_0) {
     for (int64_t b = 0; b < H / 32; ++b) {
       const uint8_t* blk = row + b * 34;
-      uint16_t bits;
-      std::memcpy(&bits, blk, 2);
-      const float d = fp16_to_float(bits);
+      const float d = fp16_at(blk);
       const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
       float* y = out + b * 32;
       for (int j = 0; j < 32; ++j) y[j] = d * float(q[j]);
@@ -1574,9 +1575,7 @@ __attribute__((always_inline)) inline void quant_dequant_row_body(const uint8_t*
   if (kind == kQ4_0) {
     for (int64_t b = 0; b < H / 32; ++b) {
       const uint8_t* blk = row + b * 18;
-      uint16_t bits;
-      std::memcpy(&bits, blk, 2);
-      const float d = fp16_to_float(bits);
+      const float d = fp16_at(blk);
       float* y = out + b * 32;
       for (int l = 0; l < 16; ++l) {
         y[l] = d * float((blk[2 + l] & 15) - 8);
@@ -1590,9 +1589,7 @@ __attribute__((always_inline)) inline void quant_dequant_row_body(const uint8_t*
     const uint8_t* ql = blk;
     const uint8_t* qh = blk + 128;
     const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    uint16_t bits;
-    std::memcpy(&bits, blk + 208, 2);
-    const float d = fp16_to_float(bits);
+    const float d = fp16_at(blk + 208);
     float* y = out + b * 256;
     for (int h = 0; h < 2; ++h)
       for (int k = 0; k < 4; ++k) {
@@ -1673,9 +1670,7 @@ __attribute__((target("avx2,fma,f16c"))) void quant_dequant_row_avx2(const uint8
   if (kind == kQ8_0) {
     for (int64_t b = 0; b < H / 32; ++b) {
       const uint8_t* blk = row + b * 34;
-      uint16_t bits;
-      std::memcpy(&bits, blk, 2);
-      const __m256 d = _mm256_set1_ps(fp16_to_float(bits));
+      const __m256 d = _mm256_set1_ps(fp16_at(blk));
       const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
       const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
       float* y = out + b * 32;
@@ -1689,9 +1684,7 @@ __attribute__((target("avx2,fma,f16c"))) void quant_dequant_row_avx2(const uint8
   for (int64_t b = 0; b < H / 256; ++b) {
     const uint8_t* blk = row + b * 210;
     const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    uint16_t bits;
-    std::memcpy(&bits, blk + 208, 2);
-    const float d = fp16_to_float(bits);
+    const float d = fp16_at(blk + 208);
     float* y = out + b * 256;
     for (int h = 0; h < 2; ++h)
       #pragma GCC unroll 4
@@ -1740,6 +1733,13 @@ __attribute__((target("avx2,fma"))) float quant_dot_avx2(const float* h, const f
 // the memory's bandwidth); codes are unpacked 64 at a time into a small buffer and widened from there.
 constexpr int64_t kQuantPrefetch = 2048;
 
+// fp16_at with the F16C conversion (the same value)
+__attribute__((always_inline, target("f16c"))) inline float f16_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
 // q4_k_steps without branches: the 12 scale bytes as three little-endian words a, b, c hold
 // sc[0..3] = a & 63, sc[4..7] = (c & 15) | (a >> 6) << 4, m[0..3] = b & 63, m[4..7] = (c >> 4) | (b >> 6) << 4,
 // byte by byte; the same exact products d * sc and dmin * m, 8 at a time (low negated for an FMA)
@@ -1750,22 +1750,12 @@ __attribute__((target("avx2,fma,f16c"))) inline void q4_k_steps_avx2(const uint8
   std::memcpy(&c, blk + 12, 4);
   const uint64_t sc = uint64_t(a & 0x3F3F3F3Fu) | uint64_t((c & 0x0F0F0F0Fu) | ((a >> 2) & 0x30303030u)) << 32;
   const uint64_t mn = uint64_t(b & 0x3F3F3F3Fu) | uint64_t(((c >> 4) & 0x0F0F0F0Fu) | ((b >> 2) & 0x30303030u)) << 32;
-  uint16_t bits;
-  std::memcpy(&bits, blk, 2);
-  const __m256 d = _mm256_set1_ps(_cvtsh_ss(bits));
-  std::memcpy(&bits, blk + 2, 2);
-  const __m256 dmin = _mm256_set1_ps(_cvtsh_ss(bits));
+  const __m256 d = _mm256_set1_ps(f16_at(blk));
+  const __m256 dmin = _mm256_set1_ps(f16_at(blk + 2));
   const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(sc))));
   const __m256 mf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(mn))));
   _mm256_storeu_ps(step, _mm256_mul_ps(d, scf));
   _mm256_storeu_ps(neg_low, _mm256_xor_ps(_mm256_mul_ps(dmin, mf), _mm256_set1_ps(-0.0f)));
-}
-
-// an f16 scale of a block, exact, as fp16_to_float
-__attribute__((always_inline, target("f16c"))) inline float f16_at(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, 2);
-  return _cvtsh_ss(bits);
 }
 
 // The 128 codes 0..63 of half hh of a Q6_K super-block, in element order: ql's low nibbles are quarters
@@ -1962,12 +1952,10 @@ struct Int8Chunk {
 
 // chunk c of a row of blocks, one element at a time (the scalar body, and the reference for the others)
 void int8_chunk_scalar(const uint8_t* row, int64_t kind, int64_t c, Int8Chunk& out) {
-  uint16_t bits;
   if (kind == kQ8_0 || kind == kQ4_0) {
     for (int half = 0; half < 2; ++half) {
       const uint8_t* blk = row + (2 * c + half) * quant_block_bytes(kind);
-      std::memcpy(&bits, blk, 2);
-      const float d = fp16_to_float(bits);
+      const float d = fp16_at(blk);
       for (int l = 0; l < 32; ++l)
         out.codes[32 * half + l] = kind == kQ8_0 ? uint8_t(int(int8_t(blk[2 + l])) + 128)
                                                  : uint8_t(l < 16 ? blk[2 + l] & 15 : blk[2 + l - 16] >> 4);
@@ -1981,8 +1969,7 @@ void int8_chunk_scalar(const uint8_t* row, int64_t kind, int64_t c, Int8Chunk& o
   const int64_t b = c / 4, part = c % 4;
   if (kind == kQ6_K) {
     const uint8_t* blk = row + b * 210;
-    std::memcpy(&bits, blk + 208, 2);
-    const float d = fp16_to_float(bits);
+    const float d = fp16_at(blk + 208);
     const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
     for (int i = 0; i < 64; ++i) {
       const int e = 64 * part + i, h = e / 128, k = (e % 128) / 32, l = e % 32;
