@@ -214,22 +214,22 @@ def test_native_head_equals_fallback_on_every_instruction_set(kind: str, monkeyp
 
 
 @needs_native
-@pytest.mark.parametrize("kind", KINDS)
-def test_int8_head_runs_on_the_blocks_with_one_summation_order(kind: str, monkeypatch):
+@pytest.mark.parametrize("kind, cols", [(kind, 512) for kind in KINDS] + [("Q8_0", 576), ("Q4_0", 576)])
+def test_int8_head_runs_on_the_blocks_with_one_summation_order(kind: str, cols: int, monkeypatch):
     """lm_head="int8" over a block table: int8 activations against the blocks themselves (no copy), the
     dot product of the activations' integers with the dequantized values over act_scale, the same bits
-    in every body and alone or in any batch."""
+    in every body and alone or in any batch. 576 columns: an odd number of 64-element chunks."""
     from pybitnet.quant.activations import quantize_activations
 
-    table = QuantizedTable.quantize(torch.from_numpy(_table_values(4, LM_HEAD_ROWS + 77, 512)), kind)
+    table = QuantizedTable.quantize(torch.from_numpy(_table_values(4, LM_HEAD_ROWS + 77, cols)), kind)
     head = LMHead(table, "int8")
     assert not hasattr(head, "int8_weight")  # no second copy of the table
-    h = torch.randn(9, 512, generator=torch.Generator().manual_seed(5))
+    h = torch.randn(9, cols, generator=torch.Generator().manual_seed(5))
     h[3] *= 1e-3
     q, act_scale = quantize_activations(h)
     values = table.dequantize(torch.float64)
     exact = (q.double() @ values.t()) / act_scale.double()
-    bound = 512 * 2.0**-22 * ((q.double().abs() @ values.abs().t()) / act_scale.double())
+    bound = cols * 2.0**-22 * ((q.double().abs() @ values.abs().t()) / act_scale.double())
     monkeypatch.setenv("PYBITNET_NATIVE_ISA", "scalar")  # no VNNI: the torch path over dequantized tiles
     assert not head.row_independent(torch.float32)
     fallback = head(h)

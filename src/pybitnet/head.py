@@ -10,7 +10,8 @@ Modes, chosen at load (`pybitnet.load(..., lm_head=...)`):
             absmax/127 per vocabulary row), exact int32 sums, like llama.cpp's quantized output
             tensors; half the bytes of bf16 per token. A GGUF block table (below) is not copied: the
             int8 activations run against its blocks (native `quant_head_int8`: exact integer sums per
-            lane of 4 elements, each scaled by its group's step and low in one fixed float order), as
+            lane of 4 elements, the low folded in where it is a whole number of steps, each scaled by
+            its group's step in one fixed float order), as
             llama.cpp does with its 8-bit activations. scripts: benchmarks/head_types.py.
     q8_0, q6_k, q5_k, q4_k, q4_0
             opt-in and lossy: a float W (HF `lm_head` or tied `embed_tokens`, GGUF F16 / BF16 / F32

@@ -1937,18 +1937,26 @@ at::Tensor quant_head(const at::Tensor& h, const at::Tensor& blocks, int64_t kin
 // ------------------------------------------------------------------------------------------
 // lm_head="int8" over a table kept as stored: per-row int8 activations a (quantize_rows, as the int8
 // head) against the blocks themselves, no copy. Every type writes value = step * code - low with an
-// unsigned code and (step, low) shared by a group of 16 or 32 elements (Q8_0: code = q + 128, low =
-// 128 d; Q4_0: low = 8 d; Q6_K: low = 32 * step). Per chunk of 64 elements and lane of 4, C = sum of
-// code * a is an exact integer (vpdpbusd) and A = sum of a is one too, so a lane takes
-// acc = fma(step, C, acc), acc = fma(-low, A, acc); chunks alternate between two sets of 16 lanes,
-// which are added, halved pairwise (as quant_head) and divided by the row's act_scale. The same float
-// operations in every body and batch size: rows are independent of each other. H: a multiple of 64.
+// unsigned code and (step, low) shared by a group of 16 or 32 elements. Per chunk of 64 elements and
+// lane of 4, C = sum of code * a is an exact integer (vpdpbusd) and A = sum of a is one too.
+//  - Q8_0 (code = q + 128, low = 128 d), Q4_0 (low = 8 d), Q6_K (low = 32 step): the low is a whole
+//    number of steps, low = offset * step, so C - offset * A is the lane's exact integer sum of
+//    (code - offset) * a (vpdpbusd starting from -offset * A) and a lane takes acc = fma(step, C', acc);
+//  - Q4_K, Q5_K (a separate low per group): acc = fma(step, C, acc), acc = fma(-low, A, acc).
+// Chunks alternate between two sets of 16 lanes, which are added, halved pairwise (as quant_head) and
+// divided by the row's act_scale. The same float operations in every body and batch size: rows are
+// independent of each other. H: a multiple of 64.
 
 struct Int8Chunk {
   uint8_t codes[64];  // elements 64c .. 64c + 63, unsigned
   float step[16];     // per lane of 4 elements
-  float neg_low[16];
+  float neg_low[16];  // Q4_K, Q5_K only: the others' lows are int8_low_offset(kind) steps
 };
+
+// the low of Q8_0, Q4_0 and Q6_K in steps; 0 where the low is a float of its own (Q4_K, Q5_K)
+inline int32_t int8_low_offset(int64_t kind) {
+  return kind == kQ8_0 ? 128 : kind == kQ4_0 ? 8 : kind == kQ6_K ? 32 : 0;
+}
 
 // chunk c of a row of blocks, one element at a time (the scalar body, and the reference for the others)
 void int8_chunk_scalar(const uint8_t* row, int64_t kind, int64_t c, Int8Chunk& out) {
@@ -1959,10 +1967,7 @@ void int8_chunk_scalar(const uint8_t* row, int64_t kind, int64_t c, Int8Chunk& o
       for (int l = 0; l < 32; ++l)
         out.codes[32 * half + l] = kind == kQ8_0 ? uint8_t(int(int8_t(blk[2 + l])) + 128)
                                                  : uint8_t(l < 16 ? blk[2 + l] & 15 : blk[2 + l - 16] >> 4);
-      for (int li = 8 * half; li < 8 * half + 8; ++li) {
-        out.step[li] = d;
-        out.neg_low[li] = d * (kind == kQ8_0 ? -128.0f : -8.0f);
-      }
+      for (int li = 8 * half; li < 8 * half + 8; ++li) out.step[li] = d;
     }
     return;
   }
@@ -1976,11 +1981,7 @@ void int8_chunk_scalar(const uint8_t* row, int64_t kind, int64_t c, Int8Chunk& o
       out.codes[i] = uint8_t(((blk[64 * h + 32 * (k & 1) + l] >> (4 * (k >> 1))) & 15) |
                              (((blk[128 + 32 * h + l] >> (2 * k)) & 3) << 4));
     }
-    for (int li = 0; li < 16; ++li) {
-      const float step = d * float(sc[4 * part + li / 4]);
-      out.step[li] = step;
-      out.neg_low[li] = step * -32.0f;
-    }
+    for (int li = 0; li < 16; ++li) out.step[li] = d * float(sc[4 * part + li / 4]);
     return;
   }
   const uint8_t* blk = row + b * quant_block_bytes(kind);  // Q4_K, Q5_K
@@ -2000,9 +2001,10 @@ void int8_chunk_scalar(const uint8_t* row, int64_t kind, int64_t c, Int8Chunk& o
 }
 
 struct QuantInt8Args {
-  const int8_t* q;        // (M, H) activations
-  const float* lane_sum;  // (M, H / 4) sums of 4 activations, exact
-  const float* act_scale; // (M,)
+  const int8_t* q;          // (M, H) activations
+  const float* lane_sum;    // (M, H / 4) sums of 4 activations, exact (Q4_K, Q5_K)
+  const int32_t* low_sum;   // (M, H / 4) -int8_low_offset(kind) * those sums (Q8_0, Q4_0, Q6_K)
+  const float* act_scale;   // (M,)
   const uint8_t* blocks;  // (V, row_bytes)
   float* out;             // (M, V)
   int64_t kind, M, V, H, row_bytes;
@@ -2014,6 +2016,7 @@ inline void quant_int8_store(const QuantInt8Args& a, int64_t m, int64_t v, float
 }
 
 void quant_int8_scalar(const QuantInt8Args& a, int64_t v0, int64_t v1) {
+  const bool folded = int8_low_offset(a.kind) != 0;
   Int8Chunk chunk;
   std::vector<float> acc(a.M * 32);
   for (int64_t v = v0; v < v1; ++v) {
@@ -2025,10 +2028,11 @@ void quant_int8_scalar(const QuantInt8Args& a, int64_t v0, int64_t v1) {
         float* lanes = acc.data() + m * 32 + 16 * (c & 1);
         const int8_t* q = a.q + m * a.H + 64 * c;
         for (int li = 0; li < 16; ++li) {
-          int32_t sum = 0;
+          const int64_t lane = m * (a.H / 4) + 16 * c + li;
+          int32_t sum = folded ? a.low_sum[lane] : 0;
           for (int t = 0; t < 4; ++t) sum += int32_t(chunk.codes[4 * li + t]) * int32_t(q[4 * li + t]);
           lanes[li] = std::fma(chunk.step[li], float(sum), lanes[li]);
-          lanes[li] = std::fma(chunk.neg_low[li], a.lane_sum[m * (a.H / 4) + 16 * c + li], lanes[li]);
+          if (!folded) lanes[li] = std::fma(chunk.neg_low[li], a.lane_sum[lane], lanes[li]);
         }
       }
     }
@@ -2037,22 +2041,39 @@ void quant_int8_scalar(const QuantInt8Args& a, int64_t v0, int64_t v1) {
 }
 
 #ifdef PYBITNET_X86
-// MT rows against one entry: each chunk's codes, steps and lows built once in registers, the same values
-// as int8_chunk_scalar
-template <int MT>
+// MT rows against VR entries (v, v + rs, ...): each chunk's codes, steps and lows built once in registers,
+// the same values as int8_chunk_scalar; each (row, entry) sums in the same order whatever the tile, so MT and
+// VR change speed only (two entries read two streams of blocks at once, which a single core needs to keep
+// enough loads in flight)
+template <int MT, int VR>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_int8_tile_avx512(
-    const QuantInt8Args& a, const uint8_t* row, int64_t m0, int64_t v) {
-  __m512 acc[MT][2];
-  #pragma GCC unroll 4
-  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  const char* ahead = reinterpret_cast<const char*>(row) + kQuantPrefetch;
-  auto feed = [&](int64_t c, __m512i codes, __m512 step, __m512 neg_low)
+    const QuantInt8Args& a, int64_t m0, int64_t v, int64_t rs) {
+  __m512 acc[VR][MT][2];
+  const uint8_t* rows[VR];
+  #pragma GCC unroll 2
+  for (int r = 0; r < VR; ++r) {
+    rows[r] = a.blocks + (v + r * rs) * a.row_bytes;
+    #pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+  }
+  // chunk c feeds the lanes acc[r][m][c & 1]; every call site passes c & 1 as a constant (parity), so
+  // the accumulators stay in registers (an index known only at run time puts them on the stack)
+  auto feed = [&](int r, int64_t c, int parity, __m512i codes, __m512 step)  // a low of int8_low_offset steps
+      __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni,fma"))) {
+    #pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      const __m512i q = _mm512_loadu_si512(a.q + (m0 + m) * a.H + 64 * c);
+      const __m512i sum = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.low_sum + (m0 + m) * (a.H / 4) + 16 * c), codes, q);
+      acc[r][m][parity] = _mm512_fmadd_ps(step, _mm512_cvtepi32_ps(sum), acc[r][m][parity]);
+    }
+  };
+  auto feed_low = [&](int r, int64_t c, int parity, __m512i codes, __m512 step, __m512 neg_low)  // a low of its own
       __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni,fma"))) {
     #pragma GCC unroll 4
     for (int m = 0; m < MT; ++m) {
       const __m512i q = _mm512_loadu_si512(a.q + (m0 + m) * a.H + 64 * c);
       const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, q);
-      __m512& lanes = acc[m][c & 1];
+      __m512& lanes = acc[r][m][parity];
       lanes = _mm512_fmadd_ps(step, _mm512_cvtepi32_ps(sum), lanes);
       lanes = _mm512_fmadd_ps(neg_low, _mm512_loadu_ps(a.lane_sum + (m0 + m) * (a.H / 4) + 16 * c), lanes);
     }
@@ -2060,45 +2081,60 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
   const int64_t chunks = a.H / 64;
   if (a.kind == kQ8_0 || a.kind == kQ4_0) {
     const int64_t nb = quant_block_bytes(a.kind);
-    const __m512 low_factor = _mm512_set1_ps(a.kind == kQ8_0 ? -128.0f : -8.0f);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const uint8_t* b0 = row + 2 * c * nb;
-      const uint8_t* b1 = b0 + nb;
-      _mm_prefetch(ahead + 2 * c * nb, _MM_HINT_T0);
-      _mm_prefetch(ahead + 2 * c * nb + 63, _MM_HINT_T0);
-      __m512i codes;
-      if (a.kind == kQ8_0) {
-        const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2));
-        const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2));
-        codes = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), _mm512_set1_epi8(-128));
-      } else {
-        const __m128i nibble = _mm_set1_epi8(15);
-        const __m128i x0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + 2));
-        const __m128i x1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + 2));
-        const __m256i y0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x0, 4), nibble), _mm_and_si128(x0, nibble));
-        const __m256i y1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x1, 4), nibble), _mm_and_si128(x1, nibble));
-        codes = _mm512_inserti64x4(_mm512_castsi256_si512(y0), y1, 1);
+    const int scale1 = int(nb / 2);  // the second block's scale, in 16-bit words from the first's
+    const __m512i scale_index = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, scale1, scale1,
+                                                 scale1, scale1, scale1, scale1, scale1, scale1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int64_t pair = 0; pair < chunks; pair += 2)
+    #pragma GCC unroll 2
+    for (int parity = 0; parity < 2; ++parity) {
+      const int64_t c = pair + parity;
+      if (parity == 1 && c == chunks) break;
+      #pragma GCC unroll 2
+      for (int r = 0; r < VR; ++r) {
+        const uint8_t* b0 = rows[r] + 2 * c * nb;
+        const uint8_t* b1 = b0 + nb;
+        _mm_prefetch(reinterpret_cast<const char*>(b0) + kQuantPrefetch, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b0) + kQuantPrefetch + 63, _MM_HINT_T0);
+        __m512i codes;
+        if (a.kind == kQ8_0) {
+          const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2));
+          const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2));
+          codes = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), _mm512_set1_epi8(-128));
+        } else {
+          const __m128i nibble = _mm_set1_epi8(15);
+          const __m128i x0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + 2));
+          const __m128i x1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + 2));
+          const __m256i y0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x0, 4), nibble), _mm_and_si128(x0, nibble));
+          const __m256i y1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x1, 4), nibble), _mm_and_si128(x1, nibble));
+          codes = _mm512_inserti64x4(_mm512_castsi256_si512(y0), y1, 1);
+        }
+        // the two f16 scales (words 0 and 17 of the chunk) spread over lanes 0-7 and 8-15, converted at once
+        const __m512i scale_words = _mm512_permutexvar_epi16(scale_index, _mm512_loadu_si512(b0));
+        const __m512 step = _mm512_cvtph_ps(_mm512_castsi512_si256(scale_words));
+        feed(r, c, parity, codes, step);
       }
-      const __m512 step = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(f16_at(b0)), _mm512_set1_ps(f16_at(b1)));
-      feed(c, codes, step, _mm512_mul_ps(step, low_factor));
     }
   } else if (a.kind == kQ6_K) {
     const __m512i quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  // lane / 4
     for (int64_t b = 0; b < chunks / 4; ++b) {
-      const uint8_t* blk = row + b * 210;
-      #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) _mm_prefetch(ahead + b * 210 + 64 * c, _MM_HINT_T0);
-      const __m512 steps = _mm512_mul_ps(_mm512_set1_ps(f16_at(blk + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                                                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)))));
       #pragma GCC unroll 2
-      for (int hh = 0; hh < 2; ++hh) {
-        __m512i c01, c23;
-        q6_k_codes_avx512(blk, hh, c01, c23);
+      for (int r = 0; r < VR; ++r) {
+        const uint8_t* blk = rows[r] + b * 210;
+        #pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c)
+          _mm_prefetch(reinterpret_cast<const char*>(blk) + kQuantPrefetch + 64 * c, _MM_HINT_T0);
+        const __m512 steps = _mm512_mul_ps(_mm512_set1_ps(f16_at(blk + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)))));
         #pragma GCC unroll 2
-        for (int odd = 0; odd < 2; ++odd) {
-          const int part = 2 * hh + odd;  // groups 4 part .. 4 part + 3
-          const __m512 step = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * part)), steps);
-          feed(4 * b + part, odd ? c23 : c01, step, _mm512_mul_ps(step, _mm512_set1_ps(-32.0f)));
+        for (int hh = 0; hh < 2; ++hh) {
+          __m512i c01, c23;
+          q6_k_codes_avx512(blk, hh, c01, c23);
+          #pragma GCC unroll 2
+          for (int odd = 0; odd < 2; ++odd) {
+            const int part = 2 * hh + odd;  // groups 4 part .. 4 part + 3
+            const __m512 step = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * part)), steps);
+            feed(r, 4 * b + part, odd, odd ? c23 : c01, step);
+          }
         }
       }
     }
@@ -2108,35 +2144,54 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
     const __m512i eighth = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // lane / 8
     alignas(32) float step8[8], neg_low8[8];
     for (int64_t b = 0; b < chunks / 4; ++b) {
-      const uint8_t* blk = row + b * nb;
-      #pragma GCC unroll 3
-      for (int c = 0; c < 3; ++c) _mm_prefetch(ahead + b * nb + 64 * c, _MM_HINT_T0);
-      q4_k_steps_avx2(blk, step8, neg_low8);
-      const __m512 steps = _mm512_castps256_ps512(_mm256_load_ps(step8));
-      const __m512 neg_lows = _mm512_castps256_ps512(_mm256_load_ps(neg_low8));
-      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
-      const __m256i nibble = _mm256_set1_epi8(15);
-      #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qs_at + 32 * j));
-        __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
-        if (a.kind == kQ5_K) {  // the fifth code bits of sub-blocks 2j and 2j + 1
-          const int s = 2 * j;
-          lo = _mm256_or_si256(lo, q5_k_high_bits(qh, s));
-          hi = _mm256_or_si256(hi, q5_k_high_bits(qh, s + 1));
+      #pragma GCC unroll 2
+      for (int r = 0; r < VR; ++r) {
+        const uint8_t* blk = rows[r] + b * nb;
+        #pragma GCC unroll 3
+        for (int c = 0; c < 3; ++c)
+          _mm_prefetch(reinterpret_cast<const char*>(blk) + kQuantPrefetch + 64 * c, _MM_HINT_T0);
+        q4_k_steps_avx2(blk, step8, neg_low8);
+        const __m512 steps = _mm512_castps256_ps512(_mm256_load_ps(step8));
+        const __m512 neg_lows = _mm512_castps256_ps512(_mm256_load_ps(neg_low8));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
+        const __m256i nibble = _mm256_set1_epi8(15);
+        #pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qs_at + 32 * j));
+          __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+          if (a.kind == kQ5_K) {  // the fifth code bits of sub-blocks 2j and 2j + 1
+            const int s = 2 * j;
+            lo = _mm256_or_si256(lo, q5_k_high_bits(qh, s));
+            hi = _mm256_or_si256(hi, q5_k_high_bits(qh, s + 1));
+          }
+          const __m512i index = _mm512_add_epi32(eighth, _mm512_set1_epi32(2 * j));
+          feed_low(r, 4 * b + j, j & 1, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
+                   _mm512_permutexvar_ps(index, steps), _mm512_permutexvar_ps(index, neg_lows));
         }
-        const __m512i index = _mm512_add_epi32(eighth, _mm512_set1_epi32(2 * j));
-        feed(4 * b + j, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_permutexvar_ps(index, steps),
-             _mm512_permutexvar_ps(index, neg_lows));
       }
     }
   }
-  #pragma GCC unroll 4
-  for (int m = 0; m < MT; ++m) {
-    alignas(64) float lanes0[16], lanes1[16];
-    _mm512_store_ps(lanes0, acc[m][0]);
-    _mm512_store_ps(lanes1, acc[m][1]);
-    quant_int8_store(a, m0 + m, v, lanes0, lanes1);
+  #pragma GCC unroll 2
+  for (int r = 0; r < VR; ++r)
+    #pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      alignas(64) float lanes0[16], lanes1[16];
+      _mm512_store_ps(lanes0, acc[r][m][0]);
+      _mm512_store_ps(lanes1, acc[r][m][1]);
+      quant_int8_store(a, m0 + m, v + r * rs, lanes0, lanes1);
+    }
+}
+
+template <int VR>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_int8_rows_avx512(
+    const QuantInt8Args& a, int64_t v, int64_t rs) {
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) quant_int8_tile_avx512<4, VR>(a, m, v, rs);
+  switch (a.M - m) {
+    case 3: quant_int8_tile_avx512<3, VR>(a, m, v, rs); break;
+    case 2: quant_int8_tile_avx512<2, VR>(a, m, v, rs); break;
+    case 1: quant_int8_tile_avx512<1, VR>(a, m, v, rs); break;
+    default: break;
   }
 }
 #endif
@@ -2155,27 +2210,27 @@ at::Tensor quant_head_int8(const at::Tensor& h, const at::Tensor& blocks, int64_
   const int64_t M = hc.size(0), V = bc.size(0);
   const auto [q, act] = head_activations(hc, H, chosen);
   at::Tensor lane_sum = at::empty({M, H / 4}, h.options());
+  at::Tensor low_sum = at::empty({M, H / 4}, h.options().dtype(at::kInt));
   const int8_t* qd = q.data_ptr<int8_t>();
   float* ls = lane_sum.data_ptr<float>();
-  for (int64_t i = 0; i < M * H / 4; ++i) ls[i] = float(int(qd[4 * i]) + qd[4 * i + 1] + qd[4 * i + 2] + qd[4 * i + 3]);
+  int32_t* lo = low_sum.data_ptr<int32_t>();
+  const int32_t offset = int8_low_offset(kind);
+  for (int64_t i = 0; i < M * H / 4; ++i) {
+    const int32_t sum = int32_t(qd[4 * i]) + qd[4 * i + 1] + qd[4 * i + 2] + qd[4 * i + 3];
+    ls[i] = float(sum);
+    lo[i] = -offset * sum;
+  }
   at::Tensor out = at::empty({M, V}, h.options());
   if (M == 0 || V == 0) return out;
-  const QuantInt8Args a{qd, ls, act.data_ptr<float>(), bc.data_ptr<uint8_t>(), out.data_ptr<float>(), kind, M, V, H,
+  const QuantInt8Args a{qd, ls, lo, act.data_ptr<float>(), bc.data_ptr<uint8_t>(), out.data_ptr<float>(), kind, M, V, H,
                         bc.size(1)};
   at::parallel_for(0, V, 64, [&](int64_t v0, int64_t v1) {
 #ifdef PYBITNET_X86
     if (chosen == kAvx512) {  // AVX-512 is chosen only with VNNI
-      for (int64_t v = v0; v < v1; ++v) {
-        const uint8_t* row = a.blocks + v * a.row_bytes;
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) quant_int8_tile_avx512<4>(a, row, m, v);
-        switch (M - m) {
-          case 3: quant_int8_tile_avx512<3>(a, row, m, v); break;
-          case 2: quant_int8_tile_avx512<2>(a, row, m, v); break;
-          case 1: quant_int8_tile_avx512<1>(a, row, m, v); break;
-          default: break;
-        }
-      }
+      // two entries per pass, one from each half of the range: two sequential streams of blocks
+      const int64_t half = (v1 - v0) / 2;
+      for (int64_t v = v0; v < v0 + half; ++v) quant_int8_rows_avx512<2>(a, v, half);
+      for (int64_t v = v0 + 2 * half; v < v1; ++v) quant_int8_rows_avx512<1>(a, v, 1);
       return;
     }
 #endif
