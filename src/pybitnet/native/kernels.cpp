@@ -2043,14 +2043,15 @@ void quant_int8_scalar(const QuantInt8Args& a, int64_t v0, int64_t v1) {
 #ifdef PYBITNET_X86
 // MT rows against VR entries (v, v + rs, ...): each chunk's codes, steps and lows built once in registers,
 // the same values as int8_chunk_scalar; each (row, entry) sums in the same order whatever the tile, so MT and
-// VR change speed only (two entries read two streams of blocks at once, which a single core needs to keep
-// enough loads in flight)
+// VR change speed only. VR entries are VR sequential streams of blocks, which keep enough reads in flight
+// for the hardware prefetcher alone: software prefetches here measured slower (they take load slots from
+// a loop that is close to bound by its instructions).
 template <int MT, int VR>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_int8_tile_avx512(
     const QuantInt8Args& a, int64_t m0, int64_t v, int64_t rs) {
   __m512 acc[VR][MT][2];
   const uint8_t* rows[VR];
-  #pragma GCC unroll 2
+  #pragma GCC unroll 4
   for (int r = 0; r < VR; ++r) {
     rows[r] = a.blocks + (v + r * rs) * a.row_bytes;
     #pragma GCC unroll 4
@@ -2089,12 +2090,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
     for (int parity = 0; parity < 2; ++parity) {
       const int64_t c = pair + parity;
       if (parity == 1 && c == chunks) break;
-      #pragma GCC unroll 2
+      #pragma GCC unroll 4
       for (int r = 0; r < VR; ++r) {
         const uint8_t* b0 = rows[r] + 2 * c * nb;
         const uint8_t* b1 = b0 + nb;
-        _mm_prefetch(reinterpret_cast<const char*>(b0) + kQuantPrefetch, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b0) + kQuantPrefetch + 63, _MM_HINT_T0);
         __m512i codes;
         if (a.kind == kQ8_0) {
           const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2));
@@ -2117,12 +2116,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
   } else if (a.kind == kQ6_K) {
     const __m512i quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  // lane / 4
     for (int64_t b = 0; b < chunks / 4; ++b) {
-      #pragma GCC unroll 2
+      #pragma GCC unroll 4
       for (int r = 0; r < VR; ++r) {
         const uint8_t* blk = rows[r] + b * 210;
-        #pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c)
-          _mm_prefetch(reinterpret_cast<const char*>(blk) + kQuantPrefetch + 64 * c, _MM_HINT_T0);
         const __m512 steps = _mm512_mul_ps(_mm512_set1_ps(f16_at(blk + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                                                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)))));
         #pragma GCC unroll 2
@@ -2144,12 +2140,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
     const __m512i eighth = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // lane / 8
     alignas(32) float step8[8], neg_low8[8];
     for (int64_t b = 0; b < chunks / 4; ++b) {
-      #pragma GCC unroll 2
+      #pragma GCC unroll 4
       for (int r = 0; r < VR; ++r) {
         const uint8_t* blk = rows[r] + b * nb;
-        #pragma GCC unroll 3
-        for (int c = 0; c < 3; ++c)
-          _mm_prefetch(reinterpret_cast<const char*>(blk) + kQuantPrefetch + 64 * c, _MM_HINT_T0);
         q4_k_steps_avx2(blk, step8, neg_low8);
         const __m512 steps = _mm512_castps256_ps512(_mm256_load_ps(step8));
         const __m512 neg_lows = _mm512_castps256_ps512(_mm256_load_ps(neg_low8));
@@ -2171,7 +2164,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
       }
     }
   }
-  #pragma GCC unroll 2
+  #pragma GCC unroll 4
   for (int r = 0; r < VR; ++r)
     #pragma GCC unroll 4
     for (int m = 0; m < MT; ++m) {
@@ -2227,10 +2220,18 @@ at::Tensor quant_head_int8(const at::Tensor& h, const at::Tensor& blocks, int64_
   at::parallel_for(0, V, 64, [&](int64_t v0, int64_t v1) {
 #ifdef PYBITNET_X86
     if (chosen == kAvx512) {  // AVX-512 is chosen only with VNNI
-      // two entries per pass, one from each half of the range: two sequential streams of blocks
-      const int64_t half = (v1 - v0) / 2;
-      for (int64_t v = v0; v < v0 + half; ++v) quant_int8_rows_avx512<2>(a, v, half);
-      for (int64_t v = v0 + 2 * half; v < v1; ++v) quant_int8_rows_avx512<1>(a, v, 1);
+      // VR entries per pass, one from each part of the range: VR sequential streams of blocks. One row
+      // (a decode step) takes four; a batch takes two, with tiles of four rows (the accumulators of
+      // four entries by four rows would not fit in the registers)
+      if (M == 1) {
+        const int64_t part = (v1 - v0) / 4;
+        for (int64_t v = v0; v < v0 + part; ++v) quant_int8_rows_avx512<4>(a, v, part);
+        for (int64_t v = v0 + 4 * part; v < v1; ++v) quant_int8_rows_avx512<1>(a, v, 1);
+      } else {
+        const int64_t half = (v1 - v0) / 2;
+        for (int64_t v = v0; v < v0 + half; ++v) quant_int8_rows_avx512<2>(a, v, half);
+        for (int64_t v = v0 + 2 * half; v < v1; ++v) quant_int8_rows_avx512<1>(a, v, 1);
+      }
       return;
     }
 #endif
