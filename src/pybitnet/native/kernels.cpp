@@ -1861,6 +1861,9 @@ __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quant_tile_avx512
       // step = d * scale for the 16 groups: one exact product each, as the scalar body's
       const __m512 d = _mm512_set1_ps(f16_at(blk + 208));
       _mm512_store_ps(steps, _mm512_mul_ps(d, widen_signed(reinterpret_cast<const int8_t*>(blk + 192))));
+      // each step is read back from memory as a broadcast operand of its multiply (one load, no shuffle);
+      // without this barrier the compiler keeps them in a register and broadcasts with two shuffles each
+      asm volatile("" : : : "memory");
       #pragma GCC unroll 2
       for (int hh = 0; hh < 2; ++hh) {
         __m512i c01, c23;
