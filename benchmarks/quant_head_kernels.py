@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 
 
 def _best_s(fn, repeats: int) -> float:
+    """Best of `repeats` calls after one warm-up call."""
+    from pybitnet.bench import best_seconds
+
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_seconds(fn, repeats)
 
 
 def main() -> None:

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 
 
 def _best_ms(fn, repeats: int) -> float:
+    """Best of `repeats` calls after one warm-up call, in ms."""
+    from pybitnet.bench import best_seconds
+
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return best_seconds(fn, repeats) * 1e3
 
 
 def main() -> None:

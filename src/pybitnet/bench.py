@@ -88,7 +88,7 @@ def _report(progress: Progress | None, message: str, seconds: float) -> None:
         progress(message, seconds)
 
 
-def _timed(fn: Callable[[], object], repeats: int = 1) -> float:
+def best_seconds(fn: Callable[[], object], repeats: int = 1) -> float:
     """Best wall time of `repeats` runs, seconds."""
     best = float("inf")
     for _ in range(repeats):
@@ -115,9 +115,9 @@ def full_vs_step(model, seqs=FULL_VS_STEP_T, progress: Progress | None = None) -
     for seq in seqs:
         tokens = _tokens(seq, vocab, seq)
         _report(progress, f"full T={seq}", 2 * _full_cost(seq, layers, True))
-        full = _timed(lambda: model.forward_full(tokens), repeats=2)
+        full = best_seconds(lambda: model.forward_full(tokens), repeats=2)
         _report(progress, f"step T={seq}", _step_repeats(seq) * _step_cost(seq, layers))
-        step = _timed(lambda: model.forward_step_by_step(tokens), repeats=_step_repeats(seq))
+        step = best_seconds(lambda: model.forward_step_by_step(tokens), repeats=_step_repeats(seq))
         rows.append({"T": seq, "full_tok_s": seq / full, "step_tok_s": seq / step, "speedup": step / full})
     return rows
 
@@ -129,7 +129,7 @@ def scaling(model, seqs=SCALING_T, progress: Progress | None = None) -> list[dic
         repeats = 3 if seq <= 1024 else 2
         _report(progress, f"scaling T={seq}", repeats * _full_cost(seq, layers))
         tokens = _tokens(seq, vocab, seq)
-        elapsed = _timed(lambda: model.forward_full(tokens, logits="last"), repeats=repeats)
+        elapsed = best_seconds(lambda: model.forward_full(tokens, logits="last"), repeats=repeats)
         rows.append({"T": seq, "full_ms_per_token": 1e3 * elapsed / seq, "full_tok_s": seq / elapsed})
     return rows
 
@@ -146,7 +146,7 @@ def decode(model, contexts=DECODE_CONTEXTS, steps: int = 8, rounds: int = 3, pro
         model.prefill(_tokens(ctx, vocab, ctx), cache)
         token = torch.tensor([1])
         model.decode_step(token, cache)  # warm-up step
-        best = min(_timed(lambda: [model.decode_step(token, cache) for _ in range(steps)]) for _ in range(rounds))
+        best = min(best_seconds(lambda: [model.decode_step(token, cache) for _ in range(steps)]) for _ in range(rounds))
         rows.append({"context": ctx, "tok_s": steps / best, "ms_per_token": 1e3 * best / steps,
                      "weight_gb_s": step_bytes * steps / best / 1e9, "weight_bytes_per_step": step_bytes,
                      "steps": steps, "rounds": rounds})
@@ -176,7 +176,7 @@ def gemm_peak(rows: int = 512, repeats: int = 5) -> dict:
     a = torch.randint(-128, 128, (rows, c.hidden_size), dtype=torch.int8)
     w = torch.randint(-1, 2, (c.intermediate_size, c.hidden_size), dtype=torch.int8)
     torch._int_mm(a, w.t())
-    elapsed = _timed(lambda: torch._int_mm(a, w.t()), repeats)
+    elapsed = best_seconds(lambda: torch._int_mm(a, w.t()), repeats)
     return {"shape": [rows, c.hidden_size, c.intermediate_size], "gop_s": 2 * rows * c.hidden_size * c.intermediate_size / elapsed / 1e9}
 
 
