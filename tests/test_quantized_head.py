@@ -446,3 +446,48 @@ def test_a_table_with_a_non_finite_scale_is_refused(tmp_path: Path, kind: str, o
     path.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="token_embd.weight.*non-finite"):
         load_gguf_weights(path)
+
+
+_GUARD_PAGE_SCRIPT = r"""
+import ctypes, mmap, sys
+import numpy as np, torch
+from pybitnet import native
+from pybitnet.quant.ggml_blocks import NATIVE_KIND, QuantizedTable
+
+ops = native.ops()
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+for kind in ("Q8_0", "Q6_K", "Q4_K", "Q5_K", "Q4_0"):
+    for cols in (256, 512) if kind in ("Q8_0", "Q4_0") else (256,):
+        table = QuantizedTable.quantize(torch.randn(7, cols, generator=torch.Generator().manual_seed(1)), kind).data
+        size = table.numel()
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        region = mmap.mmap(-1, (pages + 1) * mmap.PAGESIZE)  # the table's pages, then one guard page
+        base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+        assert libc.mprotect(base + pages * mmap.PAGESIZE, mmap.PAGESIZE, 0) == 0  # PROT_NONE: a read faults
+        at = pages * mmap.PAGESIZE - size  # the table's last byte is the last byte before the guard page
+        view = np.frombuffer(region, dtype=np.uint8, count=size, offset=at).reshape(table.shape)
+        view[:] = table.numpy()
+        tail = torch.from_numpy(view)
+        for rows in (1, 5):
+            h = torch.randn(rows, cols, generator=torch.Generator().manual_seed(2))
+            for isa in ("scalar", "avx2", "avx512"):
+                isa_id = native.ISA_IDS[isa]
+                assert torch.equal(ops.quant_head(h, tail, NATIVE_KIND[kind], isa_id),
+                                   ops.quant_head(h, table, NATIVE_KIND[kind], isa_id)), (kind, isa)
+                assert torch.equal(ops.quant_head_int8(h, tail, NATIVE_KIND[kind], isa_id),
+                                   ops.quant_head_int8(h, table, NATIVE_KIND[kind], isa_id)), (kind, isa)
+print("ok")
+"""
+
+
+@needs_native
+def test_block_heads_read_nothing_past_the_table():
+    """A table whose last byte sits just before an unreadable page (as a GGUF mapping's last tensor may):
+    every body of both block heads gives its usual logits and touches nothing beyond the table (a read
+    past it would fault; run in a child process so that a fault fails the test instead of the run)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _GUARD_PAGE_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stdout, run.stderr[-2000:])

@@ -2111,7 +2111,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
           codes = _mm512_inserti64x4(_mm512_castsi256_si512(y0), y1, 1);
         }
         // the two f16 scales (words 0 and 17 of the chunk) spread over lanes 0-7 and 8-15, converted at once
-        const __m512i scale_words = _mm512_permutexvar_epi16(scale_index, _mm512_loadu_si512(b0));
+        // the load stays inside the chunk (68 bytes for Q8_0, 36 for Q4_0), so never past the table's end
+        const __m512i chunk_head = a.kind == kQ8_0
+                                       ? _mm512_loadu_si512(b0)
+                                       : _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0)));
+        const __m512i scale_words = _mm512_permutexvar_epi16(scale_index, chunk_head);
         const __m512 step = _mm512_cvtph_ps(_mm512_castsi512_si256(scale_words));
         feed(r, c, parity, codes, step);
       }
