@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -917,6 +918,17 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_head_tile_avx51
       int8_head_store(a, m0 + m, v + r * rs, _mm512_reduce_add_epi32(_mm512_add_epi32(acc0[r][m], acc1[r][m])));
 }
 
+// [v0, v1) read as VR sequential streams side by side: rows(VR, v, part) for the entries v, v + part, ...,
+// v + (VR - 1) part, then rows(1, v, 1) for what is left over (VR is a std::integral_constant, so rows can
+// pass it on as a template argument). Several streams keep more reads in flight than one, which a single
+// core needs to approach memory speed.
+template <int VR, typename Rows>
+inline void in_streams(int64_t v0, int64_t v1, Rows rows) {
+  const int64_t part = (v1 - v0) / VR;
+  for (int64_t v = v0; v < v0 + part; ++v) rows(std::integral_constant<int, VR>{}, v, part);
+  for (int64_t v = v0 + VR * part; v < v1; ++v) rows(std::integral_constant<int, 1>{}, v, int64_t(1));
+}
+
 template <int VR>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_head_rows_avx512(const Int8HeadArgs& a, int64_t v,
                                                                                    int64_t rs) {
@@ -974,11 +986,8 @@ at::Tensor int8_head(const at::Tensor& h, const at::Tensor& weight, const at::Te
                        out.data_ptr<float>(), M, V, H, Hp};
   at::parallel_for(0, V, 256, [&](int64_t v0, int64_t v1) {
 #ifdef PYBITNET_X86
-    if (chosen == kAvx512) {
-      // two entries per pass, one from each half of the range: two sequential sweeps of the weights
-      const int64_t half = (v1 - v0) / 2;
-      for (int64_t v = v0; v < v0 + half; ++v) int8_head_rows_avx512<2>(a, v, half);
-      for (int64_t v = v0 + 2 * half; v < v1; ++v) int8_head_rows_avx512<1>(a, v, 1);
+    if (chosen == kAvx512) {  // two sequential sweeps of the weights
+      in_streams<2>(v0, v1, [&](auto vr, int64_t v, int64_t rs) { int8_head_rows_avx512<decltype(vr)::value>(a, v, rs); });
       return;
     }
 #endif
@@ -2227,18 +2236,13 @@ at::Tensor quant_head_int8(const at::Tensor& h, const at::Tensor& blocks, int64_
   at::parallel_for(0, V, 64, [&](int64_t v0, int64_t v1) {
 #ifdef PYBITNET_X86
     if (chosen == kAvx512) {  // AVX-512 is chosen only with VNNI
-      // VR entries per pass, one from each part of the range: VR sequential streams of blocks. One row
-      // (a decode step) takes four; a batch takes two, with tiles of four rows (the accumulators of
-      // four entries by four rows would not fit in the registers)
-      if (M == 1) {
-        const int64_t part = (v1 - v0) / 4;
-        for (int64_t v = v0; v < v0 + part; ++v) quant_int8_rows_avx512<4>(a, v, part);
-        for (int64_t v = v0 + 4 * part; v < v1; ++v) quant_int8_rows_avx512<1>(a, v, 1);
-      } else {
-        const int64_t half = (v1 - v0) / 2;
-        for (int64_t v = v0; v < v0 + half; ++v) quant_int8_rows_avx512<2>(a, v, half);
-        for (int64_t v = v0 + 2 * half; v < v1; ++v) quant_int8_rows_avx512<1>(a, v, 1);
-      }
+      // one row (a decode step) reads four streams of blocks; a batch two, with tiles of four rows (the
+      // accumulators of four entries by four rows would not fit in the registers)
+      const auto rows = [&](auto vr, int64_t v, int64_t rs) { quant_int8_rows_avx512<decltype(vr)::value>(a, v, rs); };
+      if (M == 1)
+        in_streams<4>(v0, v1, rows);
+      else
+        in_streams<2>(v0, v1, rows);
       return;
     }
 #endif
