@@ -2071,24 +2071,18 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
   }
   // chunk c feeds the lanes acc[r][m][c & 1]; every call site passes c & 1 as a constant (parity), so
   // the accumulators stay in registers (an index known only at run time puts them on the stack)
-  auto feed = [&](int r, int64_t c, int parity, __m512i codes, __m512 step)  // a low of int8_low_offset steps
+  // neg_low: null where the low is int8_low_offset steps (folded into the integer sum through low_sum),
+  // else the group's own -low; a constant at every call site, so each inlined copy keeps one of the two
+  auto feed = [&](int r, int64_t c, int parity, __m512i codes, __m512 step, const __m512* neg_low)
       __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni,fma"))) {
     #pragma GCC unroll 4
     for (int m = 0; m < MT; ++m) {
+      const int64_t lane = (m0 + m) * (a.H / 4) + 16 * c;
       const __m512i q = _mm512_loadu_si512(a.q + (m0 + m) * a.H + 64 * c);
-      const __m512i sum = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.low_sum + (m0 + m) * (a.H / 4) + 16 * c), codes, q);
-      acc[r][m][parity] = _mm512_fmadd_ps(step, _mm512_cvtepi32_ps(sum), acc[r][m][parity]);
-    }
-  };
-  auto feed_low = [&](int r, int64_t c, int parity, __m512i codes, __m512 step, __m512 neg_low)  // a low of its own
-      __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni,fma"))) {
-    #pragma GCC unroll 4
-    for (int m = 0; m < MT; ++m) {
-      const __m512i q = _mm512_loadu_si512(a.q + (m0 + m) * a.H + 64 * c);
-      const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, q);
+      const __m512i start = neg_low ? _mm512_setzero_si512() : _mm512_loadu_si512(a.low_sum + lane);
       __m512& lanes = acc[r][m][parity];
-      lanes = _mm512_fmadd_ps(step, _mm512_cvtepi32_ps(sum), lanes);
-      lanes = _mm512_fmadd_ps(neg_low, _mm512_loadu_ps(a.lane_sum + (m0 + m) * (a.H / 4) + 16 * c), lanes);
+      lanes = _mm512_fmadd_ps(step, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, codes, q)), lanes);
+      if (neg_low) lanes = _mm512_fmadd_ps(*neg_low, _mm512_loadu_ps(a.lane_sum + lane), lanes);
     }
   };
   const int64_t chunks = a.H / 64;
@@ -2126,7 +2120,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
                                        : _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0)));
         const __m512i scale_words = _mm512_permutexvar_epi16(scale_index, chunk_head);
         const __m512 step = _mm512_cvtph_ps(_mm512_castsi512_si256(scale_words));
-        feed(r, c, parity, codes, step);
+        feed(r, c, parity, codes, step, nullptr);
       }
     }
   } else if (a.kind == kQ6_K) {
@@ -2145,7 +2139,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
           for (int odd = 0; odd < 2; ++odd) {
             const int part = 2 * hh + odd;  // groups 4 part .. 4 part + 3
             const __m512 step = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * part)), steps);
-            feed(r, 4 * b + part, odd, odd ? c23 : c01, step);
+            feed(r, 4 * b + part, odd, odd ? c23 : c01, step, nullptr);
           }
         }
       }
@@ -2174,8 +2168,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void quant_
             hi = _mm256_or_si256(hi, q5_k_high_bits(qh, s + 1));
           }
           const __m512i index = _mm512_add_epi32(eighth, _mm512_set1_epi32(2 * j));
-          feed_low(r, 4 * b + j, j & 1, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
-                   _mm512_permutexvar_ps(index, steps), _mm512_permutexvar_ps(index, neg_lows));
+          const __m512 neg_low = _mm512_permutexvar_ps(index, neg_lows);
+          feed(r, 4 * b + j, j & 1, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
+               _mm512_permutexvar_ps(index, steps), &neg_low);
         }
       }
     }
